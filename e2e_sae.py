@@ -1,0 +1,796 @@
+"""
+End-to-end sparse dictionary learning in one file.
+
+Braun, Taylor, Goldowsky-Dill, Sharkey (2024), "Identifying Functionally Important Features with
+End-to-End Sparse Dictionary Learning", arXiv:2405.12241.
+
+A sparse autoencoder (SAE) reads the residual stream `a` entering block L of a language model and
+writes back a sparse reconstruction `â`. This file trains it with any of the paper's three losses:
+
+    local    MSE(â, a)                                   + φ‖c‖₁   (reconstruct the activations)
+    e2e      KL(P_orig ‖ P_sae)                          + φ‖c‖₁   (keep the model's output the same)
+    e2e_ds   0.5·KL + (β/N) Σ_k MSE(a_k^sae, a_k^orig)   + φ‖c‖₁   (... and the later layers too)
+
+Run it:
+
+    python e2e_sae.py --loss e2e --layer 6         # the paper's GPT-2 small run (GPU, downloads)
+    python e2e_sae.py --model tiny                 # a random 12-block GPT-2, random tokens: seconds on a CPU
+    python e2e_sae.py --eval-only --sae out/e2e_layer6
+    python e2e_sae.py --help                       # every flag, with its default
+
+tutorial.md walks through this file section by section.
+
+Dimension letters used in shape comments:
+    B batch (sequences)   T positions   D model width   F dictionary size   V vocabulary
+    E evaluation sequences   N downstream layers (the blocks after L)
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+import typing
+import urllib.parse
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import huggingface_hub
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+# -----------------------------------------------------------------------------
+# Config
+
+PAPER_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
+LOSSES = ("local", "e2e", "e2e_ds")
+# λ of the paper's layer-6 GPT-2 runs with similar CE loss increase (appendix table), and the weight
+# of the KL term: e2e_ds halves it because the downstream MSE also pushes towards the original model.
+PAPER_SPARSITY_COEFF = {"local": 4.0, "e2e": 3.0, "e2e_ds": 50.0}
+PAPER_KL_COEFF = {"local": 0.0, "e2e": 1.0, "e2e_ds": 0.5}
+# `--model tiny` changes these defaults (flags you pass still win) so that a whole run takes seconds.
+TINY_RUN = dict(dataset="random", n_ctx=128, n_samples=1024, eval_samples=32, warmup_samples=128,
+                eval_every=512)
+
+
+class UserError(Exception):
+    """A problem the user can fix (a flag, a path, the network): main() prints it as one sentence."""
+
+
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = arg("gpt2", "HF hub id, local folder (save_pretrained), or 'tiny' (random GPT-2, no download)")
+    dataset: str = arg(PAPER_DATASET, "HF hub id (streamed), .txt file or folder, .jsonl, .parquet, "
+                                      "datasets.save_to_disk folder, or 'random' (uniform token ids)")
+    loss: str = arg("e2e", "local | e2e | e2e_ds")
+    layer: int = arg(6, "L: the SAE reads and replaces the residual stream entering block L")
+    dict_ratio: float = arg(60.0, "F / D: dictionary size as a multiple of the model width")
+    sparsity_coeff: float | None = arg(None, "λ, with φ = λ / D (default: the paper's layer-6 λ for "
+                                             "--loss: local 4, e2e 3, e2e_ds 50)")
+    kl_coeff: float | None = arg(None, "weight of the KL term (default: 1.0 for e2e, 0.5 for e2e_ds)")
+    downstream_coeff: float = arg(2.5, "β: weight of the downstream reconstruction term of e2e_ds")
+    # data and optimisation (sample counts are in sequences of n_ctx tokens)
+    n_samples: int = arg(400_000, "training sequences in total")
+    batch_size: int = arg(8, "sequences per micro-batch")
+    grad_accum: int = arg(2, "micro-batches per optimiser step")
+    n_ctx: int = arg(1024, "tokens per sequence")
+    lr: float = arg(5e-4, "Adam learning rate after warm-up")
+    lr_min_ratio: float = arg(0.1, "the cosine schedule decays the learning rate to this fraction of --lr")
+    warmup_samples: int = arg(20_000, "linear learning-rate warm-up, in sequences")
+    grad_clip: float = arg(10.0, "maximum gradient norm")
+    shuffle_buffer: int = arg(1000, "training sequences are shuffled through a buffer of this many")
+    seed: int = arg(0, "seed of the SAE's initialisation and of the training order")
+    # evaluation and output
+    eval_samples: int = arg(500, "the first this-many sequences of the dataset: held out, never trained on")
+    eval_every: int = arg(20_000, "evaluate every this-many training sequences (0: only at the end)")
+    log_every: int = arg(10, "write a training line to log.jsonl every this-many optimiser steps")
+    out_dir: str | None = arg(None, "output folder (default: out/<loss>_layer<L>)")
+    # hardware
+    device: str | None = arg(None, "cuda, cpu, cuda:1, ... (default: cuda if available)")
+    dtype: str | None = arg(None, "autocast dtype, bf16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    compile: bool = arg(False, "torch.compile the model's blocks and the SAE (slower start, faster steps)")
+    # evaluating a saved SAE
+    eval_only: bool = arg(False, "evaluate the SAE in --sae instead of training one")
+    sae: str | None = arg(None, "folder holding sae.safetensors (and config.json), for --eval-only")
+
+    def __post_init__(self):
+        # Derived defaults: filled here so that Config(...) in a notebook behaves as the CLI does.
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if self.sparsity_coeff is None:
+            self.sparsity_coeff = PAPER_SPARSITY_COEFF[self.loss]
+        if self.kl_coeff is None:
+            self.kl_coeff = PAPER_KL_COEFF[self.loss]
+        if self.out_dir is None:
+            self.out_dir = f"out/{self.loss}_layer{self.layer}"
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype is None:
+            self.dtype = "bf16" if self.device.startswith("cuda") else "fp32"
+        self.validate()
+
+    def validate(self):
+        def need(ok, message):
+            if not ok:
+                raise UserError(message)
+        for name in ("sparsity_coeff", "kl_coeff", "downstream_coeff", "lr", "grad_clip"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number ≥ 0, not {value}")
+        need(self.lr > 0, "--lr must be > 0")
+        for name in ("n_samples", "batch_size", "grad_accum", "n_ctx", "shuffle_buffer", "log_every"):
+            need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0, not {getattr(self, name)}")
+        for name in ("eval_samples", "eval_every", "warmup_samples", "layer"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be ≥ 0, not {getattr(self, name)}")
+        need(self.dict_ratio > 0, f"--dict-ratio must be > 0, not {self.dict_ratio}")
+        need(0 <= self.lr_min_ratio <= 1, "--lr-min-ratio must be between 0 and 1")
+        need(self.n_samples >= self.batch_size * self.grad_accum,
+             f"--n-samples {self.n_samples} is less than one optimiser step "
+             f"(--batch-size × --grad-accum = {self.batch_size * self.grad_accum})")
+        need(self.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, not {self.dtype!r}")
+        need(self.eval_samples > 0 or not self.eval_only, "--eval-only needs --eval-samples > 0")
+        need(self.sae is not None or not self.eval_only, "--eval-only needs --sae DIR")
+
+    @property
+    def samples_per_step(self):
+        return self.batch_size * self.grad_accum
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence instead of argparse's usage dump
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_config(argv=None) -> Config:
+    """Build the Config from command-line flags: --layer 6 sets Config.layer, and so on."""
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help = f"{f.metadata['help']} (default: {f.default})" if f.default is not None else f.metadata["help"]
+        # Defaults are suppressed so that we know which flags were given (they override saved configs).
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
+        else:
+            kind = next(t for t in typing.get_args(hints[f.name]) or [hints[f.name]] if t is not type(None))
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=kind.__name__.upper())
+    given = vars(parser.parse_args(argv))
+    if given.get("eval_only"):
+        return eval_only_config(given)
+    return Config(**{**(TINY_RUN if given.get("model") == "tiny" else {}), **given})
+
+
+def eval_only_config(given: dict) -> Config:
+    """--eval-only: the saved run's config.json, overridden by the flags given now."""
+    folder = Path(given["sae"]) if given.get("sae") else None
+    saved = {}
+    if folder is not None and (folder / "config.json").exists():
+        saved = json.loads((folder / "config.json").read_text())
+        saved = {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
+        saved.pop("out_dir", None)  # metrics go to --out-dir if given, else into the SAE's folder
+        saved.pop("device", None), saved.pop("dtype", None)  # this machine's, not the training machine's
+    elif folder is not None and "layer" not in given:
+        raise UserError(f"{folder} has no config.json: pass --model and --layer with --eval-only")
+    cfg = {**(TINY_RUN if given.get("model", saved.get("model")) == "tiny" else {}), **saved, **given}
+    cfg.setdefault("out_dir", str(folder) if folder else None)
+    return Config(**cfg)
+
+
+# -----------------------------------------------------------------------------
+# The SAE
+
+
+class SAE(nn.Module):
+    """
+    c = ReLU(W_e a + b_e)        W_e: (F, D), b_e: (F,)      the sparse code
+    â = D_n c + b_d              D_n: (D, F), b_d: (D,)      the reconstruction
+
+    D_n is the decoder weight with every column (dictionary element) scaled to unit L2 norm. The
+    normalisation happens inside forward(), so gradients flow through it, and the L1 penalty on c
+    cannot be dodged by shrinking c while growing the dictionary. There is no pre-encoder bias.
+    """
+
+    def __init__(self, d_model: int, dict_size: int):
+        super().__init__()
+        self.encoder = nn.Linear(d_model, dict_size)  # W_e, b_e: PyTorch's default init
+        self.decoder = nn.Linear(dict_size, d_model)  # weight (D, F) and b_d
+        nn.init.orthogonal_(self.decoder.weight.data.T)  # orthogonal rows of the (F, D) transpose
+
+    @property
+    def dictionary(self) -> torch.Tensor:
+        return F.normalize(self.decoder.weight, dim=0)  # D_n: (D, F), unit-norm columns
+
+    def forward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = F.relu(self.encoder(a))  # (B, T, F)
+        a_hat = F.linear(c, self.dictionary, self.decoder.bias)  # (B, T, D)
+        return a_hat, c
+
+
+def save_sae(sae: SAE, path: Path):
+    """sae.safetensors, laid out so that â = relu(a @ W_enc + b_enc) @ W_dec + b_dec."""
+    with torch.no_grad():
+        tensors = {
+            "W_enc": sae.encoder.weight.T,  # (D, F)
+            "b_enc": sae.encoder.bias,  # (F,)
+            "W_dec": sae.dictionary.T,  # (F, D), one unit-norm row per dictionary element
+            "b_dec": sae.decoder.bias,  # (D,)
+        }
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_sae(folder) -> tuple[SAE, "Config | None"]:
+    """The SAE saved in folder/sae.safetensors, and the run's Config if folder/config.json exists."""
+    folder = Path(folder)
+    try:
+        t = load_file(str(folder / "sae.safetensors"))
+        d_model, dict_size = t["W_enc"].shape
+        sae = SAE(d_model, dict_size)
+        with torch.no_grad():
+            sae.encoder.weight.copy_(t["W_enc"].T)
+            sae.encoder.bias.copy_(t["b_enc"])
+            sae.decoder.weight.copy_(t["W_dec"].T)
+            sae.decoder.bias.copy_(t["b_dec"])
+    except FileNotFoundError:
+        raise UserError(f"{folder} holds no sae.safetensors") from None
+    except (SafetensorError, KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{folder / 'sae.safetensors'} is not a valid SAE file ({e})") from None
+    cfg = None
+    if (folder / "config.json").exists():
+        saved = json.loads((folder / "config.json").read_text())
+        cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}})
+    return sae, cfg
+
+
+# -----------------------------------------------------------------------------
+# Hooks: reading and replacing the residual stream of a Hugging Face model
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks; block L's input is HF's hidden_states[L]."""
+    for path in ("transformer.h", "model.layers", "gpt_neox.layers"):  # GPT-2, Llama/Mistral/Qwen/Gemma, GPT-NeoX
+        obj = model
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise UserError(f"cannot find the decoder blocks of {type(model).__name__} "
+                    "(supported: GPT-2, Llama/Mistral/Qwen/Gemma, GPT-NeoX)")
+
+
+class StopForward(Exception):
+    """Raised by a hook to end the forward pass early (the local loss needs nothing after block L)."""
+
+
+def _block_input(args, kwargs) -> torch.Tensor:
+    # Blocks take the residual stream as their first argument, positional or keyword by model.
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def record_resid(blocks: nn.ModuleList, layers, stop_at: int | None = None):
+    """Within the block, resid[k] holds the input of block k for each k in layers (hidden_states[k]).
+    With stop_at, the forward pass ends as block stop_at is reached (after recording its input)."""
+    resid = {}
+
+    def hook(k, module, args, kwargs):
+        resid[k] = _block_input(args, kwargs)  # (B, T, D)
+        if k == stop_at:
+            raise StopForward
+
+    handles = [blocks[k].register_forward_pre_hook(partial(hook, k), with_kwargs=True) for k in layers]
+    try:
+        yield resid
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def splice_sae(block: nn.Module, sae: SAE):
+    """Within the block, the input a of `block` is replaced by the SAE's reconstruction â.
+    The returned namespace holds the a, â and c of the latest forward pass."""
+    seen = SimpleNamespace(a=None, a_hat=None, c=None)
+
+    def hook(module, args, kwargs):
+        a = _block_input(args, kwargs)  # (B, T, D)
+        seen.a = a
+        seen.a_hat, seen.c = sae(a)  # (B, T, D), (B, T, F)
+        a_hat = seen.a_hat.to(a.dtype)  # autocast may have made it bf16; the residual stream keeps its dtype
+        if args:
+            return (a_hat, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": a_hat}
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def run_model(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Logits (B, T, V), or None when a StopForward hook ended the pass early."""
+    try:
+        return model(input_ids=tokens, use_cache=False).logits
+    except StopForward:
+        return None
+
+
+# -----------------------------------------------------------------------------
+# Losses: pure functions of tensors, in the paper's symbols. "Mean over tokens" is over all B·T positions.
+
+
+def sparsity(c: torch.Tensor, phi: float) -> torch.Tensor:
+    """φ · mean_tokens ‖c‖₁, with φ = λ / D so that one λ works across model widths.
+    c comes out of a ReLU, so ‖c‖₁ is the plain sum over F (cheaper than a norm's backward)."""
+    return phi * c.float().sum(-1).mean()
+
+
+def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all elements (tokens × D), in fp32."""
+    return F.mse_loss(x.float(), y.float())
+
+
+def kl_div(logits_orig: torch.Tensor, logits_sae: torch.Tensor) -> torch.Tensor:
+    """KL(P_orig ‖ P_sae) = mean_tokens Σ_v p_orig(v) (log p_orig(v) − log p_sae(v)).
+    Inputs are (B, T, V) logits; log-softmax and the sum over V run in fp32."""
+    log_p = F.log_softmax(logits_orig.float(), dim=-1).flatten(0, -2)  # (B·T, V)
+    log_q = F.log_softmax(logits_sae.float(), dim=-1).flatten(0, -2)  # (B·T, V)
+    # F.kl_div(input, target) sums target · (log target − input); "batchmean" divides by B·T.
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def local_loss(a, a_hat, c, phi):
+    """L_local = MSE(â, a) + φ‖c‖₁"""
+    terms = {"mse": mse(a_hat, a), "sparsity": sparsity(c, phi)}
+    return terms["mse"] + terms["sparsity"], terms
+
+
+def e2e_loss(logits_orig, logits_sae, c, phi, kl_coeff=1.0):
+    """L_e2e = KL(P_orig ‖ P_sae) + φ‖c‖₁"""
+    terms = {"kl": kl_div(logits_orig, logits_sae), "sparsity": sparsity(c, phi)}
+    return kl_coeff * terms["kl"] + terms["sparsity"], terms
+
+
+def e2e_ds_loss(logits_orig, logits_sae, c, resid_orig, resid_sae, phi, beta, kl_coeff=0.5):
+    """L_e2e+ds = 0.5·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)
+    resid_orig, resid_sae: lists of the N residual streams (B, T, D) entering blocks L+1 … n_layer−1."""
+    loss, terms = e2e_loss(logits_orig, logits_sae, c, phi, kl_coeff)
+    terms["downstream"] = sum(mse(s, o) for s, o in zip(resid_sae, resid_orig)) / len(resid_orig)
+    return loss + beta * terms["downstream"], terms
+
+
+def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor, phi: float):
+    """One micro-batch of tokens (B, T) → (loss, its terms, c)."""
+    L = cfg.layer
+    if cfg.loss == "local":
+        with torch.no_grad(), record_resid(blocks, [L], stop_at=L) as resid:
+            run_model(model, tokens)  # blocks L, L+1, … and the unembedding never run
+        a = resid[L]  # (B, T, D)
+        a_hat, c = sae(a)  # (B, T, D), (B, T, F)
+        loss, terms = local_loss(a, a_hat, c, phi)
+        return loss, terms, c
+
+    downstream = range(L + 1, len(blocks)) if cfg.loss == "e2e_ds" else []
+    with torch.no_grad(), record_resid(blocks, downstream) as resid_orig:  # the clean run
+        logits_orig = run_model(model, tokens)  # (B, T, V)
+    with splice_sae(blocks[L], sae) as seen, record_resid(blocks, downstream) as resid_sae:
+        logits_sae = run_model(model, tokens)  # (B, T, V), differentiable w.r.t. the SAE's weights
+    if cfg.loss == "e2e":
+        loss, terms = e2e_loss(logits_orig, logits_sae, seen.c, phi, cfg.kl_coeff)
+    else:
+        loss, terms = e2e_ds_loss(logits_orig, logits_sae, seen.c, [resid_orig[k] for k in downstream],
+                                  [resid_sae[k] for k in downstream], phi, cfg.downstream_coeff, cfg.kl_coeff)
+    return loss, terms, seen.c
+
+
+# -----------------------------------------------------------------------------
+# Model and data (mostly boilerplate: where tokens come from)
+
+
+@torch.no_grad()
+def tiny_gpt2() -> GPT2LMHeadModel:
+    """GPT-2 small's 12 blocks at width 64, vocabulary 512, random weights, the same ones every time.
+    Weights are drawn 10× wider than GPT-2's init so that the next-token distribution is far from
+    uniform (entropy ≈ 4.9 nats, not ln 512 = 6.2) and the KL has something to preserve."""
+    config = GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=1024,
+                        initializer_range=0.2, bos_token_id=511, eos_token_id=511)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config)
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Can we open a connection to the Hugging Face hub? (Its own client retries for ~25 s.)"""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # only the proxy can tell; let the hub client try
+    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+OFFLINE_HINT = "offline, use --model tiny --dataset random, or a local model folder and dataset file"
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).suffix in DATA_FILES
+
+
+def load_model(name: str, device: torch.device):
+    """A frozen causal LM in eval mode and its tokenizer (None where the model has none)."""
+    if name == "tiny":
+        return tiny_gpt2().to(device).eval().requires_grad_(False), None
+    local = Path(name).expanduser().is_dir()
+    if not local and looks_like_path(name):
+        raise UserError(f"--model {name}: no such folder")
+    kwargs = dict(dtype=torch.float32)  # fp32 master weights; autocast decides the compute dtype
+    if not local and not hub_reachable():
+        kwargs["local_files_only"] = True  # a copy in the HF cache still works offline
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        if kwargs.get("local_files_only"):
+            raise UserError(f"cannot download model {name!r}: the Hugging Face hub is unreachable; {OFFLINE_HINT}") from None
+        raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=kwargs.get("local_files_only", False))
+    except (OSError, ValueError, TypeError):
+        tokenizer = None  # fine for pre-tokenised data; text data will say it needs one
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+DATA_FILES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def read_rows(dataset: str):
+    """The dataset's rows (dicts), in its stored order. Hub datasets are streamed, never downloaded whole."""
+    path = Path(dataset).expanduser()
+    try:
+        if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            return iter(ds)
+        if path.is_dir():
+            files = sorted(path.rglob("*.txt"))
+            if not files:
+                raise UserError(f"--dataset {dataset}: the folder holds no .txt files and no save_to_disk dataset")
+            builder = "text"
+        elif path.is_file():
+            files, builder = [path], DATA_FILES.get(path.suffix)
+            if builder is None:
+                raise UserError(f"--dataset {dataset}: unknown file type (use {', '.join(DATA_FILES)})")
+        elif looks_like_path(dataset):
+            raise UserError(f"--dataset {dataset}: no such file or folder")
+        else:
+            if not hub_reachable():
+                raise UserError(f"cannot stream dataset {dataset!r}: the Hugging Face hub is unreachable; {OFFLINE_HINT}")
+            return iter(datasets.load_dataset(dataset, split="train", streaming=True))
+        # A .txt file is one document, so the EOS token goes between files, not between lines.
+        extra = {"sample_by": "document"} if builder == "text" else {}
+        return iter(datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                          streaming=True, **extra))
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many types: not found, bad format, gated, ...
+        raise UserError(f"cannot read dataset {dataset!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def token_sequences(rows, n_ctx: int, tokenizer):
+    """The rows as a stream of (n_ctx,) token sequences, in order. Pre-tokenised rows (input_ids) longer
+    than n_ctx are cut and shorter ones skipped; text rows are tokenised and packed with EOS between them."""
+    packed = []
+    for row in rows:
+        if "input_ids" in row:
+            if len(row["input_ids"]) >= n_ctx:
+                yield torch.tensor(row["input_ids"][:n_ctx])  # (T,)
+        elif "text" in row:
+            if tokenizer is None or tokenizer.eos_token_id is None:
+                raise UserError("this dataset holds text, and the model has no tokenizer with an EOS token")
+            packed += tokenizer(row["text"], verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+            while len(packed) >= n_ctx:
+                yield torch.tensor(packed[:n_ctx])  # (T,)
+                del packed[:n_ctx]
+        else:
+            raise UserError(f"dataset rows need an 'input_ids' or a 'text' column; these have {sorted(row)}")
+
+
+def random_sequences(vocab_size: int, n_ctx: int):
+    """Uniform random token ids, for offline runs. Seeded with a constant, not --seed, so that the
+    evaluation set (the first sequences) is the same for every run."""
+    g = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randint(vocab_size, (n_ctx,), generator=g)  # (T,)
+
+
+def shuffled(items, buffer_size: int, rng: random.Random):
+    """Reservoir-style shuffle buffer: reproducible for a given rng, and works on endless streams."""
+    buffer = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def load_data(cfg: Config, tokenizer, vocab_size: int):
+    """(eval_tokens (E, T), an endless iterator of training sequences (T,)).
+    The first eval_samples sequences of the dataset are the evaluation set; training reads only the
+    sequences after them, shuffled, and reads the dataset again from its start when it runs out."""
+    def stream():
+        if cfg.dataset == "random":
+            return random_sequences(vocab_size, cfg.n_ctx)
+        return token_sequences(read_rows(cfg.dataset), cfg.n_ctx, tokenizer)
+
+    first_pass = stream()
+    eval_seqs = list(itertools.islice(first_pass, cfg.eval_samples))
+    if len(eval_seqs) < cfg.eval_samples:
+        raise UserError(f"--dataset {cfg.dataset} holds only {len(eval_seqs)} sequences of {cfg.n_ctx} tokens, "
+                        f"fewer than --eval-samples {cfg.eval_samples}")
+    eval_tokens = torch.stack(eval_seqs) if eval_seqs else torch.zeros(0, cfg.n_ctx, dtype=torch.long)  # (E, T)
+    if eval_tokens.numel() and eval_tokens.max() >= vocab_size:
+        raise UserError(f"the dataset has token ids up to {eval_tokens.max()}, beyond the model's vocabulary of {vocab_size}")
+
+    def train_sequences():
+        rng, rest = random.Random(cfg.seed), first_pass  # first_pass has already given the eval rows
+        while True:
+            n = 0
+            for seq in shuffled(rest, cfg.shuffle_buffer, rng):
+                n += 1
+                yield seq
+            if n == 0:
+                raise UserError(f"--dataset {cfg.dataset} has no sequences left for training after the "
+                                f"{cfg.eval_samples} evaluation sequences")
+            rest = itertools.islice(stream(), cfg.eval_samples, None)  # again from the start, eval rows skipped
+
+    return eval_tokens, train_sequences()
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, blocks, sae: SAE, eval_tokens: torch.Tensor, layer: int, batch_size: int,
+             autocast=nullcontext()) -> dict:
+    """The SAE spliced in at `layer` versus the clean model, on eval_tokens (E, T). All metrics pool
+    sums over every evaluation token (no means of per-batch means):
+      ce_loss_orig, ce_loss_sae   mean next-token cross-entropy over the E·(T−1) predictions
+      ce_loss_increase            ce_loss_sae − ce_loss_orig
+      kl                          KL(P_orig ‖ P_sae), as in the loss, over all E·T positions
+      l0                          mean number of c > 0 per token
+      alive_dict_elements         elements with c > 0 on at least one evaluation token
+      explained_variance          1 − Σ‖a − â‖² / Σ‖a − ā‖², ā the mean of a over the tokens
+      mse                         mean over elements of (â − a)²
+      top1_agreement              fraction of positions where both models' argmax agree
+      downstream_mse              {k: mean over elements of (a_k^sae − a_k^orig)²} for blocks k > L
+      n_eval_tokens               E·T
+    """
+    device = next(sae.parameters()).device
+    downstream = list(range(layer + 1, len(blocks)))
+    zero = partial(torch.zeros, (), dtype=torch.float64, device=device)
+    s = {k: zero() for k in ("ce_orig", "ce_sae", "kl", "l0", "sse", "sum_sq", "top1")}
+    sum_a = torch.zeros(sae.decoder.bias.shape, dtype=torch.float64, device=device)  # (D,)
+    sse_ds = {k: zero() for k in downstream}
+    fired = torch.zeros(sae.encoder.bias.shape, dtype=torch.bool, device=device)  # (F,)
+    n_tokens = n_predictions = 0
+    for tokens in eval_tokens.split(batch_size):
+        tokens = tokens.to(device)  # (B, T)
+        with autocast, record_resid(blocks, downstream) as resid_orig:
+            logits_orig = run_model(model, tokens)  # (B, T, V)
+        with autocast, splice_sae(blocks[layer], sae) as seen, record_resid(blocks, downstream) as resid_sae:
+            logits_sae = run_model(model, tokens)  # (B, T, V)
+        a, a_hat, c = seen.a.double(), seen.a_hat.double(), seen.c  # (B, T, D), (B, T, D), (B, T, F)
+        n = tokens.numel()
+        targets = tokens[:, 1:].flatten()  # (B·(T−1),)
+        s["ce_orig"] += F.cross_entropy(logits_orig[:, :-1].flatten(0, 1).float(), targets, reduction="sum")
+        s["ce_sae"] += F.cross_entropy(logits_sae[:, :-1].flatten(0, 1).float(), targets, reduction="sum")
+        s["kl"] += kl_div(logits_orig, logits_sae) * n
+        s["top1"] += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
+        s["l0"] += (c > 0).sum()
+        fired |= (c > 0).flatten(0, 1).any(0)
+        s["sse"] += (a - a_hat).pow(2).sum()
+        s["sum_sq"] += a.pow(2).sum()
+        sum_a += a.sum((0, 1))
+        for k in downstream:
+            sse_ds[k] += (resid_sae[k].double() - resid_orig[k].double()).pow(2).sum()
+        n_tokens += n
+        n_predictions += targets.numel()
+    d_model = sum_a.numel()
+    total_var = s["sum_sq"] - sum_a.pow(2).sum() / n_tokens  # Σ‖a − ā‖² = Σ‖a‖² − n‖ā‖²
+    m = {
+        "ce_loss_orig": s["ce_orig"] / n_predictions,
+        "ce_loss_sae": s["ce_sae"] / n_predictions,
+        "kl": s["kl"] / n_tokens,
+        "l0": s["l0"] / n_tokens,
+        "alive_dict_elements": fired.sum(),
+        "explained_variance": 1 - s["sse"] / total_var,
+        "mse": s["sse"] / (n_tokens * d_model),
+        "top1_agreement": s["top1"] / n_tokens,
+    }
+    m = {k: v.item() for k, v in m.items()}
+    m["ce_loss_increase"] = m["ce_loss_sae"] - m["ce_loss_orig"]
+    m["downstream_mse"] = {k: (v / (n_tokens * d_model)).item() for k, v in sse_ds.items()}
+    m["n_eval_tokens"] = n_tokens
+    return m
+
+
+def format_metrics(m: dict) -> str:
+    parts = [f"{k} {v:.4g}" for k, v in m.items() if not isinstance(v, dict)]
+    if m["downstream_mse"]:
+        parts.append("downstream_mse " + " ".join(f"{k}:{v:.3g}" for k, v in m["downstream_mse"].items()))
+    return " | ".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to min_ratio at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def setup(cfg: Config):
+    """Device, precision, model and blocks: what training and --eval-only share."""
+    try:
+        device = torch.device(cfg.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {cfg.device} is not usable here ({str(e).splitlines()[0]})") from None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+    transformers.logging.set_verbosity_error()  # keep the terminal for our own output
+    model, tokenizer = load_model(cfg.model, device)
+    blocks = decoder_blocks(model)
+    n_layers, max_ctx = len(blocks), getattr(model.config, "max_position_embeddings", None)
+    if not 0 <= cfg.layer < n_layers:
+        raise UserError(f"--layer {cfg.layer} is outside the model's blocks 0 … {n_layers - 1}")
+    if cfg.loss == "e2e_ds" and cfg.layer == n_layers - 1:
+        raise UserError(f"--loss e2e_ds needs a block after --layer; {cfg.layer} is the model's last")
+    if max_ctx is not None and cfg.n_ctx > max_ctx:
+        raise UserError(f"--n-ctx {cfg.n_ctx} is longer than the model's context of {max_ctx} tokens")
+    return device, autocast, model, tokenizer, blocks
+
+
+def train(cfg: Config) -> dict:
+    """Train an SAE as cfg says, write the output folder, and return the final metrics."""
+    device, autocast, model, tokenizer, blocks = setup(cfg)
+    d_model = model.config.hidden_size
+    dict_size = round(cfg.dict_ratio * d_model)
+    torch.manual_seed(cfg.seed)
+    sae = SAE(d_model, dict_size).to(device)
+    eval_tokens, train_seqs = load_data(cfg, tokenizer, model.config.vocab_size)
+    if cfg.compile:
+        sae.forward = torch.compile(sae.forward)
+        for block in blocks:  # forward only, so that our hooks stay outside the compiled code
+            block.forward = torch.compile(block.forward)
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_info = {**asdict(cfg), "d_model": d_model, "dict_size": dict_size, "n_layers": len(blocks)}
+    (out / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    log_file = open(out / "log.jsonl", "w")
+
+    def log(record):
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    n_steps = cfg.n_samples // cfg.samples_per_step
+    warmup_steps = cfg.warmup_samples // cfg.samples_per_step
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup_steps=warmup_steps, total_steps=n_steps, min_ratio=cfg.lr_min_ratio))
+    phi = cfg.sparsity_coeff / d_model  # φ = λ / D
+    tokens_per_step = cfg.samples_per_step * cfg.n_ctx
+    do_eval = partial(evaluate, model, blocks, sae, eval_tokens, cfg.layer, cfg.batch_size, autocast())
+
+    print(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={d_model} F={dict_size} λ={cfg.sparsity_coeff:g} "
+          f"| {n_steps} steps of {cfg.samples_per_step} × {cfg.n_ctx} tokens | {device} {cfg.dtype} → {out}")
+    bar = tqdm(range(n_steps), desc="train", dynamic_ncols=True, mininterval=1.0)
+    totals, t_log, steps_since_log = {}, time.perf_counter(), 0
+    for step in bar:
+        # ---- the training step -------------------------------------------------------------
+        for _ in range(cfg.grad_accum):
+            tokens = torch.stack([next(train_seqs) for _ in range(cfg.batch_size)]).to(device)  # (B, T)
+            with autocast():
+                loss, terms, c = compute_loss(cfg, model, blocks, sae, tokens, phi)
+            (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss, **terms, "l0": (c > 0).float().sum(-1).mean()}.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() / cfg.grad_accum
+        grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # ---- diagnostics -------------------------------------------------------------------
+        steps_since_log += 1
+        samples = (step + 1) * cfg.samples_per_step
+        if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
+            record = {f"train/{k}": v.item() / steps_since_log for k, v in totals.items()}  # .item() syncs
+            elapsed = time.perf_counter() - t_log
+            record.update({"train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
+                           "tokens_per_s": steps_since_log * tokens_per_step / elapsed})
+            log({"step": step + 1, "samples": samples, **record})
+            bar.set_postfix_str(" ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in record.items() if k != "train/lr"))
+            totals, t_log, steps_since_log = {}, time.perf_counter(), 0
+        if cfg.eval_every and samples % cfg.eval_every < cfg.samples_per_step and step + 1 < n_steps:
+            metrics = do_eval()
+            log({"step": step + 1, "samples": samples, **{f"eval/{k}": v for k, v in metrics.items()}})
+            tqdm.write(f"eval @ {samples} samples: {format_metrics(metrics)}")
+            t_log = time.perf_counter()  # evaluation time does not count against training tokens/s
+
+    metrics = do_eval()
+    log({"step": n_steps, "samples": n_steps * cfg.samples_per_step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    log_file.close()
+    save_sae(sae, out / "sae.safetensors")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"final: {format_metrics(metrics)}")
+    if device.type == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    print(f"wrote {out}/sae.safetensors, config.json, metrics.json, log.jsonl")
+    return metrics
+
+
+def evaluate_saved(cfg: Config) -> dict:
+    """--eval-only: evaluate the SAE in cfg.sae and write metrics.json into cfg.out_dir."""
+    sae, _ = load_sae(cfg.sae)
+    device, autocast, model, tokenizer, blocks = setup(cfg)
+    d_model = model.config.hidden_size
+    if sae.encoder.in_features != d_model:
+        raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has {d_model}")
+    eval_tokens, _ = load_data(cfg, tokenizer, model.config.vocab_size)
+    metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, cfg.batch_size, autocast())
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
+    print(f"wrote {out}/metrics.json")
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        evaluate_saved(cfg) if cfg.eval_only else train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

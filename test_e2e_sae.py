@@ -1,0 +1,565 @@
+"""Tests for e2e_sae.py: offline, on tiny random models, each against an independent computation.
+
+Run: python -m pytest -q test_e2e_sae.py
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import e2e_sae as E
+
+HERE = Path(__file__).parent
+METRIC_KEYS = {"ce_loss_orig", "ce_loss_sae", "ce_loss_increase", "kl", "l0", "alive_dict_elements",
+               "explained_variance", "mse", "top1_agreement", "downstream_mse", "n_eval_tokens"}
+OUTPUT_FILES = {"sae.safetensors", "config.json", "metrics.json", "log.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = E.tiny_gpt2().eval().requires_grad_(False)
+    return model, E.decoder_blocks(model)
+
+
+def identity_sae(d_model: int) -> E.SAE:
+    """F = 2D, encoder [I; −I], decoder [I, −I], zero biases: c = (a⁺, a⁻), â = a⁺ − a⁻ = a exactly."""
+    sae = E.SAE(d_model, 2 * d_model)
+    eye = torch.eye(d_model)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.cat([eye, -eye], 0))  # (2D, D)
+        sae.decoder.weight.copy_(torch.cat([eye, -eye], 1))  # (D, 2D), columns already unit norm
+        sae.encoder.bias.zero_()
+        sae.decoder.bias.zero_()
+    return sae
+
+
+def tokens_for(model, B=2, T=16, seed=0):
+    return torch.randint(model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def cfg_for(loss, layer, **kw):
+    return E.Config(model="tiny", dataset="random", loss=loss, layer=layer, device="cpu", **kw)
+
+
+# -----------------------------------------------------------------------------
+# 1. The identity dictionary changes nothing: KL = 0, CE increase = 0, downstream MSE = 0
+
+
+@pytest.mark.parametrize("layer", [0, 6, 11])
+def test_identity_dictionary_gives_zero_kl(tiny, layer):
+    model, blocks = tiny
+    sae = identity_sae(model.config.n_embd)
+    tokens = tokens_for(model)
+    phi = 0.1
+    for loss in ("local", "e2e", "e2e_ds"):
+        if loss == "e2e_ds" and layer == len(blocks) - 1:
+            continue  # no downstream layer (refused by setup(), tested below)
+        cfg = cfg_for(loss, layer)
+        total, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens, phi)
+        expected_sparsity = phi * c.sum(-1).mean()  # = φ · mean ‖a‖₁
+        assert torch.allclose(terms["sparsity"], expected_sparsity)
+        assert torch.allclose(total, expected_sparsity, atol=1e-6), (loss, terms)
+        for name, value in terms.items():
+            if name != "sparsity":
+                assert abs(value.item()) < 1e-6, (loss, name, value)
+    m = E.evaluate(model, blocks, sae, tokens_for(model, B=3, T=16, seed=1), layer, batch_size=2)
+    assert abs(m["kl"]) < 1e-6 and abs(m["ce_loss_increase"]) < 1e-6
+    assert m["top1_agreement"] == 1.0 and m["mse"] == 0.0 and m["explained_variance"] == 1.0
+    assert set(m["downstream_mse"]) == set(range(layer + 1, len(blocks)))
+    assert all(v == 0.0 for v in m["downstream_mse"].values())
+    assert m["n_eval_tokens"] == 3 * 16
+
+
+def test_identity_under_bf16_autocast_stays_close(tiny):
+    model, blocks = tiny
+    sae = identity_sae(model.config.n_embd)
+    m = E.evaluate(model, blocks, sae, tokens_for(model), 6, batch_size=2,
+                   autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    assert 0 <= m["kl"] < 0.05 and m["explained_variance"] > 0.99
+
+
+# -----------------------------------------------------------------------------
+# 2. The hooks read exactly HF's hidden_states[L] and leave nothing behind
+
+
+@pytest.mark.parametrize("layer", [0, 5, 11])
+def test_hook_sees_hidden_states_and_cleans_up(tiny, layer):
+    model, blocks = tiny
+    tokens = tokens_for(model)
+    with torch.no_grad():
+        clean = model(tokens, output_hidden_states=True)
+        with E.record_resid(blocks, [layer]) as resid:
+            model(tokens)
+        assert torch.equal(resid[layer], clean.hidden_states[layer])
+        sae = E.SAE(model.config.n_embd, 128)
+        with E.splice_sae(blocks[layer], sae) as seen:
+            spliced = model(tokens).logits
+        assert torch.equal(seen.a, clean.hidden_states[layer])
+        assert torch.equal(seen.a_hat, sae(seen.a)[0]) and torch.equal(seen.c, sae(seen.a)[1])
+        assert not torch.allclose(spliced, clean.logits)  # the splice did change the output
+        after = model(tokens).logits
+    assert torch.equal(after, clean.logits)
+    assert all(len(b._forward_pre_hooks) == 0 for b in blocks)
+
+
+def test_hooks_are_removed_when_the_forward_pass_fails(tiny):
+    model, blocks = tiny
+    with pytest.raises(E.StopForward):
+        with E.record_resid(blocks, [3], stop_at=3), E.splice_sae(blocks[2], E.SAE(64, 8)):
+            model(tokens_for(model))
+    assert all(len(b._forward_pre_hooks) == 0 for b in blocks)
+
+
+def test_splice_reaches_the_output_with_the_reconstruction(tiny):
+    """Replacing hidden_states[L] by hand (running the blocks ourselves) gives the spliced logits."""
+    model, blocks = tiny
+    tokens, L = tokens_for(model), 4
+    sae = E.SAE(64, 256)
+    with torch.no_grad():
+        h = model(tokens, output_hidden_states=True).hidden_states[L]
+        x = sae(h)[0]
+        for block in blocks[L:]:
+            x = block(x)
+            x = x[0] if isinstance(x, tuple) else x
+        by_hand = model.lm_head(model.transformer.ln_f(x))
+        with E.splice_sae(blocks[L], sae):
+            spliced = model(tokens).logits
+    assert torch.allclose(spliced, by_hand, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# 3. Each loss equals a hand computation with explicit sums
+
+
+def kl_by_hand(logits_p, logits_q):
+    """KL(P ‖ Q) averaged over positions, with explicit loops."""
+    total, n = 0.0, 0
+    for b in range(logits_p.shape[0]):
+        for t in range(logits_p.shape[1]):
+            zp = sum(math.exp(x) for x in logits_p[b, t].tolist())
+            zq = sum(math.exp(x) for x in logits_q[b, t].tolist())
+            for xp, xq in zip(logits_p[b, t].tolist(), logits_q[b, t].tolist()):
+                p, q = math.exp(xp) / zp, math.exp(xq) / zq
+                total += p * (math.log(p) - math.log(q))
+            n += 1
+    return total / n
+
+
+def mse_by_hand(x, y):
+    flat = [(u - v) ** 2 for u, v in zip(x.flatten().tolist(), y.flatten().tolist())]
+    return sum(flat) / len(flat)
+
+
+def l1_by_hand(c):
+    rows = c.reshape(-1, c.shape[-1]).tolist()
+    return sum(sum(abs(v) for v in row) for row in rows) / len(rows)
+
+
+def test_kl_direction_is_orig_to_sae():
+    # P_orig peaked, P_sae flat: KL(orig ‖ sae) and KL(sae ‖ orig) differ a lot.
+    logits_orig = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 3.0, -1.0]]])  # (B=1, T=2, V=3)
+    logits_sae = torch.tensor([[[0.0, 0.0, 0.0], [0.5, 0.0, 0.0]]])
+    forward, backward = kl_by_hand(logits_orig, logits_sae), kl_by_hand(logits_sae, logits_orig)
+    assert abs(forward - backward) > 0.2
+    assert E.kl_div(logits_orig, logits_sae).item() == pytest.approx(forward, rel=1e-5)
+
+
+def test_losses_equal_hand_computations():
+    g = torch.Generator().manual_seed(0)
+    B, T, D, Fd, V = 2, 3, 4, 6, 5
+    a, a_hat = torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g)
+    c = torch.relu(torch.randn(B, T, Fd, generator=g))
+    lo, ls = torch.randn(B, T, V, generator=g) * 2, torch.randn(B, T, V, generator=g) * 2
+    resid_orig = [torch.randn(B, T, D, generator=g) for _ in range(3)]
+    resid_sae = [torch.randn(B, T, D, generator=g) for _ in range(3)]
+    lam = 2.0
+    phi = lam / D
+
+    loss, terms = E.local_loss(a, a_hat, c, phi)
+    assert loss.item() == pytest.approx(mse_by_hand(a_hat, a) + phi * l1_by_hand(c), rel=1e-5)
+    assert terms["mse"].item() == pytest.approx(mse_by_hand(a_hat, a), rel=1e-5)
+
+    loss, terms = E.e2e_loss(lo, ls, c, phi)
+    assert loss.item() == pytest.approx(kl_by_hand(lo, ls) + phi * l1_by_hand(c), rel=1e-5)
+
+    beta = 2.5
+    ds_by_hand = sum(mse_by_hand(s, o) for s, o in zip(resid_sae, resid_orig)) / 3
+    loss, terms = E.e2e_ds_loss(lo, ls, c, resid_orig, resid_sae, phi, beta)
+    assert loss.item() == pytest.approx(0.5 * kl_by_hand(lo, ls) + phi * l1_by_hand(c) + beta * ds_by_hand, rel=1e-5)
+    assert terms["downstream"].item() == pytest.approx(ds_by_hand, rel=1e-5)
+
+
+def test_compute_loss_uses_phi_equals_lambda_over_d(tiny):
+    """The training step's sparsity term is (λ / D) · mean ‖c‖₁ with D the model width."""
+    model, blocks = tiny
+    cfg = cfg_for("local", 3, sparsity_coeff=6.4)
+    sae = E.SAE(64, 256)
+    phi = cfg.sparsity_coeff / model.config.n_embd
+    _, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens_for(model), phi)
+    assert terms["sparsity"].item() == pytest.approx(0.1 * l1_by_hand(c.detach()), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# 4. The SAE: unit-norm dictionary, and the saved file reproduces it
+
+
+def test_decoder_columns_have_unit_norm_after_training_steps():
+    sae = E.SAE(16, 64)
+    opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+    for _ in range(5):
+        a_hat, c = sae(torch.randn(4, 8, 16))
+        (a_hat.pow(2).sum() + c.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    raw_norms = sae.decoder.weight.norm(dim=0)
+    assert not torch.allclose(raw_norms, torch.ones(64))  # the raw weight drifted ...
+    assert torch.allclose(sae.dictionary.norm(dim=0), torch.ones(64), atol=1e-6)  # ... D_n did not
+
+
+def test_orthogonal_decoder_init():
+    sae = E.SAE(16, 64)
+    W = sae.decoder.weight  # (D, F): its rows are orthonormal
+    assert torch.allclose(W @ W.T, torch.eye(16), atol=1e-5)
+
+
+def test_saved_sae_reproduces_the_module(tmp_path):
+    torch.manual_seed(0)
+    sae = E.SAE(16, 48)
+    with torch.no_grad():
+        sae.decoder.weight.mul_(3.0)  # columns no longer unit norm in the raw weight
+        sae.decoder.bias.normal_()
+    E.save_sae(sae, tmp_path / "sae.safetensors")
+    t = load_file(str(tmp_path / "sae.safetensors"))
+    assert set(t) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert t["W_enc"].shape == (16, 48) and t["b_enc"].shape == (48,)
+    assert t["W_dec"].shape == (48, 16) and t["b_dec"].shape == (16,)
+    assert torch.allclose(t["W_dec"].norm(dim=1), torch.ones(48), atol=1e-6)
+    a = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        a_hat, c = sae(a)
+        by_formula = torch.relu(a @ t["W_enc"] + t["b_enc"]) @ t["W_dec"] + t["b_dec"]
+        loaded, cfg = E.load_sae(tmp_path)
+        assert cfg is None
+        assert torch.allclose(by_formula, a_hat, atol=1e-5)
+        assert torch.allclose(loaded(a)[0], a_hat, atol=1e-5) and torch.allclose(loaded(a)[1], c, atol=1e-6)
+
+
+def test_load_sae_refuses_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(E.UserError, match="no sae.safetensors"):
+        E.load_sae(tmp_path)
+    (tmp_path / "sae.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(E.UserError, match="not a valid SAE file"):
+        E.load_sae(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# 5. local runs nothing after block L
+
+
+def test_local_runs_no_block_after_layer(tiny):
+    model, blocks = tiny
+    L = 4
+    calls = []
+    handles = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, b in enumerate(blocks)]
+    handles.append(model.lm_head.register_forward_hook(lambda m, i, o: calls.append("lm_head")))
+    try:
+        E.compute_loss(cfg_for("local", L), model, blocks, E.SAE(64, 128), tokens_for(model), 0.1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == list(range(L))  # blocks 0 … L−1 only: not block L, nothing after, no unembedding
+
+
+# -----------------------------------------------------------------------------
+# 6. Training reduces each loss on a fixed batch
+
+
+@pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
+def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
+    model, blocks = tiny
+    torch.manual_seed(0)
+    cfg = cfg_for(loss, 5, sparsity_coeff=0.5)
+    sae = E.SAE(64, 256)
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
+    tokens = tokens_for(model, B=2, T=32)
+    history = []
+    for _ in range(30):
+        total, terms, _ = E.compute_loss(cfg, model, blocks, sae, tokens, cfg.sparsity_coeff / 64)
+        total.backward()
+        opt.step()
+        opt.zero_grad()
+        history.append({k: v.item() for k, v in {"total": total, **terms}.items()})
+    first, last = history[0], history[-1]
+    assert last["total"] < 0.7 * first["total"], (first, last)
+    main_term = {"local": "mse", "e2e": "kl", "e2e_ds": "downstream"}[loss]
+    assert last[main_term] < first[main_term], (first, last)  # not only the sparsity term went down
+
+
+# -----------------------------------------------------------------------------
+# Data: sources, packing, the held-out evaluation set
+
+
+def write_sources(tmp_path, rows):
+    """The same pre-tokenised rows as a save_to_disk folder, a .jsonl and a .parquet file."""
+    ds = datasets.Dataset.from_dict({"input_ids": rows})
+    ds.save_to_disk(str(tmp_path / "disk"))
+    ds.to_json(str(tmp_path / "rows.jsonl"))
+    ds.to_parquet(str(tmp_path / "rows.parquet"))
+    return [str(tmp_path / "disk"), str(tmp_path / "rows.jsonl"), str(tmp_path / "rows.parquet")]
+
+
+def test_eval_and_training_sequences_never_overlap(tmp_path):
+    # Row i is [i, i+1, ...]: every row is distinct. Rows of other lengths show cutting and skipping.
+    n_ctx = 8
+    rows = [list(range(i, i + n_ctx + i % 3)) for i in range(40)]  # lengths 8, 9, 10: all usable
+    rows.insert(5, [1, 2, 3])  # too short: skipped
+    expected = [tuple(r[:n_ctx]) for r in rows if len(r) >= n_ctx]
+    for source in write_sources(tmp_path, rows):
+        cfg = E.Config(model="tiny", dataset=source, n_ctx=n_ctx, eval_samples=10, shuffle_buffer=7, device="cpu")
+        eval_tokens, train = E.load_data(cfg, None, vocab_size=512)
+        assert [tuple(r) for r in eval_tokens.tolist()] == expected[:10], source
+        seen = [tuple(next(train).tolist()) for _ in range(3 * 30)]  # three passes over the 30 others
+        assert not set(seen) & set(expected[:10]), source
+        assert sorted(seen[:30]) == sorted(expected[10:]), source  # each epoch: every training row once
+        assert sorted(seen[30:60]) == sorted(expected[10:]), source
+        assert seen[:30] != expected[10:] and seen[:30] != seen[30:60]  # shuffled, differently per epoch
+
+
+def test_random_source_holds_out_its_first_sequences():
+    cfg = E.Config(model="tiny", dataset="random", n_ctx=16, eval_samples=5, shuffle_buffer=4, device="cpu")
+    eval_tokens, train = E.load_data(cfg, None, vocab_size=512)
+    again, _ = E.load_data(E.Config(**{**cfg.__dict__, "seed": 7}), None, vocab_size=512)
+    assert torch.equal(eval_tokens, again)  # the evaluation set does not depend on --seed
+    eval_set = {tuple(r) for r in eval_tokens.tolist()}
+    assert not eval_set & {tuple(next(train).tolist()) for _ in range(200)}
+    assert eval_tokens.max() < 512
+
+
+def test_training_order_is_reproducible_from_the_seed(tmp_path):
+    source = write_sources(tmp_path, [list(range(i, i + 4)) for i in range(50)])[0]
+    def order(seed):
+        cfg = E.Config(model="tiny", dataset=source, n_ctx=4, eval_samples=5, shuffle_buffer=10, seed=seed)
+        _, train = E.load_data(cfg, None, 512)
+        return [next(train)[0].item() for _ in range(45)]
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+
+
+def make_tokenizer(folder: Path, texts):
+    """A small word-level tokenizer built offline, saved as a HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def test_text_is_tokenised_and_packed_with_eos_between_documents(tmp_path):
+    docs = ["the cat sat on the mat", "a dog ran", "the end of the story is near now"]
+    tok = make_tokenizer(tmp_path / "tok", docs)
+    (tmp_path / "txt").mkdir()
+    for i, d in enumerate(docs):
+        (tmp_path / "txt" / f"{i}.txt").write_text(d)
+    stream = []
+    for d in docs:
+        stream += tok(d)["input_ids"] + [tok.eos_token_id]
+    n_ctx = 5
+    expected = [stream[i:i + n_ctx] for i in range(0, len(stream) - n_ctx + 1, n_ctx)]
+    got = [s.tolist() for s in E.token_sequences(E.read_rows(str(tmp_path / "txt")), n_ctx, tok)]
+    assert got == expected and len(got) == len(stream) // n_ctx
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    assert [s.tolist() for s in E.token_sequences(E.read_rows(str(tmp_path / "docs.jsonl")), n_ctx, tok)] == expected
+
+
+def test_bad_datasets_are_clear_errors(tmp_path):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"label": 1}) + "\n")
+    cfg = dict(model="tiny", n_ctx=4, eval_samples=1)
+    with pytest.raises(E.UserError, match="'input_ids' or a 'text' column"):
+        E.load_data(E.Config(dataset=str(tmp_path / "rows.jsonl"), **cfg), None, 512)
+    with pytest.raises(E.UserError, match="no such file"):
+        E.load_data(E.Config(dataset=str(tmp_path / "missing.txt"), **cfg), None, 512)
+    source = write_sources(tmp_path, [[1, 2, 3, 4]] * 3)[0]
+    with pytest.raises(E.UserError, match="fewer than --eval-samples"):
+        E.load_data(E.Config(dataset=source, **{**cfg, "eval_samples": 5}), None, 512)
+    _, train = E.load_data(E.Config(dataset=source, **{**cfg, "eval_samples": 3}), None, 512)
+    with pytest.raises(E.UserError, match="no sequences left for training"):
+        next(train)
+
+
+# -----------------------------------------------------------------------------
+# Config, CLI, schedule
+
+
+def test_the_paper_run_needs_no_other_flag():
+    cfg = E.parse_config(["--loss", "e2e", "--layer", "6"])
+    assert (cfg.model, cfg.dataset, cfg.n_ctx, cfg.n_samples) == ("gpt2", E.PAPER_DATASET, 1024, 400_000)
+    assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_samples) == (8, 2, 5e-4, 20_000)
+    assert (cfg.lr_min_ratio, cfg.grad_clip, cfg.dict_ratio, cfg.eval_samples) == (0.1, 10.0, 60.0, 500)
+    assert (cfg.sparsity_coeff, cfg.kl_coeff, cfg.out_dir) == (3.0, 1.0, "out/e2e_layer6")
+    local, ds = E.parse_config(["--loss", "local"]), E.parse_config(["--loss", "e2e_ds"])
+    assert (local.sparsity_coeff, ds.sparsity_coeff, ds.kl_coeff, ds.downstream_coeff) == (4.0, 50.0, 0.5, 2.5)
+    assert E.parse_config(["--loss", "e2e_ds", "--sparsity-coeff", "7", "--kl-coeff", "1"]).sparsity_coeff == 7.0
+
+
+def test_cli_flag_names(capsys):
+    with pytest.raises(SystemExit):
+        E.parse_config(["--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--model --dataset --loss --layer --n-samples --batch-size --grad-accum --n-ctx --dict-ratio "
+                 "--sparsity-coeff --lr --warmup-samples --eval-samples --eval-every --out-dir --seed --device "
+                 "--eval-only --sae --compile --kl-coeff --downstream-coeff").split():
+        assert f"{flag} " in help_text, flag
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss", "mse"], "--loss must be one of"),
+    (["--lr", "abc"], "invalid float value"),
+    (["--sparsity-coeff", "-1"], "--sparsity-coeff must be a finite number"),
+    (["--downstream-coeff", "nan"], "--downstream-coeff must be a finite number"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--dict-ratio", "-2"], "--dict-ratio must be > 0"),
+    (["--n-samples", "3"], "less than one optimiser step"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--eval-only"], "--eval-only needs --sae"),
+])
+def test_bad_flags_are_one_sentence(argv, message):
+    with pytest.raises(E.UserError, match=message):
+        E.parse_config(argv)
+
+
+def test_model_dependent_checks(tmp_path):
+    for kw, message in [(dict(layer=12), "outside the model's blocks 0 … 11"),
+                        (dict(loss="e2e_ds", layer=11), "needs a block after --layer"),
+                        (dict(n_ctx=2048), "longer than the model's context")]:
+        with pytest.raises(E.UserError, match=message):
+            E.setup(E.Config(model="tiny", dataset="random", device="cpu", **kw))
+    with pytest.raises(E.UserError, match="no such folder"):
+        E.load_model(str(tmp_path / "nothing_here"), torch.device("cpu"))
+
+
+def test_decoder_blocks_of_other_architectures():
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                            intermediate_size=64, vocab_size=100))
+    assert E.decoder_blocks(neox) is neox.gpt_neox.layers and len(neox.gpt_neox.layers) == 3
+    with pytest.raises(E.UserError, match="cannot find the decoder blocks"):
+        E.decoder_blocks(torch.nn.Linear(2, 2))
+
+
+def test_lr_schedule():
+    f = lambda s: E.lr_factor(s, warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+# -----------------------------------------------------------------------------
+# 7. The CLI end to end, 8. a Llama-style model
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "e2e_sae.py", *args], cwd=HERE, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def check_output_folder(out: Path, loss: str, n_layers: int, layer: int):
+    assert OUTPUT_FILES <= {p.name for p in out.iterdir()}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == METRIC_KEYS
+    assert set(metrics["downstream_mse"]) == {str(k) for k in range(layer + 1, n_layers)}
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss"] == loss and config["layer"] == layer and config["dict_size"] == config["d_model"] * 2
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("train/loss" in r and r["tokens_per_s"] > 0 for r in log)
+    assert any("eval/kl" in r for r in log)
+    assert set(load_file(str(out / "sae.safetensors"))) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    return metrics
+
+
+def test_cli_tiny_model_random_data(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("--model", "tiny", "--loss", "e2e_ds", "--layer", "9", "--n-samples", "64", "--batch-size", "4",
+                "--n-ctx", "32", "--eval-samples", "8", "--eval-every", "32", "--dict-ratio", "2",
+                "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    metrics = check_output_folder(out, "e2e_ds", 12, 9)
+    assert metrics["n_eval_tokens"] == 8 * 32
+    assert "final:" in r.stdout
+
+
+def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path):
+    docs = [" ".join(f"w{(i * j) % 37}" for j in range(60)) for i in range(30)]
+    model_dir = tmp_path / "model"
+    tok = make_tokenizer(model_dir, docs)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64,
+                               eos_token_id=tok.eos_token_id)).save_pretrained(model_dir)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
+    out = tmp_path / "run"
+    r = run_cli("--model", str(model_dir), "--dataset", str(tmp_path / "corpus.txt"), "--loss", "local",
+                "--layer", "1", "--n-samples", "32", "--batch-size", "4", "--n-ctx", "16", "--eval-samples", "6",
+                "--dict-ratio", "2", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    trained = check_output_folder(out, "local", 3, 1)
+    assert trained["n_eval_tokens"] == 6 * 16
+
+    r = run_cli("--eval-only", "--sae", str(out), "--out-dir", str(tmp_path / "eval"))
+    assert r.returncode == 0, r.stderr
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(evaluated) == METRIC_KEYS
+    for k in METRIC_KEYS - {"downstream_mse"}:
+        assert evaluated[k] == pytest.approx(trained[k], rel=1e-4, abs=1e-6), k
+
+
+def test_eval_only_with_a_bare_sae_file(tmp_path, capsys):
+    E.save_sae(identity_sae(64), tmp_path / "sae.safetensors")
+    cfg = E.parse_config(["--eval-only", "--sae", str(tmp_path), "--model", "tiny", "--layer", "3",
+                          "--n-ctx", "16", "--eval-samples", "4", "--device", "cpu"])
+    assert cfg.out_dir == str(tmp_path)
+    m = E.evaluate_saved(cfg)
+    assert abs(m["kl"]) < 1e-6 and json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(m))
+    with pytest.raises(E.UserError, match="pass --model and --layer"):
+        E.parse_config(["--eval-only", "--sae", str(tmp_path), "--model", "tiny"])
+
+
+def test_offline_main_run_fails_fast_with_one_sentence(tmp_path):
+    r = run_cli("--loss", "e2e", "--layer", "6", "--out-dir", str(tmp_path / "run"),
+                env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--model tiny --dataset random" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_llama_style_model_trains_and_evaluates(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    model = E.load_model(str(tmp_path / "llama"), torch.device("cpu"))[0]
+    blocks = E.decoder_blocks(model)
+    tokens = tokens_for(model)
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+        with E.splice_sae(blocks[2], identity_sae(32)) as seen:
+            spliced = model(tokens).logits
+    assert torch.equal(seen.a, hidden[2])
+    assert torch.allclose(spliced, model(tokens).logits, atol=1e-5)
+    for loss in ("local", "e2e_ds"):
+        cfg = E.Config(model=str(tmp_path / "llama"), dataset="random", loss=loss, layer=2, n_samples=16,
+                       batch_size=2, grad_accum=2, n_ctx=16, eval_samples=4, dict_ratio=2, device="cpu",
+                       out_dir=str(tmp_path / loss))
+        metrics = E.train(cfg)
+        check_output_folder(tmp_path / loss, loss, 4, 2)
+        assert set(metrics) == METRIC_KEYS and set(metrics["downstream_mse"]) == {3}
