@@ -719,7 +719,7 @@ def train(cfg: Config) -> dict:
     print(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={d_model} F={dict_size} λ={cfg.sparsity_coeff:g} "
           f"| {n_steps} steps of {cfg.samples_per_step} × {cfg.n_ctx} tokens | {device} {cfg.dtype} → {out}")
     bar = tqdm(range(n_steps), desc="train", dynamic_ncols=True, mininterval=1.0)
-    totals, t_log, steps_since_log = {}, time.perf_counter(), 0
+    totals, t_log, steps_since_log, train_seconds = {}, time.perf_counter(), 0, 0.0
     for step in bar:
         # ---- the training step -------------------------------------------------------------
         for _ in range(cfg.grad_accum):
@@ -739,6 +739,7 @@ def train(cfg: Config) -> dict:
         if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
             record = {f"train/{k}": v.item() / steps_since_log for k, v in totals.items()}  # .item() syncs
             elapsed = time.perf_counter() - t_log
+            train_seconds += elapsed
             record.update({"train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
                            "tokens_per_s": steps_since_log * tokens_per_step / elapsed})
             log({"step": step + 1, "samples": samples, **record})
@@ -755,6 +756,8 @@ def train(cfg: Config) -> dict:
     log_file.close()
     save_sae(sae, out / "sae.safetensors")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"trained on {n_steps * tokens_per_step:,} tokens in {train_seconds:.1f} s "
+          f"({n_steps * tokens_per_step / train_seconds:,.0f} tokens/s, evaluation excluded)")
     print(f"final: {format_metrics(metrics)}")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
