@@ -62,7 +62,8 @@ LOSSES = ("local", "e2e", "e2e_ds")
 # of the KL term: e2e_ds halves it because the downstream MSE also pushes towards the original model.
 PAPER_SPARSITY_COEFF = {"local": 4.0, "e2e": 3.0, "e2e_ds": 50.0}
 PAPER_KL_COEFF = {"local": 0.0, "e2e": 1.0, "e2e_ds": 0.5}
-# `--model tiny` changes these defaults (flags you pass still win) so that a whole run takes seconds.
+# On the command line, `--model tiny` changes these defaults (flags you pass still win) so that a
+# whole run takes seconds. Config(model="tiny") in Python keeps the paper's defaults.
 TINY_RUN = dict(dataset="random", n_ctx=128, n_samples=1024, eval_samples=32, warmup_samples=128,
                 eval_every=512)
 
@@ -113,7 +114,7 @@ class Config:
     sae: str | None = arg(None, "folder holding sae.safetensors (and config.json), for --eval-only")
 
     def __post_init__(self):
-        # Derived defaults: filled here so that Config(...) in a notebook behaves as the CLI does.
+        # Defaults that depend on other fields. (TINY_RUN is applied by parse_config, on the command line only.)
         if self.loss not in LOSSES:
             raise UserError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
         if self.sparsity_coeff is None:
@@ -136,9 +137,9 @@ class Config:
             value = getattr(self, name)
             need(math.isfinite(value) and value >= 0, f"--{name.replace('_', '-')} must be a finite number ≥ 0, not {value}")
         need(self.lr > 0, "--lr must be > 0")
-        for name in ("n_samples", "batch_size", "grad_accum", "n_ctx", "shuffle_buffer", "log_every"):
+        for name in ("n_samples", "batch_size", "grad_accum", "n_ctx", "shuffle_buffer", "log_every", "eval_samples"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0, not {getattr(self, name)}")
-        for name in ("eval_samples", "eval_every", "warmup_samples", "layer"):
+        for name in ("eval_every", "warmup_samples", "layer"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be ≥ 0, not {getattr(self, name)}")
         need(self.dict_ratio > 0, f"--dict-ratio must be > 0, not {self.dict_ratio}")
         need(0 <= self.lr_min_ratio <= 1, "--lr-min-ratio must be between 0 and 1")
@@ -146,7 +147,6 @@ class Config:
              f"--n-samples {self.n_samples} is less than one optimiser step "
              f"(--batch-size × --grad-accum = {self.batch_size * self.grad_accum})")
         need(self.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, not {self.dtype!r}")
-        need(self.eval_samples > 0 or not self.eval_only, "--eval-only needs --eval-samples > 0")
         need(self.sae is not None or not self.eval_only, "--eval-only needs --sae DIR")
 
     @property
@@ -159,20 +159,27 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def parse_config(argv=None) -> Config:
-    """Build the Config from command-line flags: --layer 6 sets Config.layer, and so on."""
+def build_parser() -> argparse.ArgumentParser:
+    """One --flag per Config field: Config.n_samples becomes --n-samples, with the field's help."""
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(Config)
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         help = f"{f.metadata['help']} (default: {f.default})" if f.default is not None else f.metadata["help"]
         # Defaults are suppressed so that we know which flags were given (they override saved configs).
-        if hints[f.name] is bool:
+        kind = hints[f.name]
+        if kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help)
-        else:
-            kind = next(t for t in typing.get_args(hints[f.name]) or [hints[f.name]] if t is not type(None))
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=kind.__name__.upper())
-    given = vars(parser.parse_args(argv))
+            continue
+        if typing.get_args(kind):  # `float | None` parses as float
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=kind.__name__.upper())
+    return parser
+
+
+def parse_config(argv=None) -> Config:
+    """Build the Config from command-line flags: --layer 6 sets Config.layer, and so on."""
+    given = vars(build_parser().parse_args(argv))
     if given.get("eval_only"):
         return eval_only_config(given)
     return Config(**{**(TINY_RUN if given.get("model") == "tiny" else {}), **given})
@@ -185,9 +192,10 @@ def eval_only_config(given: dict) -> Config:
     if folder is not None and (folder / "config.json").exists():
         saved = json.loads((folder / "config.json").read_text())
         saved = {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
-        saved.pop("out_dir", None)  # metrics go to --out-dir if given, else into the SAE's folder
-        saved.pop("device", None), saved.pop("dtype", None)  # this machine's, not the training machine's
-    elif folder is not None and "layer" not in given:
+        # Metrics go to --out-dir if given, else into the SAE's folder; this machine picks device and dtype.
+        for key in ("out_dir", "device", "dtype"):
+            saved.pop(key, None)
+    elif folder is not None and not {"model", "layer"} <= set(given):
         raise UserError(f"{folder} has no config.json: pass --model and --layer with --eval-only")
     cfg = {**(TINY_RUN if given.get("model", saved.get("model")) == "tiny" else {}), **saved, **given}
     cfg.setdefault("out_dir", str(folder) if folder else None)
@@ -377,9 +385,10 @@ def e2e_ds_loss(logits_orig, logits_sae, c, resid_orig, resid_sae, phi, beta, kl
     return loss + beta * terms["downstream"], terms
 
 
-def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor, phi: float):
+def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor):
     """One micro-batch of tokens (B, T) → (loss, its terms, c)."""
     L = cfg.layer
+    phi = cfg.sparsity_coeff / sae.encoder.in_features  # φ = λ / D
     if cfg.loss == "local":
         with torch.no_grad(), record_resid(blocks, [L], stop_at=L) as resid:
             run_model(model, tokens)  # blocks L, L+1, … and the unembedding never run
@@ -423,9 +432,9 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return False
     if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
         return True  # only the proxy can tell; let the hub client try
-    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -509,7 +518,8 @@ def token_sequences(rows, n_ctx: int, tokenizer):
         elif "text" in row:
             if tokenizer is None or tokenizer.eos_token_id is None:
                 raise UserError("this dataset holds text, and the model has no tokenizer with an EOS token")
-            packed += tokenizer(row["text"], verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids = tokenizer(row["text"], add_special_tokens=False, verbose=False)["input_ids"]
+            packed += ids + [tokenizer.eos_token_id]
             while len(packed) >= n_ctx:
                 yield torch.tensor(packed[:n_ctx])  # (T,)
                 del packed[:n_ctx]
@@ -553,8 +563,8 @@ def load_data(cfg: Config, tokenizer, vocab_size: int):
     if len(eval_seqs) < cfg.eval_samples:
         raise UserError(f"--dataset {cfg.dataset} holds only {len(eval_seqs)} sequences of {cfg.n_ctx} tokens, "
                         f"fewer than --eval-samples {cfg.eval_samples}")
-    eval_tokens = torch.stack(eval_seqs) if eval_seqs else torch.zeros(0, cfg.n_ctx, dtype=torch.long)  # (E, T)
-    if eval_tokens.numel() and eval_tokens.max() >= vocab_size:
+    eval_tokens = torch.stack(eval_seqs)  # (E, T)
+    if eval_tokens.max() >= vocab_size:
         raise UserError(f"the dataset has token ids up to {eval_tokens.max()}, beyond the model's vocabulary of {vocab_size}")
 
     def train_sequences():
@@ -660,6 +670,19 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def fp32_logits(model: nn.Module):
+    """Run the unembedding outside autocast, in fp32. GPT-2's logits lie tens of units below zero,
+    where neighbouring bf16 numbers are 0.125–0.5 apart: the KL would measure rounding noise."""
+    head = model.get_output_embeddings()
+    forward = head.forward
+
+    def forward_fp32(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x.float())  # (B, T, V) in fp32
+
+    head.forward = forward_fp32
+
+
 def setup(cfg: Config):
     """Device, precision, model and blocks: what training and --eval-only share."""
     try:
@@ -673,11 +696,12 @@ def setup(cfg: Config):
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     transformers.logging.set_verbosity_error()  # keep the terminal for our own output
     model, tokenizer = load_model(cfg.model, device)
+    fp32_logits(model)
     blocks = decoder_blocks(model)
     n_layers, max_ctx = len(blocks), getattr(model.config, "max_position_embeddings", None)
     if not 0 <= cfg.layer < n_layers:
         raise UserError(f"--layer {cfg.layer} is outside the model's blocks 0 … {n_layers - 1}")
-    if cfg.loss == "e2e_ds" and cfg.layer == n_layers - 1:
+    if cfg.loss == "e2e_ds" and cfg.layer == n_layers - 1 and not cfg.eval_only:
         raise UserError(f"--loss e2e_ds needs a block after --layer; {cfg.layer} is the model's last")
     if max_ctx is not None and cfg.n_ctx > max_ctx:
         raise UserError(f"--n-ctx {cfg.n_ctx} is longer than the model's context of {max_ctx} tokens")
@@ -712,7 +736,6 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup_steps=warmup_steps, total_steps=n_steps, min_ratio=cfg.lr_min_ratio))
-    phi = cfg.sparsity_coeff / d_model  # φ = λ / D
     tokens_per_step = cfg.samples_per_step * cfg.n_ctx
     do_eval = partial(evaluate, model, blocks, sae, eval_tokens, cfg.layer, cfg.batch_size, autocast())
 
@@ -725,7 +748,7 @@ def train(cfg: Config) -> dict:
         for _ in range(cfg.grad_accum):
             tokens = torch.stack([next(train_seqs) for _ in range(cfg.batch_size)]).to(device)  # (B, T)
             with autocast():
-                loss, terms, c = compute_loss(cfg, model, blocks, sae, tokens, phi)
+                loss, terms, c = compute_loss(cfg, model, blocks, sae, tokens)
             (loss / cfg.grad_accum).backward()
             for k, v in {"loss": loss, **terms, "l0": (c > 0).float().sum(-1).mean()}.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() / cfg.grad_accum
@@ -745,11 +768,13 @@ def train(cfg: Config) -> dict:
             log({"step": step + 1, "samples": samples, **record})
             bar.set_postfix_str(" ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in record.items() if k != "train/lr"))
             totals, t_log, steps_since_log = {}, time.perf_counter(), 0
-        if cfg.eval_every and samples % cfg.eval_every < cfg.samples_per_step and step + 1 < n_steps:
+        crossed_eval_point = samples % cfg.eval_every < cfg.samples_per_step if cfg.eval_every else False
+        if crossed_eval_point and step + 1 < n_steps:  # the last step's evaluation comes after the loop
+            t_eval = time.perf_counter()
             metrics = do_eval()
             log({"step": step + 1, "samples": samples, **{f"eval/{k}": v for k, v in metrics.items()}})
             tqdm.write(f"eval @ {samples} samples: {format_metrics(metrics)}")
-            t_log = time.perf_counter()  # evaluation time does not count against training tokens/s
+            t_log += time.perf_counter() - t_eval  # evaluation time does not count against training tokens/s
 
     metrics = do_eval()
     log({"step": n_steps, "samples": n_steps * cfg.samples_per_step, **{f"eval/{k}": v for k, v in metrics.items()}})
@@ -789,7 +814,10 @@ def evaluate_saved(cfg: Config) -> dict:
 def main(argv=None):
     try:
         cfg = parse_config(argv)
-        evaluate_saved(cfg) if cfg.eval_only else train(cfg)
+        if cfg.eval_only:
+            evaluate_saved(cfg)
+        else:
+            train(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

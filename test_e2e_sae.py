@@ -64,8 +64,8 @@ def test_identity_dictionary_gives_zero_kl(tiny, layer):
     for loss in ("local", "e2e", "e2e_ds"):
         if loss == "e2e_ds" and layer == len(blocks) - 1:
             continue  # no downstream layer (refused by setup(), tested below)
-        cfg = cfg_for(loss, layer)
-        total, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens, phi)
+        cfg = cfg_for(loss, layer, sparsity_coeff=phi * model.config.n_embd)
+        total, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens)
         expected_sparsity = phi * c.sum(-1).mean()  # = φ · mean ‖a‖₁
         assert torch.allclose(terms["sparsity"], expected_sparsity)
         assert torch.allclose(total, expected_sparsity, atol=1e-6), (loss, terms)
@@ -80,12 +80,78 @@ def test_identity_dictionary_gives_zero_kl(tiny, layer):
     assert m["n_eval_tokens"] == 3 * 16
 
 
-def test_identity_under_bf16_autocast_stays_close(tiny):
-    model, blocks = tiny
-    sae = identity_sae(model.config.n_embd)
-    m = E.evaluate(model, blocks, sae, tokens_for(model), 6, batch_size=2,
+def test_bf16_autocast_keeps_logits_fp32_and_identity_close():
+    model = E.tiny_gpt2().eval().requires_grad_(False)
+    E.fp32_logits(model)
+    blocks = E.decoder_blocks(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert model(tokens_for(model)).logits.dtype == torch.float32
+        assert blocks[0].attn.c_attn(torch.randn(2, 64)).dtype == torch.bfloat16  # the blocks do run in bf16
+    m = E.evaluate(model, blocks, identity_sae(64), tokens_for(model), 6, batch_size=2,
                    autocast=torch.autocast("cpu", dtype=torch.bfloat16))
     assert 0 <= m["kl"] < 0.05 and m["explained_variance"] > 0.99
+
+
+def test_evaluate_matches_independent_computations(tiny):
+    """A random SAE at layer 3, 5 sequences in batches of 2: every metric against a computation that
+    uses HF's own loss and hidden_states, and numpy, instead of our hooks and sums."""
+    import numpy as np
+    model, blocks = tiny
+    L, tokens = 3, tokens_for(model, B=5, T=12, seed=3)
+    torch.manual_seed(0)
+    sae = identity_sae(64)  # perturbed, so that the output changes but not beyond recognition
+    with torch.no_grad():
+        sae.decoder.weight.add_(0.03 * torch.randn(64, 128))
+        sae.decoder.bias.add_(0.1 * torch.randn(64))
+        sae.encoder.bias[:10] = -100.0  # these elements never fire
+    m = E.evaluate(model, blocks, sae, tokens, L, batch_size=2)
+
+    with torch.no_grad():
+        clean = model(tokens, labels=tokens, output_hidden_states=True)
+        a = clean.hidden_states[L]
+        a_hat, c = sae(a)
+        with E.splice_sae(blocks[L], sae):
+            spliced = model(tokens, labels=tokens, output_hidden_states=True)
+    p, q = clean.logits.log_softmax(-1), spliced.logits.log_softmax(-1)
+    a, a_hat = a.double().numpy().reshape(-1, 64), a_hat.double().numpy().reshape(-1, 64)
+    expected = {
+        "ce_loss_orig": clean.loss.item(),  # HF shifts the labels: mean over the B·(T−1) predictions
+        "ce_loss_sae": spliced.loss.item(),
+        "ce_loss_increase": spliced.loss.item() - clean.loss.item(),
+        "kl": (p.exp() * (p - q)).sum(-1).mean().item(),
+        "l0": (c > 0).float().sum(-1).mean().item(),
+        "alive_dict_elements": int((c > 0).reshape(-1, 128).any(0).sum()),
+        "explained_variance": 1 - ((a - a_hat) ** 2).sum() / ((a - a.mean(0)) ** 2).sum(),
+        "mse": ((a - a_hat) ** 2).mean(),
+        "top1_agreement": (clean.logits.argmax(-1) == spliced.logits.argmax(-1)).float().mean().item(),
+        "n_eval_tokens": 5 * 12,
+    }
+    assert 0 < expected["alive_dict_elements"] <= 118 and 0 < expected["top1_agreement"] < 1
+    assert set(m) == METRIC_KEYS
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    for k in range(L + 1, 12):
+        d = (spliced.hidden_states[k] - clean.hidden_states[k]).double()
+        assert m["downstream_mse"][k] == pytest.approx(d.pow(2).mean().item(), rel=1e-4), k
+
+
+def test_hub_reachable_probes_the_endpoint(monkeypatch):
+    import socket
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for var in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"https://127.0.0.1:{server.getsockname()[1]}")
+        assert E.hub_reachable()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")  # never resolves
+    assert not E.hub_reachable()
+    monkeypatch.setattr(E, "hub_reachable", lambda: False)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent")
+    with pytest.raises(E.UserError, match="unreachable.*--model tiny --dataset random"):
+        E.read_rows("some-org/some-dataset")
 
 
 # -----------------------------------------------------------------------------
@@ -204,9 +270,8 @@ def test_compute_loss_uses_phi_equals_lambda_over_d(tiny):
     model, blocks = tiny
     cfg = cfg_for("local", 3, sparsity_coeff=6.4)
     sae = E.SAE(64, 256)
-    phi = cfg.sparsity_coeff / model.config.n_embd
-    _, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens_for(model), phi)
-    assert terms["sparsity"].item() == pytest.approx(0.1 * l1_by_hand(c.detach()), rel=1e-5)
+    _, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens_for(model))
+    assert terms["sparsity"].item() == pytest.approx(0.1 * l1_by_hand(c.detach()), rel=1e-5)  # 6.4 / 64
 
 
 # -----------------------------------------------------------------------------
@@ -273,7 +338,7 @@ def test_local_runs_no_block_after_layer(tiny):
     handles = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, b in enumerate(blocks)]
     handles.append(model.lm_head.register_forward_hook(lambda m, i, o: calls.append("lm_head")))
     try:
-        E.compute_loss(cfg_for("local", L), model, blocks, E.SAE(64, 128), tokens_for(model), 0.1)
+        E.compute_loss(cfg_for("local", L), model, blocks, E.SAE(64, 128), tokens_for(model))
     finally:
         for h in handles:
             h.remove()
@@ -294,7 +359,7 @@ def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
     tokens = tokens_for(model, B=2, T=32)
     history = []
     for _ in range(30):
-        total, terms, _ = E.compute_loss(cfg, model, blocks, sae, tokens, cfg.sparsity_coeff / 64)
+        total, terms, _ = E.compute_loss(cfg, model, blocks, sae, tokens)
         total.backward()
         opt.step()
         opt.zero_grad()
@@ -358,11 +423,14 @@ def test_training_order_is_reproducible_from_the_seed(tmp_path):
 def make_tokenizer(folder: Path, texts):
     """A small word-level tokenizer built offline, saved as a HF tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>", "<bos>"]))
+    # Like Llama's tokenizer, it puts <bos> before every text it encodes (unless told not to).
+    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
     fast.save_pretrained(folder)
     return fast
 
@@ -373,9 +441,10 @@ def test_text_is_tokenised_and_packed_with_eos_between_documents(tmp_path):
     (tmp_path / "txt").mkdir()
     for i, d in enumerate(docs):
         (tmp_path / "txt" / f"{i}.txt").write_text(d)
+    assert tok(docs[0])["input_ids"][0] == tok.bos_token_id
     stream = []
     for d in docs:
-        stream += tok(d)["input_ids"] + [tok.eos_token_id]
+        stream += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # EOS between, no BOS
     n_ctx = 5
     expected = [stream[i:i + n_ctx] for i in range(0, len(stream) - n_ctx + 1, n_ctx)]
     got = [s.tolist() for s in E.token_sequences(E.read_rows(str(tmp_path / "txt")), n_ctx, tok)]
@@ -414,14 +483,12 @@ def test_the_paper_run_needs_no_other_flag():
     assert E.parse_config(["--loss", "e2e_ds", "--sparsity-coeff", "7", "--kl-coeff", "1"]).sparsity_coeff == 7.0
 
 
-def test_cli_flag_names(capsys):
-    with pytest.raises(SystemExit):
-        E.parse_config(["--help"])
-    help_text = capsys.readouterr().out
+def test_cli_flag_names():
+    flags = set(E.build_parser()._option_string_actions)
     for flag in ("--model --dataset --loss --layer --n-samples --batch-size --grad-accum --n-ctx --dict-ratio "
                  "--sparsity-coeff --lr --warmup-samples --eval-samples --eval-every --out-dir --seed --device "
                  "--eval-only --sae --compile --kl-coeff --downstream-coeff").split():
-        assert f"{flag} " in help_text, flag
+        assert flag in flags, flag
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -434,6 +501,7 @@ def test_cli_flag_names(capsys):
     (["--n-samples", "3"], "less than one optimiser step"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--eval-only"], "--eval-only needs --sae"),
+    (["--eval-samples", "0"], "--eval-samples must be > 0"),
 ])
 def test_bad_flags_are_one_sentence(argv, message):
     with pytest.raises(E.UserError, match=message):
@@ -532,6 +600,8 @@ def test_eval_only_with_a_bare_sae_file(tmp_path, capsys):
     assert abs(m["kl"]) < 1e-6 and json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(m))
     with pytest.raises(E.UserError, match="pass --model and --layer"):
         E.parse_config(["--eval-only", "--sae", str(tmp_path), "--model", "tiny"])
+    with pytest.raises(E.UserError, match="pass --model and --layer"):
+        E.parse_config(["--eval-only", "--sae", str(tmp_path), "--layer", "3"])
 
 
 def test_offline_main_run_fails_fast_with_one_sentence(tmp_path):
