@@ -76,6 +76,11 @@ def arg(default, help):
     return field(default=default, metadata={"help": help})
 
 
+def config_fields(saved: dict) -> dict:
+    """The Config fields of a saved config.json (which also holds d_model, dict_size, n_layers)."""
+    return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
+
+
 @dataclass
 class Config:
     # what to train
@@ -190,8 +195,7 @@ def eval_only_config(given: dict) -> Config:
     folder = Path(given["sae"]) if given.get("sae") else None
     saved = {}
     if folder is not None and (folder / "config.json").exists():
-        saved = json.loads((folder / "config.json").read_text())
-        saved = {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
+        saved = config_fields(json.loads((folder / "config.json").read_text()))
         # Metrics go to --out-dir if given, else into the SAE's folder; this machine picks device and dtype.
         for key in ("out_dir", "device", "dtype"):
             saved.pop(key, None)
@@ -262,8 +266,7 @@ def load_sae(folder) -> tuple[SAE, "Config | None"]:
         raise UserError(f"{folder / 'sae.safetensors'} is not a valid SAE file ({e})") from None
     cfg = None
     if (folder / "config.json").exists():
-        saved = json.loads((folder / "config.json").read_text())
-        cfg = Config(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}})
+        cfg = Config(**config_fields(json.loads((folder / "config.json").read_text())))
     return sae, cfg
 
 
@@ -372,13 +375,13 @@ def local_loss(a, a_hat, c, phi):
 
 
 def e2e_loss(logits_orig, logits_sae, c, phi, kl_coeff=1.0):
-    """L_e2e = KL(P_orig ‖ P_sae) + φ‖c‖₁"""
+    """L_e2e = KL(P_orig ‖ P_sae) + φ‖c‖₁   (the KL weighted by kl_coeff, 1 in the paper)"""
     terms = {"kl": kl_div(logits_orig, logits_sae), "sparsity": sparsity(c, phi)}
     return kl_coeff * terms["kl"] + terms["sparsity"], terms
 
 
 def e2e_ds_loss(logits_orig, logits_sae, c, resid_orig, resid_sae, phi, beta, kl_coeff=0.5):
-    """L_e2e+ds = 0.5·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)
+    """L_e2e+ds = 0.5·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)   (0.5 is kl_coeff)
     resid_orig, resid_sae: lists of the N residual streams (B, T, D) entering blocks L+1 … n_layer−1."""
     loss, terms = e2e_loss(logits_orig, logits_sae, c, phi, kl_coeff)
     terms["downstream"] = sum(mse(s, o) for s, o in zip(resid_sae, resid_orig)) / len(resid_orig)
@@ -549,6 +552,13 @@ def shuffled(items, buffer_size: int, rng: random.Random):
     yield from buffer
 
 
+def check_vocab(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    # Caught here, an id outside the vocabulary is a sentence; on a GPU it would be a device-side assert.
+    if tokens.max() >= vocab_size:
+        raise UserError(f"the dataset has token id {tokens.max()}, beyond the model's vocabulary of {vocab_size}")
+    return tokens
+
+
 def load_data(cfg: Config, tokenizer, vocab_size: int):
     """(eval_tokens (E, T), an endless iterator of training sequences (T,)).
     The first eval_samples sequences of the dataset are the evaluation set; training reads only the
@@ -563,9 +573,7 @@ def load_data(cfg: Config, tokenizer, vocab_size: int):
     if len(eval_seqs) < cfg.eval_samples:
         raise UserError(f"--dataset {cfg.dataset} holds only {len(eval_seqs)} sequences of {cfg.n_ctx} tokens, "
                         f"fewer than --eval-samples {cfg.eval_samples}")
-    eval_tokens = torch.stack(eval_seqs)  # (E, T)
-    if eval_tokens.max() >= vocab_size:
-        raise UserError(f"the dataset has token ids up to {eval_tokens.max()}, beyond the model's vocabulary of {vocab_size}")
+    eval_tokens = check_vocab(torch.stack(eval_seqs), vocab_size)  # (E, T)
 
     def train_sequences():
         rng, rest = random.Random(cfg.seed), first_pass  # first_pass has already given the eval rows
@@ -573,7 +581,7 @@ def load_data(cfg: Config, tokenizer, vocab_size: int):
             n = 0
             for seq in shuffled(rest, cfg.shuffle_buffer, rng):
                 n += 1
-                yield seq
+                yield check_vocab(seq, vocab_size)
             if n == 0:
                 raise UserError(f"--dataset {cfg.dataset} has no sequences left for training after the "
                                 f"{cfg.eval_samples} evaluation sequences")

@@ -466,6 +466,11 @@ def test_bad_datasets_are_clear_errors(tmp_path):
     _, train = E.load_data(E.Config(dataset=source, **{**cfg, "eval_samples": 3}), None, 512)
     with pytest.raises(E.UserError, match="no sequences left for training"):
         next(train)
+    with pytest.raises(E.UserError, match="token id 4, beyond the model's vocabulary of 4"):
+        E.load_data(E.Config(dataset=source, **cfg), None, 4)
+    _, train = E.load_data(E.Config(dataset=write_sources(tmp_path / "v", [[1] * 4, [9] * 4])[0], **cfg), None, 5)
+    with pytest.raises(E.UserError, match="token id 9"):
+        next(train)  # training rows are checked too, not only the evaluation set
 
 
 # -----------------------------------------------------------------------------
