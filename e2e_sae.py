@@ -691,6 +691,13 @@ def fp32_logits(model: nn.Module):
     head.forward = forward_fp32
 
 
+def compile_forwards(*modules: nn.Module):
+    """torch.compile each module's forward(), not its __call__, so that our hooks, which run in
+    __call__ around forward(), stay outside the compiled code and can come and go freely."""
+    for module in modules:
+        module.forward = torch.compile(module.forward)
+
+
 def setup(cfg: Config):
     """Device, precision, model and blocks: what training and --eval-only share."""
     try:
@@ -725,9 +732,7 @@ def train(cfg: Config) -> dict:
     sae = SAE(d_model, dict_size).to(device)
     eval_tokens, train_seqs = load_data(cfg, tokenizer, model.config.vocab_size)
     if cfg.compile:
-        sae.forward = torch.compile(sae.forward)
-        for block in blocks:  # forward only, so that our hooks stay outside the compiled code
-            block.forward = torch.compile(block.forward)
+        compile_forwards(sae, *blocks)
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -370,6 +370,25 @@ def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
     assert last[main_term] < first[main_term], (first, last)  # not only the sparsity term went down
 
 
+def test_compiled_step_matches_eager():
+    model = E.tiny_gpt2().eval().requires_grad_(False)  # a fresh model: compiling changes it for good
+    blocks = E.decoder_blocks(model)
+    cfg = cfg_for("e2e_ds", 5)
+    torch.manual_seed(0)
+    sae = E.SAE(64, 256)
+    tokens = tokens_for(model)
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            E.compile_forwards(sae, *blocks)
+        loss, _, _ = E.compute_loss(cfg, model, blocks, sae, tokens)
+        loss.backward()
+        results.append((loss.item(), sae.encoder.weight.grad.clone()))
+        sae.zero_grad()
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+    assert all(len(b._forward_pre_hooks) == 0 for b in blocks)
+
 # -----------------------------------------------------------------------------
 # Data: sources, packing, the held-out evaluation set
 
@@ -521,6 +540,9 @@ def test_model_dependent_checks(tmp_path):
             E.setup(E.Config(model="tiny", dataset="random", device="cpu", **kw))
     with pytest.raises(E.UserError, match="no such folder"):
         E.load_model(str(tmp_path / "nothing_here"), torch.device("cpu"))
+    for device in ("cuda:99", "gpu"):
+        with pytest.raises(E.UserError, match=f"--device {device} is not usable here"):
+            E.setup(E.Config(model="tiny", dataset="random", device=device))
 
 
 def test_decoder_blocks_of_other_architectures():
