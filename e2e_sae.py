@@ -660,7 +660,7 @@ def evaluate(model, blocks, sae: SAE, eval_tokens: torch.Tensor, layer: int, bat
 
 
 def format_metrics(m: dict) -> str:
-    parts = [f"{k} {v:.4g}" for k, v in m.items() if not isinstance(v, dict)]
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items() if not isinstance(v, dict)]
     if m["downstream_mse"]:
         parts.append("downstream_mse " + " ".join(f"{k}:{v:.3g}" for k, v in m["downstream_mse"].items()))
     return " | ".join(parts)
