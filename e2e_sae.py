@@ -76,15 +76,11 @@ def arg(default, help):
     return field(default=default, metadata={"help": help})
 
 
-def config_fields(saved: dict) -> dict:
-    """The Config fields of a saved config.json (which also holds d_model, dict_size, n_layers)."""
-    return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
-
-
 @dataclass
 class Config:
     # what to train
-    model: str = arg("gpt2", "HF hub id, local folder (save_pretrained), or 'tiny' (random GPT-2, no download)")
+    model: str = arg("gpt2", "HF hub id, local folder (save_pretrained), or 'tiny' (a random GPT-2, no "
+                             "download; on the command line it also shrinks the run's defaults, see TINY_RUN)")
     dataset: str = arg(PAPER_DATASET, "HF hub id (streamed), .txt file or folder, .jsonl, .parquet, "
                                       "datasets.save_to_disk folder, or 'random' (uniform token ids)")
     loss: str = arg("e2e", "local | e2e | e2e_ds")
@@ -103,7 +99,8 @@ class Config:
     lr_min_ratio: float = arg(0.1, "the cosine schedule decays the learning rate to this fraction of --lr")
     warmup_samples: int = arg(20_000, "linear learning-rate warm-up, in sequences")
     grad_clip: float = arg(10.0, "maximum gradient norm")
-    shuffle_buffer: int = arg(1000, "training sequences are shuffled through a buffer of this many")
+    shuffle_buffer: int = arg(1000, "hub datasets are shuffled through a buffer of this many sequences "
+                                    "(local datasets are held in memory and shuffled whole)")
     seed: int = arg(0, "seed of the SAE's initialisation and of the training order")
     # evaluation and output
     eval_samples: int = arg(500, "the first this-many sequences of the dataset: held out, never trained on")
@@ -148,7 +145,8 @@ class Config:
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be ≥ 0, not {getattr(self, name)}")
         need(self.dict_ratio > 0, f"--dict-ratio must be > 0, not {self.dict_ratio}")
         need(0 <= self.lr_min_ratio <= 1, "--lr-min-ratio must be between 0 and 1")
-        need(self.n_samples >= self.batch_size * self.grad_accum,
+        need(self.n_ctx >= 2, "--n-ctx must be at least 2 (a next-token prediction needs two tokens)")
+        need(self.eval_only or self.n_samples >= self.batch_size * self.grad_accum,
              f"--n-samples {self.n_samples} is less than one optimiser step "
              f"(--batch-size × --grad-accum = {self.batch_size * self.grad_accum})")
         need(self.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, not {self.dtype!r}")
@@ -190,12 +188,21 @@ def parse_config(argv=None) -> Config:
     return Config(**{**(TINY_RUN if given.get("model") == "tiny" else {}), **given})
 
 
+def read_saved_config(folder: Path) -> dict:
+    """The Config fields of folder/config.json (the file also holds d_model, dict_size and n_layers)."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+        return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{folder / 'config.json'} is not a readable run configuration ({first_line(e)})") from None
+
+
 def eval_only_config(given: dict) -> Config:
     """--eval-only: the saved run's config.json, overridden by the flags given now."""
     folder = Path(given["sae"]) if given.get("sae") else None
     saved = {}
     if folder is not None and (folder / "config.json").exists():
-        saved = config_fields(json.loads((folder / "config.json").read_text()))
+        saved = read_saved_config(folder)
         # Metrics go to --out-dir if given, else into the SAE's folder; this machine picks device and dtype.
         for key in ("out_dir", "device", "dtype"):
             saved.pop(key, None)
@@ -224,7 +231,7 @@ class SAE(nn.Module):
         super().__init__()
         self.encoder = nn.Linear(d_model, dict_size)  # W_e, b_e: PyTorch's default init
         self.decoder = nn.Linear(dict_size, d_model)  # weight (D, F) and b_d
-        nn.init.orthogonal_(self.decoder.weight.data.T)  # orthogonal rows of the (F, D) transpose
+        nn.init.orthogonal_(self.decoder.weight.data.T)  # the (D, F) weight gets orthonormal rows
 
     @property
     def dictionary(self) -> torch.Tensor:
@@ -266,7 +273,7 @@ def load_sae(folder) -> tuple[SAE, "Config | None"]:
         raise UserError(f"{folder / 'sae.safetensors'} is not a valid SAE file ({e})") from None
     cfg = None
     if (folder / "config.json").exists():
-        cfg = Config(**config_fields(json.loads((folder / "config.json").read_text())))
+        cfg = Config(**read_saved_config(folder))
     return sae, cfg
 
 
@@ -364,7 +371,8 @@ def kl_div(logits_orig: torch.Tensor, logits_sae: torch.Tensor) -> torch.Tensor:
     Inputs are (B, T, V) logits; log-softmax and the sum over V run in fp32."""
     log_p = F.log_softmax(logits_orig.float(), dim=-1).flatten(0, -2)  # (B·T, V)
     log_q = F.log_softmax(logits_sae.float(), dim=-1).flatten(0, -2)  # (B·T, V)
-    # F.kl_div(input, target) sums target · (log target − input); "batchmean" divides by B·T.
+    # With log_target, F.kl_div(input, target) sums exp(target) · (target − input)
+    #   = Σ_v p_orig(v) (log p_orig(v) − log p_sae(v)); "batchmean" divides by the B·T rows.
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
@@ -437,13 +445,19 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return True  # only the proxy can tell; let the hub client try
     url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        port = url.port or (80 if url.scheme == "http" else 443)
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
         return True
     except OSError:
         return False
 
 
 OFFLINE_HINT = "offline, use --model tiny --dataset random, or a local model folder and dataset file"
+DATA_FILES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def looks_like_path(name: str) -> bool:
@@ -465,7 +479,7 @@ def load_model(name: str, device: torch.device):
     except (OSError, ValueError) as e:
         if kwargs.get("local_files_only"):
             raise UserError(f"cannot download model {name!r}: the Hugging Face hub is unreachable; {OFFLINE_HINT}") from None
-        raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load model {name!r}: {first_line(e)}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=kwargs.get("local_files_only", False))
     except (OSError, ValueError, TypeError):
@@ -473,41 +487,43 @@ def load_model(name: str, device: torch.device):
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
-DATA_FILES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+def open_rows(dataset: str):
+    """An iterator over the dataset's rows (dicts), in its stored order. Hub datasets are streamed."""
+    path = Path(dataset).expanduser()
+    if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return iter(ds)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise UserError(f"--dataset {dataset}: the folder holds no .txt files and no save_to_disk dataset")
+        builder = "text"
+    elif path.is_file():
+        files, builder = [path], DATA_FILES.get(path.suffix)
+        if builder is None:
+            raise UserError(f"--dataset {dataset}: unknown file type (use {', '.join(DATA_FILES)})")
+    elif looks_like_path(dataset):
+        raise UserError(f"--dataset {dataset}: no such file or folder")
+    else:
+        if not hub_reachable():
+            raise UserError(f"cannot stream dataset {dataset!r}: the Hugging Face hub is unreachable; {OFFLINE_HINT}")
+        return iter(datasets.load_dataset(dataset, split="train", streaming=True))
+    # A .txt file is one document, so the EOS token goes between files, not between lines.
+    extra = {"sample_by": "document"} if builder == "text" else {}
+    return iter(datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                      streaming=True, **extra))
 
 
 def read_rows(dataset: str):
-    """The dataset's rows (dicts), in its stored order. Hub datasets are streamed, never downloaded whole."""
-    path = Path(dataset).expanduser()
+    """open_rows, with any failure to open or read the data (files are read lazily) as one sentence."""
     try:
-        if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
-            ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-            return iter(ds)
-        if path.is_dir():
-            files = sorted(path.rglob("*.txt"))
-            if not files:
-                raise UserError(f"--dataset {dataset}: the folder holds no .txt files and no save_to_disk dataset")
-            builder = "text"
-        elif path.is_file():
-            files, builder = [path], DATA_FILES.get(path.suffix)
-            if builder is None:
-                raise UserError(f"--dataset {dataset}: unknown file type (use {', '.join(DATA_FILES)})")
-        elif looks_like_path(dataset):
-            raise UserError(f"--dataset {dataset}: no such file or folder")
-        else:
-            if not hub_reachable():
-                raise UserError(f"cannot stream dataset {dataset!r}: the Hugging Face hub is unreachable; {OFFLINE_HINT}")
-            return iter(datasets.load_dataset(dataset, split="train", streaming=True))
-        # A .txt file is one document, so the EOS token goes between files, not between lines.
-        extra = {"sample_by": "document"} if builder == "text" else {}
-        return iter(datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                          streaming=True, **extra))
+        yield from open_rows(dataset)
     except UserError:
         raise
-    except Exception as e:  # datasets raises many types: not found, bad format, gated, ...
-        raise UserError(f"cannot read dataset {dataset!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # datasets and pyarrow raise many types: not found, bad JSON, bad encoding, ...
+        raise UserError(f"cannot read dataset {dataset!r}: {first_line(e)}") from None
 
 
 def token_sequences(rows, n_ctx: int, tokenizer):
@@ -538,8 +554,20 @@ def random_sequences(vocab_size: int, n_ctx: int):
         yield torch.randint(vocab_size, (n_ctx,), generator=g)  # (T,)
 
 
+def check_vocab(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    # Caught here, an id outside the vocabulary is a sentence; on a GPU it would be a device-side assert.
+    if tokens.max() >= vocab_size:
+        raise UserError(f"the dataset has token id {tokens.max()}, beyond the model's vocabulary of {vocab_size}")
+    return tokens
+
+
+def is_streamed(dataset: str) -> bool:
+    """Hub datasets (too big to hold) and `random` (endless) are streamed; local datasets are held in memory."""
+    return dataset == "random" or not Path(dataset).expanduser().exists()
+
+
 def shuffled(items, buffer_size: int, rng: random.Random):
-    """Reservoir-style shuffle buffer: reproducible for a given rng, and works on endless streams."""
+    """A shuffle buffer: reproducible for a given rng, and works on endless streams."""
     buffer = []
     for item in items:
         if len(buffer) < buffer_size:
@@ -552,17 +580,37 @@ def shuffled(items, buffer_size: int, rng: random.Random):
     yield from buffer
 
 
-def check_vocab(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    # Caught here, an id outside the vocabulary is a sentence; on a GPU it would be a device-side assert.
-    if tokens.max() >= vocab_size:
-        raise UserError(f"the dataset has token id {tokens.max()}, beyond the model's vocabulary of {vocab_size}")
-    return tokens
+def streamed_epochs(first_pass, reopen, cfg: Config, vocab_size: int):
+    """Training sequences from a stream whose first eval_samples sequences were already taken: shuffled
+    through a buffer, and streamed again from the start (eval sequences skipped) when it runs out."""
+    rng, rest = random.Random(cfg.seed), first_pass
+    while True:
+        n = 0
+        for seq in shuffled(rest, cfg.shuffle_buffer, rng):
+            n += 1
+            yield check_vocab(seq, vocab_size)
+        if n == 0:
+            raise UserError(f"--dataset {cfg.dataset} has no sequences left for training after the "
+                            f"{cfg.eval_samples} evaluation sequences")
+        rest = itertools.islice(reopen(), cfg.eval_samples, None)
+
+
+def in_memory_epochs(rest, cfg: Config, vocab_size: int):
+    """Training sequences of a local dataset: read once into memory, reshuffled whole every epoch."""
+    seqs = list(rest)
+    if not seqs:
+        raise UserError(f"--dataset {cfg.dataset} has no sequences left for training after the "
+                        f"{cfg.eval_samples} evaluation sequences")
+    tokens = check_vocab(torch.stack(seqs), vocab_size)  # (N, T)
+    g = torch.Generator().manual_seed(cfg.seed)
+    while True:
+        yield from tokens[torch.randperm(len(tokens), generator=g)]  # one epoch, (T,) at a time
 
 
 def load_data(cfg: Config, tokenizer, vocab_size: int):
     """(eval_tokens (E, T), an endless iterator of training sequences (T,)).
-    The first eval_samples sequences of the dataset are the evaluation set; training reads only the
-    sequences after them, shuffled, and reads the dataset again from its start when it runs out."""
+    The first eval_samples sequences of the dataset are the evaluation set, whatever the source, and
+    training reads only the sequences after them. Nothing is read for training until it is asked for."""
     def stream():
         if cfg.dataset == "random":
             return random_sequences(vocab_size, cfg.n_ctx)
@@ -574,20 +622,9 @@ def load_data(cfg: Config, tokenizer, vocab_size: int):
         raise UserError(f"--dataset {cfg.dataset} holds only {len(eval_seqs)} sequences of {cfg.n_ctx} tokens, "
                         f"fewer than --eval-samples {cfg.eval_samples}")
     eval_tokens = check_vocab(torch.stack(eval_seqs), vocab_size)  # (E, T)
-
-    def train_sequences():
-        rng, rest = random.Random(cfg.seed), first_pass  # first_pass has already given the eval rows
-        while True:
-            n = 0
-            for seq in shuffled(rest, cfg.shuffle_buffer, rng):
-                n += 1
-                yield check_vocab(seq, vocab_size)
-            if n == 0:
-                raise UserError(f"--dataset {cfg.dataset} has no sequences left for training after the "
-                                f"{cfg.eval_samples} evaluation sequences")
-            rest = itertools.islice(stream(), cfg.eval_samples, None)  # again from the start, eval rows skipped
-
-    return eval_tokens, train_sequences()
+    if is_streamed(cfg.dataset):
+        return eval_tokens, streamed_epochs(first_pass, stream, cfg, vocab_size)
+    return eval_tokens, in_memory_epochs(first_pass, cfg, vocab_size)
 
 
 # -----------------------------------------------------------------------------
@@ -596,7 +633,7 @@ def load_data(cfg: Config, tokenizer, vocab_size: int):
 
 @torch.no_grad()
 def evaluate(model, blocks, sae: SAE, eval_tokens: torch.Tensor, layer: int, batch_size: int,
-             autocast=nullcontext()) -> dict:
+             autocast=nullcontext) -> dict:
     """The SAE spliced in at `layer` versus the clean model, on eval_tokens (E, T). All metrics pool
     sums over every evaluation token (no means of per-batch means):
       ce_loss_orig, ce_loss_sae   mean next-token cross-entropy over the E·(T−1) predictions
@@ -612,51 +649,49 @@ def evaluate(model, blocks, sae: SAE, eval_tokens: torch.Tensor, layer: int, bat
     """
     device = next(sae.parameters()).device
     downstream = list(range(layer + 1, len(blocks)))
-    zero = partial(torch.zeros, (), dtype=torch.float64, device=device)
-    s = {k: zero() for k in ("ce_orig", "ce_sae", "kl", "l0", "sse", "sum_sq", "top1")}
-    sum_a = torch.zeros(sae.decoder.bias.shape, dtype=torch.float64, device=device)  # (D,)
-    sse_ds = {k: zero() for k in downstream}
-    fired = torch.zeros(sae.encoder.bias.shape, dtype=torch.bool, device=device)  # (F,)
+    # Sums over all evaluation tokens. Each starts as 0.0 and becomes a tensor on the device at its
+    # first +=, so nothing waits for the GPU until the final .item().
+    ce_orig = ce_sae = kl_sum = n_agree = n_active = sse = sum_sq_a = sum_a = 0.0
+    sse_ds = dict.fromkeys(downstream, 0.0)
+    fired = torch.zeros(sae.encoder.out_features, dtype=torch.bool, device=device)  # (F,)
     n_tokens = n_predictions = 0
     for tokens in eval_tokens.split(batch_size):
         tokens = tokens.to(device)  # (B, T)
-        with autocast, record_resid(blocks, downstream) as resid_orig:
+        with autocast(), record_resid(blocks, downstream) as resid_orig:
             logits_orig = run_model(model, tokens)  # (B, T, V)
-        with autocast, splice_sae(blocks[layer], sae) as seen, record_resid(blocks, downstream) as resid_sae:
+        with autocast(), splice_sae(blocks[layer], sae) as seen, record_resid(blocks, downstream) as resid_sae:
             logits_sae = run_model(model, tokens)  # (B, T, V)
         a, a_hat, c = seen.a.double(), seen.a_hat.double(), seen.c  # (B, T, D), (B, T, D), (B, T, F)
-        n = tokens.numel()
         targets = tokens[:, 1:].flatten()  # (B·(T−1),)
-        s["ce_orig"] += F.cross_entropy(logits_orig[:, :-1].flatten(0, 1).float(), targets, reduction="sum")
-        s["ce_sae"] += F.cross_entropy(logits_sae[:, :-1].flatten(0, 1).float(), targets, reduction="sum")
-        s["kl"] += kl_div(logits_orig, logits_sae) * n
-        s["top1"] += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
-        s["l0"] += (c > 0).sum()
+        ce_orig += F.cross_entropy(logits_orig[:, :-1].flatten(0, 1).float(), targets, reduction="sum").double()
+        ce_sae += F.cross_entropy(logits_sae[:, :-1].flatten(0, 1).float(), targets, reduction="sum").double()
+        kl_sum += kl_div(logits_orig, logits_sae).double() * tokens.numel()
+        n_agree += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
+        n_active += (c > 0).sum()
         fired |= (c > 0).flatten(0, 1).any(0)
-        s["sse"] += (a - a_hat).pow(2).sum()
-        s["sum_sq"] += a.pow(2).sum()
-        sum_a += a.sum((0, 1))
+        sse += (a - a_hat).pow(2).sum()
+        sum_sq_a += a.pow(2).sum()
+        sum_a += a.sum((0, 1))  # (D,)
         for k in downstream:
             sse_ds[k] += (resid_sae[k].double() - resid_orig[k].double()).pow(2).sum()
-        n_tokens += n
+        n_tokens += tokens.numel()
         n_predictions += targets.numel()
-    d_model = sum_a.numel()
-    total_var = s["sum_sq"] - sum_a.pow(2).sum() / n_tokens  # Σ‖a − ā‖² = Σ‖a‖² − n‖ā‖²
-    m = {
-        "ce_loss_orig": s["ce_orig"] / n_predictions,
-        "ce_loss_sae": s["ce_sae"] / n_predictions,
-        "kl": s["kl"] / n_tokens,
-        "l0": s["l0"] / n_tokens,
+    n_elements = n_tokens * a.shape[-1]  # E·T·D
+    metrics = {
+        "ce_loss_orig": ce_orig / n_predictions,
+        "ce_loss_sae": ce_sae / n_predictions,
+        "ce_loss_increase": (ce_sae - ce_orig) / n_predictions,
+        "kl": kl_sum / n_tokens,
+        "l0": n_active / n_tokens,
         "alive_dict_elements": fired.sum(),
-        "explained_variance": 1 - s["sse"] / total_var,
-        "mse": s["sse"] / (n_tokens * d_model),
-        "top1_agreement": s["top1"] / n_tokens,
+        "explained_variance": 1 - sse / (sum_sq_a - sum_a.pow(2).sum() / n_tokens),  # Σ‖a − ā‖² = Σ‖a‖² − n‖ā‖²
+        "mse": sse / n_elements,
+        "top1_agreement": n_agree / n_tokens,
+        "downstream_mse": {k: v / n_elements for k, v in sse_ds.items()},
+        "n_eval_tokens": n_tokens,
     }
-    m = {k: v.item() for k, v in m.items()}
-    m["ce_loss_increase"] = m["ce_loss_sae"] - m["ce_loss_orig"]
-    m["downstream_mse"] = {k: (v / (n_tokens * d_model)).item() for k, v in sse_ds.items()}
-    m["n_eval_tokens"] = n_tokens
-    return m
+    metrics["downstream_mse"] = {k: v.item() for k, v in metrics["downstream_mse"].items()}
+    return {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
 
 
 def format_metrics(m: dict) -> str:
@@ -671,11 +706,21 @@ def format_metrics(m: dict) -> str:
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to min_ratio at the last step."""
+    """The learning rate of step 0 … total_steps−1 as a fraction of --lr: linear warm-up to 1, then a
+    cosine decay that reaches min_ratio at the last step."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_out_dir(path: str) -> Path:
+    """Create the output folder first, so that a bad --out-dir fails before any model is loaded."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out-dir {path} ({first_line(e)})") from None
+    return Path(path)
 
 
 def fp32_logits(model: nn.Module):
@@ -704,12 +749,15 @@ def setup(cfg: Config):
         device = torch.device(cfg.device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {cfg.device} is not usable here ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--device {cfg.device} is not usable here ({first_line(e)})") from None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     transformers.logging.set_verbosity_error()  # keep the terminal for our own output
+    transformers.logging.disable_progress_bar()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     model, tokenizer = load_model(cfg.model, device)
     fp32_logits(model)
     blocks = decoder_blocks(model)
@@ -725,17 +773,18 @@ def setup(cfg: Config):
 
 def train(cfg: Config) -> dict:
     """Train an SAE as cfg says, write the output folder, and return the final metrics."""
+    out = make_out_dir(cfg.out_dir)
     device, autocast, model, tokenizer, blocks = setup(cfg)
     d_model = model.config.hidden_size
     dict_size = round(cfg.dict_ratio * d_model)
+    if dict_size < 1:
+        raise UserError(f"--dict-ratio {cfg.dict_ratio} × width {d_model} leaves no dictionary element")
     torch.manual_seed(cfg.seed)
     sae = SAE(d_model, dict_size).to(device)
     eval_tokens, train_seqs = load_data(cfg, tokenizer, model.config.vocab_size)
     if cfg.compile:
         compile_forwards(sae, *blocks)
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     run_info = {**asdict(cfg), "d_model": d_model, "dict_size": dict_size, "n_layers": len(blocks)}
     (out / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
     log_file = open(out / "log.jsonl", "w")
@@ -750,7 +799,7 @@ def train(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup_steps=warmup_steps, total_steps=n_steps, min_ratio=cfg.lr_min_ratio))
     tokens_per_step = cfg.samples_per_step * cfg.n_ctx
-    do_eval = partial(evaluate, model, blocks, sae, eval_tokens, cfg.layer, cfg.batch_size, autocast())
+    do_eval = partial(evaluate, model, blocks, sae, eval_tokens, cfg.layer, cfg.batch_size, autocast)
 
     print(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={d_model} F={dict_size} λ={cfg.sparsity_coeff:g} "
           f"| {n_steps} steps of {cfg.samples_per_step} × {cfg.n_ctx} tokens | {device} {cfg.dtype} → {out}")
@@ -766,6 +815,7 @@ def train(cfg: Config) -> dict:
             for k, v in {"loss": loss, **terms, "l0": (c > 0).float().sum(-1).mean()}.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() / cfg.grad_accum
         grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -776,7 +826,7 @@ def train(cfg: Config) -> dict:
             record = {f"train/{k}": v.item() / steps_since_log for k, v in totals.items()}  # .item() syncs
             elapsed = time.perf_counter() - t_log
             train_seconds += elapsed
-            record.update({"train/grad_norm": grad_norm.item(), "train/lr": scheduler.get_last_lr()[0],
+            record.update({"train/grad_norm": grad_norm.item(), "train/lr": lr,
                            "tokens_per_s": steps_since_log * tokens_per_step / elapsed})
             log({"step": step + 1, "samples": samples, **record})
             bar.set_postfix_str(" ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in record.items() if k != "train/lr"))
@@ -806,14 +856,13 @@ def train(cfg: Config) -> dict:
 def evaluate_saved(cfg: Config) -> dict:
     """--eval-only: evaluate the SAE in cfg.sae and write metrics.json into cfg.out_dir."""
     sae, _ = load_sae(cfg.sae)
+    out = make_out_dir(cfg.out_dir)
     device, autocast, model, tokenizer, blocks = setup(cfg)
     d_model = model.config.hidden_size
     if sae.encoder.in_features != d_model:
         raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has {d_model}")
     eval_tokens, _ = load_data(cfg, tokenizer, model.config.vocab_size)
-    metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, cfg.batch_size, autocast())
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, cfg.batch_size, autocast)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
     print(f"wrote {out}/metrics.json")

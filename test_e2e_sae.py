@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -88,7 +89,7 @@ def test_bf16_autocast_keeps_logits_fp32_and_identity_close():
         assert model(tokens_for(model)).logits.dtype == torch.float32
         assert blocks[0].attn.c_attn(torch.randn(2, 64)).dtype == torch.bfloat16  # the blocks do run in bf16
     m = E.evaluate(model, blocks, identity_sae(64), tokens_for(model), 6, batch_size=2,
-                   autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+                   autocast=partial(torch.autocast, "cpu", dtype=torch.bfloat16))
     assert 0 <= m["kl"] < 0.05 and m["explained_variance"] > 0.99
 
 
@@ -151,7 +152,7 @@ def test_hub_reachable_probes_the_endpoint(monkeypatch):
     monkeypatch.setattr(E, "hub_reachable", lambda: False)
     monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent")
     with pytest.raises(E.UserError, match="unreachable.*--model tiny --dataset random"):
-        E.read_rows("some-org/some-dataset")
+        next(E.read_rows("some-org/some-dataset"))
 
 
 # -----------------------------------------------------------------------------
@@ -402,7 +403,11 @@ def write_sources(tmp_path, rows):
     return [str(tmp_path / "disk"), str(tmp_path / "rows.jsonl"), str(tmp_path / "rows.parquet")]
 
 
-def test_eval_and_training_sequences_never_overlap(tmp_path):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_eval_and_training_sequences_never_overlap(tmp_path, monkeypatch, streamed):
+    """Local sources are held in memory; hub sources are streamed through a buffer and re-opened when
+    they run out. Streaming is checked here on the same local files."""
+    monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)
     # Row i is [i, i+1, ...]: every row is distinct. Rows of other lengths show cutting and skipping.
     n_ctx = 8
     rows = [list(range(i, i + n_ctx + i % 3)) for i in range(40)]  # lengths 8, 9, 10: all usable
@@ -417,6 +422,8 @@ def test_eval_and_training_sequences_never_overlap(tmp_path):
         assert sorted(seen[:30]) == sorted(expected[10:]), source  # each epoch: every training row once
         assert sorted(seen[30:60]) == sorted(expected[10:]), source
         assert seen[:30] != expected[10:] and seen[:30] != seen[30:60]  # shuffled, differently per epoch
+        if not streamed:  # a whole shuffle: rows from the end of the file can come first
+            assert any(row[0] >= 30 for row in seen[:5])
 
 
 def test_random_source_holds_out_its_first_sequences():
@@ -473,6 +480,13 @@ def test_text_is_tokenised_and_packed_with_eos_between_documents(tmp_path):
 
 
 def test_bad_datasets_are_clear_errors(tmp_path):
+    (tmp_path / "broken.jsonl").write_text("not json\n")
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    tok = make_tokenizer(tmp_path / "tok", ["a b c"])
+    for source in ("broken.jsonl", "txt"):
+        with pytest.raises(E.UserError, match=f"cannot read dataset '{tmp_path / source}'"):
+            E.load_data(E.Config(dataset=str(tmp_path / source), model="tiny", n_ctx=4, eval_samples=1), tok, 512)
     (tmp_path / "rows.jsonl").write_text(json.dumps({"label": 1}) + "\n")
     cfg = dict(model="tiny", n_ctx=4, eval_samples=1)
     with pytest.raises(E.UserError, match="'input_ids' or a 'text' column"):
@@ -526,6 +540,7 @@ def test_cli_flag_names():
     (["--no-such-flag"], "unrecognized arguments"),
     (["--eval-only"], "--eval-only needs --sae"),
     (["--eval-samples", "0"], "--eval-samples must be > 0"),
+    (["--n-ctx", "1"], "--n-ctx must be at least 2"),
 ])
 def test_bad_flags_are_one_sentence(argv, message):
     with pytest.raises(E.UserError, match=message):
@@ -554,7 +569,7 @@ def test_decoder_blocks_of_other_architectures():
 
 
 def test_lr_schedule():
-    f = lambda s: E.lr_factor(s, warmup_steps=10, total_steps=110, min_ratio=0.1)
+    f = lambda s: E.lr_factor(s, warmup_steps=10, total_steps=111, min_ratio=0.1)  # steps 0 … 110
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 110))
@@ -616,6 +631,21 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path):
     assert set(evaluated) == METRIC_KEYS
     for k in METRIC_KEYS - {"downstream_mse"}:
         assert evaluated[k] == pytest.approx(trained[k], rel=1e-4, abs=1e-6), k
+
+
+def test_bad_saved_config_and_out_dir_are_clear_errors(tmp_path):
+    E.save_sae(identity_sae(64), tmp_path / "sae.safetensors")
+    for text in ("{broken", "[1, 2]"):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(E.UserError, match="config.json is not a readable run configuration"):
+            E.parse_config(["--eval-only", "--sae", str(tmp_path)])
+        with pytest.raises(E.UserError, match="config.json is not a readable run configuration"):
+            E.load_sae(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(E.UserError, match="cannot create --out-dir"):
+        E.train(E.Config(model="tiny", dataset="random", out_dir=str(tmp_path / "afile" / "run")))
+    with pytest.raises(E.UserError, match="leaves no dictionary element"):
+        E.train(E.Config(model="tiny", dataset="random", dict_ratio=0.001, out_dir=str(tmp_path / "run")))
 
 
 def test_eval_only_with_a_bare_sae_file(tmp_path, capsys):
