@@ -5,7 +5,11 @@ Braun, Taylor, Goldowsky-Dill, Sharkey (2024), "Identifying Functionally Importa
 End-to-End Sparse Dictionary Learning", arXiv:2405.12241.
 
 A sparse autoencoder (SAE) reads the residual stream `a` entering block L of a language model and
-writes back a sparse reconstruction `â`. This file trains it with any of the paper's three losses:
+writes back a sparse reconstruction `â`:
+
+    c = ReLU(W_e a + b_e)     â = D_n c + b_d     (D_n: the decoder with unit-norm columns)
+
+This file trains it with any of the paper's three losses, where φ = λ / D:
 
     local    MSE(â, a)                                   + φ‖c‖₁   (reconstruct the activations)
     e2e      KL(P_orig ‖ P_sae)                          + φ‖c‖₁   (keep the model's output the same)
@@ -812,6 +816,7 @@ def train(cfg: Config) -> dict:
             with autocast():
                 loss, terms, c = compute_loss(cfg, model, blocks, sae, tokens)
             (loss / cfg.grad_accum).backward()
+            # Running sums for the log; they stay on the device, so the step never waits for the GPU.
             for k, v in {"loss": loss, **terms, "l0": (c > 0).float().sum(-1).mean()}.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() / cfg.grad_accum
         grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
