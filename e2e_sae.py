@@ -584,6 +584,11 @@ def shuffled(items, buffer_size: int, rng: random.Random):
     yield from buffer
 
 
+def no_training_data(cfg: Config) -> UserError:
+    return UserError(f"--dataset {cfg.dataset} has no sequences left for training after the "
+                     f"{cfg.eval_samples} evaluation sequences")
+
+
 def streamed_epochs(first_pass, reopen, cfg: Config, vocab_size: int):
     """Training sequences from a stream whose first eval_samples sequences were already taken: shuffled
     through a buffer, and streamed again from the start (eval sequences skipped) when it runs out."""
@@ -594,8 +599,7 @@ def streamed_epochs(first_pass, reopen, cfg: Config, vocab_size: int):
             n += 1
             yield check_vocab(seq, vocab_size)
         if n == 0:
-            raise UserError(f"--dataset {cfg.dataset} has no sequences left for training after the "
-                            f"{cfg.eval_samples} evaluation sequences")
+            raise no_training_data(cfg)
         rest = itertools.islice(reopen(), cfg.eval_samples, None)
 
 
@@ -603,8 +607,7 @@ def in_memory_epochs(rest, cfg: Config, vocab_size: int):
     """Training sequences of a local dataset: read once into memory, reshuffled whole every epoch."""
     seqs = list(rest)
     if not seqs:
-        raise UserError(f"--dataset {cfg.dataset} has no sequences left for training after the "
-                        f"{cfg.eval_samples} evaluation sequences")
+        raise no_training_data(cfg)
     tokens = check_vocab(torch.stack(seqs), vocab_size)  # (N, T)
     g = torch.Generator().manual_seed(cfg.seed)
     while True:
@@ -719,7 +722,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 def make_out_dir(path: str) -> Path:
-    """Create the output folder first, so that a bad --out-dir fails before any model is loaded."""
+    """Create the output folder before any data is read, so that a bad --out-dir fails early."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -777,8 +780,8 @@ def setup(cfg: Config):
 
 def train(cfg: Config) -> dict:
     """Train an SAE as cfg says, write the output folder, and return the final metrics."""
-    out = make_out_dir(cfg.out_dir)
     device, autocast, model, tokenizer, blocks = setup(cfg)
+    out = make_out_dir(cfg.out_dir)
     d_model = model.config.hidden_size
     dict_size = round(cfg.dict_ratio * d_model)
     if dict_size < 1:
@@ -861,8 +864,8 @@ def train(cfg: Config) -> dict:
 def evaluate_saved(cfg: Config) -> dict:
     """--eval-only: evaluate the SAE in cfg.sae and write metrics.json into cfg.out_dir."""
     sae, _ = load_sae(cfg.sae)
-    out = make_out_dir(cfg.out_dir)
     device, autocast, model, tokenizer, blocks = setup(cfg)
+    out = make_out_dir(cfg.out_dir)
     d_model = model.config.hidden_size
     if sae.encoder.in_features != d_model:
         raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has {d_model}")

@@ -371,6 +371,7 @@ def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
     assert last[main_term] < first[main_term], (first, last)  # not only the sparsity term went down
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch's compiler
 def test_compiled_step_matches_eager():
     model = E.tiny_gpt2().eval().requires_grad_(False)  # a fresh model: compiling changes it for good
     blocks = E.decoder_blocks(model)
