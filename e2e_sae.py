@@ -715,6 +715,7 @@ def format_metrics(m: dict) -> str:
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """The learning rate of step 0 … total_steps−1 as a fraction of --lr: linear warm-up to 1, then a
     cosine decay that reaches min_ratio at the last step."""
+    warmup_steps = max(0, min(warmup_steps, total_steps - 2))  # a run shorter than its warm-up still decays
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
@@ -722,7 +723,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 
 
 def make_out_dir(path: str) -> Path:
-    """Create the output folder before any data is read, so that a bad --out-dir fails early."""
+    """Create the output folder (once every other check has passed: a failed run leaves no empty one)."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -781,7 +782,6 @@ def setup(cfg: Config):
 def train(cfg: Config) -> dict:
     """Train an SAE as cfg says, write the output folder, and return the final metrics."""
     device, autocast, model, tokenizer, blocks = setup(cfg)
-    out = make_out_dir(cfg.out_dir)
     d_model = model.config.hidden_size
     dict_size = round(cfg.dict_ratio * d_model)
     if dict_size < 1:
@@ -789,6 +789,10 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     sae = SAE(d_model, dict_size).to(device)
     eval_tokens, train_seqs = load_data(cfg, tokenizer, model.config.vocab_size)
+    # Read the first training sequence now: a dataset with no training rows fails before anything is
+    # written, and the one-time read of a local dataset is not timed as training.
+    train_seqs = itertools.chain([next(train_seqs)], train_seqs)
+    out = make_out_dir(cfg.out_dir)
     if cfg.compile:
         compile_forwards(sae, *blocks)
 
@@ -865,11 +869,11 @@ def evaluate_saved(cfg: Config) -> dict:
     """--eval-only: evaluate the SAE in cfg.sae and write metrics.json into cfg.out_dir."""
     sae, _ = load_sae(cfg.sae)
     device, autocast, model, tokenizer, blocks = setup(cfg)
-    out = make_out_dir(cfg.out_dir)
     d_model = model.config.hidden_size
     if sae.encoder.in_features != d_model:
         raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has {d_model}")
     eval_tokens, _ = load_data(cfg, tokenizer, model.config.vocab_size)
+    out = make_out_dir(cfg.out_dir)
     metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, cfg.batch_size, autocast)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")

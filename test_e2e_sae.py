@@ -437,7 +437,9 @@ def test_random_source_holds_out_its_first_sequences():
     assert eval_tokens.max() < 512
 
 
-def test_training_order_is_reproducible_from_the_seed(tmp_path):
+@pytest.mark.parametrize("streamed", [False, True])
+def test_training_order_is_reproducible_from_the_seed(tmp_path, monkeypatch, streamed):
+    monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)
     source = write_sources(tmp_path, [list(range(i, i + 4)) for i in range(50)])[0]
     def order(seed):
         cfg = E.Config(model="tiny", dataset=source, n_ctx=4, eval_samples=5, shuffle_buffer=10, seed=seed)
@@ -574,6 +576,8 @@ def test_lr_schedule():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 110))
+    short = [E.lr_factor(s, warmup_steps=8, total_steps=4, min_ratio=0.1) for s in range(4)]  # warm-up > run
+    assert short[-1] == pytest.approx(0.1) and max(short) == pytest.approx(1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -647,6 +651,17 @@ def test_bad_saved_config_and_out_dir_are_clear_errors(tmp_path):
         E.train(E.Config(model="tiny", dataset="random", out_dir=str(tmp_path / "afile" / "run")))
     with pytest.raises(E.UserError, match="leaves no dictionary element"):
         E.train(E.Config(model="tiny", dataset="random", dict_ratio=0.001, out_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()  # a failed run leaves no folder behind
+
+
+def test_a_dataset_without_training_rows_leaves_an_earlier_run_intact(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    source = write_sources(tmp_path, [list(range(16))] * 4)[0]
+    with pytest.raises(E.UserError, match="no sequences left for training"):
+        E.train(E.Config(model="tiny", dataset=source, n_ctx=16, eval_samples=4, out_dir=str(out)))
+    assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
 
 
 def test_eval_only_with_a_bare_sae_file(tmp_path, capsys):
