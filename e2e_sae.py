@@ -668,14 +668,14 @@ def evaluate(model, blocks, sae: SAE, eval_tokens: torch.Tensor, layer: int, bat
             logits_orig = run_model(model, tokens)  # (B, T, V)
         with autocast(), splice_sae(blocks[layer], sae) as seen, record_resid(blocks, downstream) as resid_sae:
             logits_sae = run_model(model, tokens)  # (B, T, V)
-        a, a_hat, c = seen.a.double(), seen.a_hat.double(), seen.c  # (B, T, D), (B, T, D), (B, T, F)
+        a, a_hat, active = seen.a.double(), seen.a_hat.double(), seen.c > 0  # (B, T, D), (B, T, D), (B, T, F)
         targets = tokens[:, 1:].flatten()  # (B·(T−1),)
         ce_orig += F.cross_entropy(logits_orig[:, :-1].flatten(0, 1).float(), targets, reduction="sum").double()
         ce_sae += F.cross_entropy(logits_sae[:, :-1].flatten(0, 1).float(), targets, reduction="sum").double()
         kl_sum += kl_div(logits_orig, logits_sae).double() * tokens.numel()
         n_agree += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
-        n_active += (c > 0).sum()
-        fired |= (c > 0).flatten(0, 1).any(0)
+        n_active += active.sum()
+        fired |= active.flatten(0, 1).any(0)
         sse += (a - a_hat).pow(2).sum()
         sum_sq_a += a.pow(2).sum()
         sum_a += a.sum((0, 1))  # (D,)
@@ -694,10 +694,9 @@ def evaluate(model, blocks, sae: SAE, eval_tokens: torch.Tensor, layer: int, bat
         "explained_variance": 1 - sse / (sum_sq_a - sum_a.pow(2).sum() / n_tokens),  # Σ‖a − ā‖² = Σ‖a‖² − n‖ā‖²
         "mse": sse / n_elements,
         "top1_agreement": n_agree / n_tokens,
-        "downstream_mse": {k: v / n_elements for k, v in sse_ds.items()},
+        "downstream_mse": {k: (v / n_elements).item() for k, v in sse_ds.items()},
         "n_eval_tokens": n_tokens,
     }
-    metrics["downstream_mse"] = {k: v.item() for k, v in metrics["downstream_mse"].items()}
     return {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
 
 
@@ -824,7 +823,8 @@ def train(cfg: Config) -> dict:
                 loss, terms, c = compute_loss(cfg, model, blocks, sae, tokens)
             (loss / cfg.grad_accum).backward()
             # Running sums for the log; they stay on the device, so the step never waits for the GPU.
-            for k, v in {"loss": loss, **terms, "l0": (c > 0).float().sum(-1).mean()}.items():
+            l0 = (c > 0).sum(-1).float().mean()  # count per token first: no fp32 copy of the (B, T, F) mask
+            for k, v in {"loss": loss, **terms, "l0": l0}.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() / cfg.grad_accum
         grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
