@@ -285,16 +285,32 @@ def load_sae(folder) -> tuple[SAE, "Config | None"]:
 # Hooks: reading and replacing the residual stream of a Hugging Face model
 
 
+# Where the blocks and the final norm sit in each supported family of Hugging Face models.
+ARCHITECTURES = {
+    "transformer.h": "transformer.ln_f",  # GPT-2
+    "model.layers": "model.norm",  # Llama, Mistral, Qwen
+    "gpt_neox.layers": "gpt_neox.final_layer_norm",  # GPT-NeoX, Pythia
+}
+
+
+def _get(model: nn.Module, path: str):
+    for name in path.split("."):
+        model = getattr(model, name, None)
+    return model
+
+
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's list of transformer blocks; block L's input is HF's hidden_states[L]."""
-    for path in ("transformer.h", "model.layers", "gpt_neox.layers"):  # GPT-2, Llama/Mistral/Qwen/Gemma, GPT-NeoX
-        obj = model
-        for name in path.split("."):
-            obj = getattr(obj, name, None)
-        if isinstance(obj, nn.ModuleList):
-            return obj
+    for path in ARCHITECTURES:
+        if isinstance(_get(model, path), nn.ModuleList):
+            return _get(model, path)
     raise UserError(f"cannot find the decoder blocks of {type(model).__name__} "
-                    "(supported: GPT-2, Llama/Mistral/Qwen/Gemma, GPT-NeoX)")
+                    "(supported: GPT-2, Llama/Mistral/Qwen, GPT-NeoX)")
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last block and the unembedding (GPT-2's ln_f)."""
+    return next(_get(model, norm) for path, norm in ARCHITECTURES.items() if isinstance(_get(model, path), nn.ModuleList))
 
 
 class StopForward(Exception):
@@ -347,6 +363,33 @@ def splice_sae(block: nn.Module, sae: SAE):
         handle.remove()
 
 
+@contextmanager
+def capture_call(block: nn.Module):
+    """Within the block, call.args and call.kwargs hold the arguments of the latest call of `block`
+    (its input, and what the model passes every block: attention mask, positions, ...)."""
+    call = SimpleNamespace(args=None, kwargs=None)
+
+    def hook(module, args, kwargs):
+        call.args, call.kwargs = args, kwargs
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield call
+    finally:
+        handle.remove()
+
+
+def run_blocks(blocks: nn.ModuleList, start: int, x: torch.Tensor, call) -> torch.Tensor:
+    """Blocks start, start+1, … applied to x (B, T, D), each given the other arguments that block
+    `start` received in `call`. This resumes a forward pass at block `start` with a new input."""
+    args = call.args[1:] if call.args else ()
+    kwargs = {k: v for k, v in call.kwargs.items() if k != "hidden_states"}
+    for block in blocks[start:]:
+        x = block(x, *args, **kwargs)
+        x = x[0] if isinstance(x, tuple) else x  # (B, T, D); some models return (hidden, extras)
+    return x
+
+
 def run_model(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
     """Logits (B, T, V), or None when a StopForward hook ended the pass early."""
     try:
@@ -361,8 +404,9 @@ def run_model(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
 
 def sparsity(c: torch.Tensor, phi: float) -> torch.Tensor:
     """φ · mean_tokens ‖c‖₁, with φ = λ / D so that one λ works across model widths.
-    c comes out of a ReLU, so ‖c‖₁ is the plain sum over F (cheaper than a norm's backward)."""
-    return phi * c.float().sum(-1).mean()
+    c comes out of a ReLU, so ‖c‖₁ is the plain sum over F (cheaper than a norm's backward). The sum
+    accumulates in fp32 without an fp32 copy of the (B, T, F) code."""
+    return phi * c.sum(-1, dtype=torch.float32).mean()
 
 
 def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -380,28 +424,81 @@ def kl_div(logits_orig: torch.Tensor, logits_sae: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
+KL_CHUNK_ELEMENTS = 2**25  # unembed_kl handles rows × V ≤ this at a time: 128 MiB per fp32 (rows, V) tensor
+
+
+class UnembedKL(torch.autograd.Function):
+    """kl_div(h_orig W_Uᵀ + b_U, h_sae W_Uᵀ + b_U) from the final hidden states h (B, T, D), without
+    ever holding a (B, T, V) tensor. The B·T positions pass through the unembedding a chunk of rows at
+    a time, and each chunk's gradient is computed on the spot, so nothing of size V is kept for backward.
+    With z = h W_Uᵀ + b_U, p = softmax(z_orig), q = softmax(z_sae), and N = B·T positions:
+
+        KL = (1/N) Σ_positions Σ_v p(v) (log p(v) − log q(v))
+        ∂KL/∂z_sae = (q − p) / N        ∂KL/∂h_sae = (q − p) W_U / N
+
+    The unembedding is frozen and h_orig is a constant: neither gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, h_orig, h_sae, W_U, b_U, chunk_rows):
+        h_o, h_s = h_orig.flatten(0, -2), h_sae.flatten(0, -2)  # (N, D)
+        n = h_s.shape[0]
+        kl = torch.zeros((), device=h_s.device)
+        grad = torch.empty(h_s.shape, device=h_s.device) if ctx.needs_input_grad[1] else None  # (N, D) fp32
+        with torch.autocast(h_s.device.type, enabled=False):  # fp32 logits, as in fp32_logits
+            for i in range(0, n, chunk_rows):
+                rows = slice(i, i + chunk_rows)
+                log_p = F.log_softmax(F.linear(h_o[rows].float(), W_U, b_U), dim=-1)  # (rows, V)
+                log_q = F.log_softmax(F.linear(h_s[rows].float(), W_U, b_U), dim=-1)  # (rows, V)
+                p = log_p.exp()  # (rows, V)
+                kl += (p * (log_p - log_q)).sum()
+                if grad is not None:
+                    grad[rows] = (log_q.exp() - p) @ W_U  # (rows, D): (q − p) W_U
+        ctx.save_for_backward(grad)
+        ctx.n, ctx.shape, ctx.dtype = n, h_sae.shape, h_sae.dtype
+        return kl / n
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        (grad,) = ctx.saved_tensors
+        return None, (grad * (grad_kl / ctx.n)).view(ctx.shape).to(ctx.dtype), None, None, None
+
+
+def unembed_kl(h_orig: torch.Tensor, h_sae: torch.Tensor, unembed: nn.Linear, chunk_rows: int | None = None):
+    """KL(P_orig ‖ P_sae) from the final hidden states (B, T, D) and the model's unembedding (V, D)."""
+    chunk_rows = chunk_rows or max(1, KL_CHUNK_ELEMENTS // unembed.weight.shape[0])
+    return UnembedKL.apply(h_orig, h_sae, unembed.weight, unembed.bias, chunk_rows)
+
+
 def local_loss(a, a_hat, c, phi):
     """L_local = MSE(â, a) + φ‖c‖₁"""
     terms = {"mse": mse(a_hat, a), "sparsity": sparsity(c, phi)}
     return terms["mse"] + terms["sparsity"], terms
 
 
-def e2e_loss(logits_orig, logits_sae, c, phi, kl_coeff=1.0):
-    """L_e2e = KL(P_orig ‖ P_sae) + φ‖c‖₁   (the KL weighted by kl_coeff, 1 in the paper)"""
-    terms = {"kl": kl_div(logits_orig, logits_sae), "sparsity": sparsity(c, phi)}
+def e2e_loss(kl, c, phi, kl_coeff=1.0):
+    """L_e2e = KL(P_orig ‖ P_sae) + φ‖c‖₁   (kl from kl_div or unembed_kl, weighted by kl_coeff: 1 in the paper)"""
+    terms = {"kl": kl, "sparsity": sparsity(c, phi)}
     return kl_coeff * terms["kl"] + terms["sparsity"], terms
 
 
-def e2e_ds_loss(logits_orig, logits_sae, c, resid_orig, resid_sae, phi, beta, kl_coeff=0.5):
+def e2e_ds_loss(kl, c, resid_orig, resid_sae, phi, beta, kl_coeff=0.5):
     """L_e2e+ds = 0.5·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)   (0.5 is kl_coeff)
     resid_orig, resid_sae: lists of the N residual streams (B, T, D) entering blocks L+1 … n_layer−1."""
-    loss, terms = e2e_loss(logits_orig, logits_sae, c, phi, kl_coeff)
+    loss, terms = e2e_loss(kl, c, phi, kl_coeff)
     terms["downstream"] = sum(mse(s, o) for s, o in zip(resid_sae, resid_orig)) / len(resid_orig)
     return loss + beta * terms["downstream"], terms
 
 
-def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor):
-    """One micro-batch of tokens (B, T) → (loss, its terms, c)."""
+def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor, kl_chunk_rows: int | None = None):
+    """One micro-batch of tokens (B, T) → (loss, its terms, c).
+
+    This is the training step's fast path. evaluate() computes the same quantities the plain way (the
+    whole model run twice, the SAE hooked in, full logits) and a test holds the two together. It saves:
+      - the work before block L: the clean and the spliced run are identical up to there, so the spliced
+        run starts at block L, with the arguments the model gave block L in the clean run;
+      - the (B, T, V) logits: the KL comes from the final hidden states through unembed_kl;
+      - for local, everything after block L: it never runs.
+    Only the SAE's weights get gradients: the model is frozen and a is a constant."""
     L = cfg.layer
     phi = cfg.sparsity_coeff / sae.encoder.in_features  # φ = λ / D
     if cfg.loss == "local":
@@ -413,16 +510,19 @@ def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor):
         return loss, terms, c
 
     downstream = range(L + 1, len(blocks)) if cfg.loss == "e2e_ds" else []
-    with torch.no_grad(), record_resid(blocks, downstream) as resid_orig:  # the clean run
-        logits_orig = run_model(model, tokens)  # (B, T, V)
-    with splice_sae(blocks[L], sae) as seen, record_resid(blocks, downstream) as resid_sae:
-        logits_sae = run_model(model, tokens)  # (B, T, V), differentiable w.r.t. the SAE's weights
+    with torch.no_grad(), capture_call(blocks[L]) as call, record_resid(blocks, downstream) as resid_orig:
+        h_orig = model.base_model(input_ids=tokens, use_cache=False).last_hidden_state  # (B, T, D), the clean run
+    a = _block_input(call.args, call.kwargs)  # (B, T, D), the input of block L
+    a_hat, c = sae(a)  # (B, T, D), (B, T, F)
+    with record_resid(blocks, downstream) as resid_sae:  # the spliced run, from block L on
+        h_sae = final_norm(model)(run_blocks(blocks, L, a_hat.to(a.dtype), call))  # (B, T, D)
+    kl = unembed_kl(h_orig, h_sae, model.get_output_embeddings(), kl_chunk_rows)
     if cfg.loss == "e2e":
-        loss, terms = e2e_loss(logits_orig, logits_sae, seen.c, phi, cfg.kl_coeff)
+        loss, terms = e2e_loss(kl, c, phi, cfg.kl_coeff)
     else:
-        loss, terms = e2e_ds_loss(logits_orig, logits_sae, seen.c, [resid_orig[k] for k in downstream],
-                                  [resid_sae[k] for k in downstream], phi, cfg.downstream_coeff, cfg.kl_coeff)
-    return loss, terms, seen.c
+        loss, terms = e2e_ds_loss(kl, c, [resid_orig[k] for k in downstream], [resid_sae[k] for k in downstream],
+                                  phi, cfg.downstream_coeff, cfg.kl_coeff)
+    return loss, terms, c
 
 
 # -----------------------------------------------------------------------------
