@@ -20,6 +20,7 @@ Run it:
     python e2e_sae.py --loss e2e --layer 6         # the paper's GPT-2 small run (GPU, downloads)
     python e2e_sae.py --model tiny                 # a random 12-block GPT-2, random tokens: seconds on a CPU
     python e2e_sae.py --eval-only --sae out/e2e_layer6
+    python e2e_sae.py --benchmark --loss e2e --layer 6   # tokens/s, MFU and memory at GPT-2-small scale
     python e2e_sae.py --help                       # every flag, with its default
 
 tutorial.md walks through this file section by section.
@@ -70,6 +71,10 @@ PAPER_KL_COEFF = {"local": 0.0, "e2e": 1.0, "e2e_ds": 0.5}
 # whole run takes seconds. Config(model="tiny") in Python keeps the paper's defaults.
 TINY_RUN = dict(dataset="random", n_ctx=128, n_samples=1024, eval_samples=32, warmup_samples=128,
                 eval_every=512)
+# `--benchmark` defaults: GPT-2 small's shapes with random weights and tokens (no download), micro-batch
+# 8 × 1024 as in the paper; on a CPU a micro-batch of 1 × 128 and 1 + 3 steps, to finish in seconds.
+BENCHMARK_RUN = dict(model="gpt2-random", dataset="random", grad_accum=1)
+BENCHMARK_RUN_CPU = dict(batch_size=1, n_ctx=128, bench_warmup=1, bench_steps=3)
 
 
 class UserError(Exception):
@@ -83,8 +88,9 @@ def arg(default, help):
 @dataclass
 class Config:
     # what to train
-    model: str = arg("gpt2", "HF hub id, local folder (save_pretrained), or 'tiny' (a random GPT-2, no "
-                             "download; on the command line it also shrinks the run's defaults, see TINY_RUN)")
+    model: str = arg("gpt2", "HF hub id, local folder (save_pretrained), 'gpt2-random' (GPT-2 small's shapes, "
+                             "random weights), or 'tiny' (a small random GPT-2; on the command line it also "
+                             "shrinks the run's defaults, see TINY_RUN). The two random ones need no download")
     dataset: str = arg(PAPER_DATASET, "HF hub id (streamed), .txt file or folder, .jsonl, .parquet, "
                                       "datasets.save_to_disk folder, or 'random' (uniform token ids)")
     loss: str = arg("e2e", "local | e2e | e2e_ds")
@@ -115,6 +121,11 @@ class Config:
     device: str | None = arg(None, "cuda, cpu, cuda:1, ... (default: cuda if available)")
     dtype: str | None = arg(None, "autocast dtype, bf16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     compile: bool = arg(False, "torch.compile the model's blocks and the SAE (slower start, faster steps)")
+    # measuring speed
+    benchmark: bool = arg(False, "time training steps on random tokens and print tokens/s, MFU and peak "
+                                 "memory (default model gpt2-random; see BENCHMARK_RUN); writes nothing")
+    bench_warmup: int = arg(3, "--benchmark: untimed steps first (compilation, allocator, kernel choice)")
+    bench_steps: int = arg(10, "--benchmark: timed optimiser steps")
     # evaluating a saved SAE
     eval_only: bool = arg(False, "evaluate the SAE in --sae instead of training one")
     sae: str | None = arg(None, "folder holding sae.safetensors (and config.json), for --eval-only")
@@ -145,7 +156,8 @@ class Config:
         need(self.lr > 0, "--lr must be > 0")
         for name in ("n_samples", "batch_size", "grad_accum", "n_ctx", "shuffle_buffer", "log_every", "eval_samples"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0, not {getattr(self, name)}")
-        for name in ("eval_every", "warmup_samples", "layer"):
+        need(self.bench_steps > 0, f"--bench-steps must be > 0, not {self.bench_steps}")
+        for name in ("eval_every", "warmup_samples", "layer", "bench_warmup"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be ≥ 0, not {getattr(self, name)}")
         need(self.dict_ratio > 0, f"--dict-ratio must be > 0, not {self.dict_ratio}")
         need(0 <= self.lr_min_ratio <= 1, "--lr-min-ratio must be between 0 and 1")
@@ -189,7 +201,13 @@ def parse_config(argv=None) -> Config:
     given = vars(build_parser().parse_args(argv))
     if given.get("eval_only"):
         return eval_only_config(given)
-    return Config(**{**(TINY_RUN if given.get("model") == "tiny" else {}), **given})
+    defaults = {}
+    if given.get("benchmark"):
+        on_gpu = given.get("device", "cuda" if torch.cuda.is_available() else "cpu").startswith("cuda")
+        defaults = {**BENCHMARK_RUN, **({} if on_gpu else BENCHMARK_RUN_CPU)}
+    if given.get("model", defaults.get("model")) == "tiny":
+        defaults = {**TINY_RUN, **defaults}
+    return Config(**{**defaults, **given})
 
 
 def read_saved_config(folder: Path) -> dict:
@@ -530,15 +548,23 @@ def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor, kl_
 
 
 @torch.no_grad()
-def tiny_gpt2() -> GPT2LMHeadModel:
-    """GPT-2 small's 12 blocks at width 64, vocabulary 512, random weights, the same ones every time.
-    Weights are drawn 10× wider than GPT-2's init so that the next-token distribution is far from
-    uniform (entropy ≈ 4.9 nats, not ln 512 = 6.2) and the KL has something to preserve."""
-    config = GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=1024,
-                        initializer_range=0.2, bos_token_id=511, eos_token_id=511)
+def random_gpt2(config: GPT2Config) -> GPT2LMHeadModel:
+    """A GPT-2 with random weights, the same ones every time, with PyTorch's fused attention (SDPA)."""
+    config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return GPT2LMHeadModel(config)
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    """GPT-2 small's 12 blocks at width 64, vocabulary 512. Weights are drawn 10× wider than GPT-2's
+    init so that the next-token distribution is far from uniform (entropy ≈ 4.9 nats, not ln 512 = 6.2)
+    and the KL has something to preserve."""
+    return random_gpt2(GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=1024,
+                                  initializer_range=0.2, bos_token_id=511, eos_token_id=511))
+
+
+RANDOM_MODELS = {"tiny": tiny_gpt2, "gpt2-random": lambda: random_gpt2(GPT2Config())}  # GPT2Config(): GPT-2 small
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:
@@ -570,12 +596,14 @@ def looks_like_path(name: str) -> bool:
 
 def load_model(name: str, device: torch.device):
     """A frozen causal LM in eval mode and its tokenizer (None where the model has none)."""
-    if name == "tiny":
-        return tiny_gpt2().to(device).eval().requires_grad_(False), None
+    if name in RANDOM_MODELS:
+        return RANDOM_MODELS[name]().to(device).eval().requires_grad_(False), None
     local = Path(name).expanduser().is_dir()
     if not local and looks_like_path(name):
         raise UserError(f"--model {name}: no such folder")
-    kwargs = dict(dtype=torch.float32)  # fp32 master weights; autocast decides the compute dtype
+    # fp32 weights (autocast decides the compute dtype), and PyTorch's fused attention kernels (SDPA:
+    # FlashAttention on recent GPUs), which never hold the (T, T) attention matrix in memory.
+    kwargs = dict(dtype=torch.float32, attn_implementation="sdpa")
     if not local and not hub_reachable():
         kwargs["local_files_only"] = True  # a copy in the HF cache still works offline
     try:
@@ -821,6 +849,46 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def flops_per_token(model, blocks, sae: SAE, loss: str, layer: int, n_ctx: int) -> int:
+    """Matrix-multiply FLOPs of one training token (2 per multiply-add), from the shapes, for the work
+    compute_loss does; elementwise work (norms, softmax, GELU) is left out, as is usual for MFU.
+    Per token, with P the weights of one block's matmuls, n blocks, and T = n_ctx:
+      block forward      2P + 4TD    (4TD: QKᵀ and the attention-weighted sum over all T keys; the full
+                                      square, not the causal half, following PaLM's MFU convention)
+      unembedding        2DV
+      SAE forward        4DF         (encoder 2DF, decoder 2DF)
+      SAE backward       6DF         (W_e's gradient; the decoder's gradients for c and for D_n. a is a
+                                      constant, so the encoder computes no input gradient)
+    The frozen model's backward computes input gradients only: 2P per block (1× the forward) and 8TD for
+    attention (the gradients of both of its products).
+      local    L blocks forward, the SAE forward and backward
+      e2e(ds)  clean run (n blocks, unembedding); spliced run from L (n − L blocks, unembedding) and its
+               backward; the SAE forward and backward. The downstream MSE adds no matmul."""
+    D, F_, n = sae.encoder.in_features, sae.encoder.out_features, len(blocks)
+    V = model.get_output_embeddings().weight.shape[0]
+    P = sum(p.numel() for p in blocks[0].parameters() if p.ndim == 2)
+    block_fwd, block_bwd = 2 * P + 4 * n_ctx * D, 2 * P + 8 * n_ctx * D
+    head, sae_fwd, sae_bwd = 2 * D * V, 4 * D * F_, 6 * D * F_
+    if loss == "local":
+        return layer * block_fwd + sae_fwd + sae_bwd
+    clean = n * block_fwd + head
+    spliced = (n - layer) * (block_fwd + block_bwd) + 2 * head + sae_fwd + sae_bwd
+    return clean + spliced
+
+
+# Dense bf16 tensor-core peak of some GPUs in FLOP/s (vendor data sheets), for MFU. First match wins.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
+                   "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12}
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The GPU's bf16 peak in FLOP/s, or None where unknown (CPU, fp32, a GPU not in the table)."""
+    if device.type != "cuda" or dtype != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 def make_out_dir(path: str) -> Path:
     """Create the output folder (once every other check has passed: a failed run leaves no empty one)."""
     try:
@@ -875,7 +943,27 @@ def setup(cfg: Config):
         raise UserError(f"--loss e2e_ds needs a block after --layer; {cfg.layer} is the model's last")
     if max_ctx is not None and cfg.n_ctx > max_ctx:
         raise UserError(f"--n-ctx {cfg.n_ctx} is longer than the model's context of {max_ctx} tokens")
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise UserError(f"{cfg.model} soft-caps its logits, which unembed_kl does not model")
     return device, autocast, model, tokenizer, blocks
+
+
+def train_step(cfg: Config, model, blocks, sae: SAE, optimizer, micro_batches, autocast) -> tuple[dict, torch.Tensor]:
+    """One optimiser step on a list of micro-batches (B, T) → (the loss terms and L0, averaged over the
+    micro-batches, as tensors on the device; the gradient norm before clipping)."""
+    totals = {}
+    for tokens in micro_batches:
+        with autocast():
+            loss, terms, c = compute_loss(cfg, model, blocks, sae, tokens)
+        (loss / len(micro_batches)).backward()
+        # Kept on the device, so the step never waits for the GPU; the caller decides when to .item().
+        l0 = (c > 0).sum(-1).float().mean()  # count per token first: no fp32 copy of the (B, T, F) mask
+        for k, v in {"loss": loss, **terms, "l0": l0}.items():
+            totals[k] = totals.get(k, 0.0) + v.detach() / len(micro_batches)
+    grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals, grad_norm
 
 
 def train(cfg: Config) -> dict:
@@ -909,28 +997,24 @@ def train(cfg: Config) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, warmup_steps=warmup_steps, total_steps=n_steps, min_ratio=cfg.lr_min_ratio))
     tokens_per_step = cfg.samples_per_step * cfg.n_ctx
+    flops = flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx)
+    peak = peak_flops(device, cfg.dtype)
     do_eval = partial(evaluate, model, blocks, sae, eval_tokens, cfg.layer, cfg.batch_size, autocast)
+
+    def micro_batch():
+        return torch.stack([next(train_seqs) for _ in range(cfg.batch_size)]).to(device)  # (B, T)
 
     print(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={d_model} F={dict_size} λ={cfg.sparsity_coeff:g} "
           f"| {n_steps} steps of {cfg.samples_per_step} × {cfg.n_ctx} tokens | {device} {cfg.dtype} → {out}")
     bar = tqdm(range(n_steps), desc="train", dynamic_ncols=True, mininterval=1.0)
     totals, t_log, steps_since_log, train_seconds = {}, time.perf_counter(), 0, 0.0
     for step in bar:
-        # ---- the training step -------------------------------------------------------------
-        for _ in range(cfg.grad_accum):
-            tokens = torch.stack([next(train_seqs) for _ in range(cfg.batch_size)]).to(device)  # (B, T)
-            with autocast():
-                loss, terms, c = compute_loss(cfg, model, blocks, sae, tokens)
-            (loss / cfg.grad_accum).backward()
-            # Running sums for the log; they stay on the device, so the step never waits for the GPU.
-            l0 = (c > 0).sum(-1).float().mean()  # count per token first: no fp32 copy of the (B, T, F) mask
-            for k, v in {"loss": loss, **terms, "l0": l0}.items():
-                totals[k] = totals.get(k, 0.0) + v.detach() / cfg.grad_accum
-        grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        lr = scheduler.get_last_lr()[0]  # the rate this step used
-        optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        terms, grad_norm = train_step(cfg, model, blocks, sae, optimizer,
+                                      [micro_batch() for _ in range(cfg.grad_accum)], autocast)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        for k, v in terms.items():
+            totals[k] = totals.get(k, 0.0) + v
         # ---- diagnostics -------------------------------------------------------------------
         steps_since_log += 1
         samples = (step + 1) * cfg.samples_per_step
@@ -940,6 +1024,8 @@ def train(cfg: Config) -> dict:
             train_seconds += elapsed
             record.update({"train/grad_norm": grad_norm.item(), "train/lr": lr,
                            "tokens_per_s": steps_since_log * tokens_per_step / elapsed})
+            if peak:  # model FLOP utilisation: the FLOPs the method needs per second, over the GPU's peak
+                record["mfu"] = record["tokens_per_s"] * flops / peak
             log({"step": step + 1, "samples": samples, **record})
             bar.set_postfix_str(" ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in record.items() if k != "train/lr"))
             totals, t_log, steps_since_log = {}, time.perf_counter(), 0
@@ -956,13 +1042,56 @@ def train(cfg: Config) -> dict:
     log_file.close()
     save_sae(sae, out / "sae.safetensors")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"trained on {n_steps * tokens_per_step:,} tokens in {train_seconds:.1f} s "
-          f"({n_steps * tokens_per_step / train_seconds:,.0f} tokens/s, evaluation excluded)")
+    tokens_per_s = n_steps * tokens_per_step / train_seconds
+    print(f"trained on {n_steps * tokens_per_step:,} tokens in {train_seconds:.1f} s ({tokens_per_s:,.0f} tokens/s"
+          + (f", MFU {tokens_per_s * flops / peak:.1%}" if peak else "") + ", evaluation excluded)")
     print(f"final: {format_metrics(metrics)}")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     print(f"wrote {out}/sae.safetensors, config.json, metrics.json, log.jsonl")
     return metrics
+
+
+def benchmark(cfg: Config) -> dict:
+    """--benchmark: optimiser steps exactly as train() takes them, on random tokens. Prints and returns
+    tokens/s, FLOPs per token, achieved FLOP/s, MFU (on a GPU of known peak) and peak GPU memory."""
+    device, autocast, model, _, blocks = setup(cfg)
+    d_model, vocab_size = model.config.hidden_size, model.config.vocab_size
+    torch.manual_seed(cfg.seed)
+    sae = SAE(d_model, round(cfg.dict_ratio * d_model)).to(device)
+    if cfg.compile:
+        compile_forwards(sae, *blocks)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+
+    def step():
+        micro_batches = [torch.randint(vocab_size, (cfg.batch_size, cfg.n_ctx), generator=g).to(device)  # (B, T)
+                         for _ in range(cfg.grad_accum)]
+        terms, _ = train_step(cfg, model, blocks, sae, optimizer, micro_batches, autocast)
+        terms["loss"].item()  # wait for the step to finish (the GPU runs ahead of Python)
+
+    print(f"benchmark: {cfg.loss} at layer {cfg.layer} of {cfg.model} (D={d_model}, F={sae.encoder.out_features}) "
+          f"| {cfg.grad_accum} × {cfg.batch_size} × {cfg.n_ctx} tokens per step | {device} {cfg.dtype}"
+          f"{' compiled' if cfg.compile else ''} | {cfg.bench_warmup} warm-up + {cfg.bench_steps} timed steps")
+    for _ in range(cfg.bench_warmup):  # compilation, the allocator's pools, cuBLAS's kernel choices
+        step()
+    t0 = time.perf_counter()
+    for _ in range(cfg.bench_steps):
+        step()
+    seconds = time.perf_counter() - t0
+    tokens_per_s = cfg.bench_steps * cfg.samples_per_step * cfg.n_ctx / seconds
+    flops = flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx)
+    peak = peak_flops(device, cfg.dtype)
+    result = {"tokens_per_s": tokens_per_s, "step_s": seconds / cfg.bench_steps, "flops_per_token": flops,
+              "tflops_per_s": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / peak if peak else None,
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    print(f"tokens/s {tokens_per_s:,.0f} | {result['step_s'] * 1e3:.1f} ms per step | "
+          f"{flops / 1e9:.3f} GFLOP per token (see flops_per_token) → {result['tflops_per_s']:.2f} TFLOP/s")
+    print(f"MFU {result['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s (bf16 peak of {torch.cuda.get_device_name(device)})"
+          if peak else "MFU: n/a (needs a GPU of known bf16 peak, see PEAK_BF16_FLOPS, and --dtype bf16)")
+    print(f"peak GPU memory {result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] is not None
+          else "peak GPU memory: n/a on the CPU")
+    return result
 
 
 def evaluate_saved(cfg: Config) -> dict:
@@ -988,7 +1117,9 @@ def evaluate_saved(cfg: Config) -> dict:
 def main(argv=None):
     try:
         cfg = parse_config(argv)
-        if cfg.eval_only:
+        if cfg.benchmark:
+            benchmark(cfg)
+        elif cfg.eval_only:
             evaluate_saved(cfg)
         else:
             train(cfg)

@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import e2e_sae as E
@@ -486,6 +488,88 @@ def test_spliced_run_starts_at_block_L_and_builds_no_logits(tiny):
         for h in handles:
             h.remove()
     assert calls == list(range(12)) + list(range(L, 12))  # the clean run, then blocks L … 11 once more
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_training_step_never_makes_a_batch_by_vocabulary_tensor(tiny):
+    model, blocks = tiny
+    B, T, V = 2, 64, model.config.vocab_size
+    sae, tokens = E.SAE(64, 128), tokens_for(model, B=B, T=T)  # F = 128 < V: the code c is smaller than (B, T, V)
+    for loss in ("e2e", "e2e_ds"):
+        with LargestTensor() as probe:
+            E.compute_loss(cfg_for(loss, 4), model, blocks, sae, tokens, kl_chunk_rows=16)[0].backward()
+        assert probe.numel < B * T * V and probe.numel >= 16 * V, probe.numel
+        with LargestTensor() as probe:  # the probe does see the plain computation's logits
+            reference_loss(cfg_for(loss, 4), model, blocks, sae, tokens)[0].backward()
+        assert probe.numel >= B * T * V
+
+
+@pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
+def test_flops_per_token_equals_torch_flop_counter(loss):
+    """flops_per_token, derived from the shapes, equals what torch's FlopCounterMode counts in one real
+    forward and backward (eager attention, whose matmuls the counter sees on the CPU)."""
+    model = E.tiny_gpt2().eval().requires_grad_(False)
+    model.config._attn_implementation = "eager"
+    blocks, sae, tokens = E.decoder_blocks(model), E.SAE(64, 320), tokens_for(model, B=2, T=48)
+    with FlopCounterMode(display=False) as counter:
+        E.compute_loss(cfg_for(loss, 5), model, blocks, sae, tokens)[0].backward()
+    assert counter.get_total_flops() == E.flops_per_token(model, blocks, sae, loss, 5, 48) * tokens.numel()
+
+
+def test_benchmark_defaults():
+    cpu = E.parse_config(["--benchmark", "--device", "cpu"])
+    assert (cpu.model, cpu.dataset, cpu.loss, cpu.layer, cpu.dict_ratio) == ("gpt2-random", "random", "e2e", 6, 60)
+    assert (cpu.batch_size, cpu.n_ctx, cpu.grad_accum, cpu.bench_warmup, cpu.bench_steps) == (1, 128, 1, 1, 3)
+    gpu = E.parse_config(["--benchmark", "--device", "cuda", "--loss", "local"])
+    assert (gpu.batch_size, gpu.n_ctx, gpu.grad_accum, gpu.bench_warmup, gpu.bench_steps) == (8, 1024, 1, 3, 10)
+    mine = E.parse_config(["--benchmark", "--device", "cpu", "--model", "tiny", "--n-ctx", "64", "--bench-steps", "5"])
+    assert (mine.model, mine.n_ctx, mine.bench_steps, mine.batch_size) == ("tiny", 64, 5, 1)
+
+
+def test_benchmark_runs_on_cpu_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    E.main(["--benchmark", "--device", "cpu", "--bench-warmup", "0", "--bench-steps", "1"])  # GPT-2 small shapes
+    out = capsys.readouterr().out
+    assert "gpt2-random (D=768, F=46080)" in out and "MFU: n/a" in out
+    for loss in ("local", "e2e_ds"):
+        result = E.benchmark(E.parse_config(["--benchmark", "--device", "cpu", "--model", "tiny", "--loss", loss]))
+        assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["peak_memory_gib"] is None
+        assert result["tflops_per_s"] == pytest.approx(result["tokens_per_s"] * result["flops_per_token"] / 1e12)
+    assert f"tokens/s {result['tokens_per_s']:,.0f}" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_training_log_has_tokens_per_s_and_mfu_where_the_peak_is_known(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "peak_flops", lambda device, dtype: 1e12)  # pretend this CPU has a known peak
+    cfg = E.parse_config(["--model", "tiny", "--n-samples", "64", "--log-every", "2", "--out-dir", str(tmp_path)])
+    E.train(cfg)
+    lines = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    train_lines = [l for l in lines if "tokens_per_s" in l]
+    assert len(train_lines) == 2  # 4 steps, one line every 2
+    model = E.tiny_gpt2()
+    flops = E.flops_per_token(model, E.decoder_blocks(model), E.SAE(64, 3840), "e2e", 6, 128)
+    for l in train_lines:
+        assert l["tokens_per_s"] > 0 and l["mfu"] == pytest.approx(l["tokens_per_s"] * flops / 1e12)
+
+
+def test_models_use_fused_attention(tmp_path):
+    assert E.load_model("tiny", torch.device("cpu"))[0].config._attn_implementation == "sdpa"
+    E.tiny_gpt2().save_pretrained(tmp_path / "m")
+    assert E.load_model(str(tmp_path / "m"), torch.device("cpu"))[0].config._attn_implementation == "sdpa"
 
 
 # -----------------------------------------------------------------------------
