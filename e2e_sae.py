@@ -399,7 +399,8 @@ def capture_call(block: nn.Module):
 
 def run_blocks(blocks: nn.ModuleList, start: int, x: torch.Tensor, call) -> torch.Tensor:
     """Blocks start, start+1, … applied to x (B, T, D), each given the other arguments that block
-    `start` received in `call`. This resumes a forward pass at block `start` with a new input."""
+    `start` received in `call`. This resumes a forward pass at block `start` with a new input. (The
+    captured pass must have run with use_cache=False: a key/value cache would be extended twice.)"""
     args = call.args[1:] if call.args else ()
     kwargs = {k: v for k, v in call.kwargs.items() if k != "hidden_states"}
     for block in blocks[start:]:

@@ -744,6 +744,16 @@ def test_model_dependent_checks(tmp_path):
             E.setup(E.Config(model="tiny", dataset="random", device=device))
 
 
+def test_soft_capped_logits_are_refused(monkeypatch):
+    def capped():
+        model = E.tiny_gpt2()
+        model.config.final_logit_softcapping = 30.0  # as Gemma 2 has
+        return model
+    monkeypatch.setitem(E.RANDOM_MODELS, "tiny", capped)
+    with pytest.raises(E.UserError, match="soft-caps its logits"):
+        E.setup(E.Config(model="tiny", dataset="random", device="cpu"))
+
+
 def test_decoder_blocks_of_other_architectures():
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                                             intermediate_size=64, vocab_size=100))
