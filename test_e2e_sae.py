@@ -357,17 +357,22 @@ def test_load_sae_refuses_missing_and_corrupt_files(tmp_path):
 # 5. local runs nothing after block L
 
 
-def test_local_runs_no_block_after_layer(tiny):
-    model, blocks = tiny
-    L = 4
+def modules_run_by_compute_loss(model, blocks, loss, L):
+    """The blocks (by index) and "lm_head", in the order compute_loss runs them."""
     calls = []
     handles = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, b in enumerate(blocks)]
     handles.append(model.lm_head.register_forward_hook(lambda m, i, o: calls.append("lm_head")))
     try:
-        E.compute_loss(cfg_for("local", L), model, blocks, E.SAE(64, 128), tokens_for(model))
+        E.compute_loss(cfg_for(loss, L), model, blocks, E.SAE(64, 128), tokens_for(model))
     finally:
         for h in handles:
             h.remove()
+    return calls
+
+
+def test_local_runs_no_block_after_layer(tiny):
+    L = 4
+    calls = modules_run_by_compute_loss(*tiny, "local", L)
     assert calls == list(range(L))  # blocks 0 … L−1 only: not block L, nothing after, no unembedding
 
 
@@ -477,16 +482,8 @@ def test_fast_path_matches_the_plain_computation(tiny, arch, loss, layer):
 
 
 def test_spliced_run_starts_at_block_L_and_builds_no_logits(tiny):
-    model, blocks = tiny
     L = 7
-    calls = []
-    handles = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, b in enumerate(blocks)]
-    handles.append(model.lm_head.register_forward_hook(lambda m, i, o: calls.append("lm_head")))
-    try:
-        E.compute_loss(cfg_for("e2e", L), model, blocks, E.SAE(64, 128), tokens_for(model))
-    finally:
-        for h in handles:
-            h.remove()
+    calls = modules_run_by_compute_loss(*tiny, "e2e", L)
     assert calls == list(range(12)) + list(range(L, 12))  # the clean run, then blocks L … 11 once more
 
 
