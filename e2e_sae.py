@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -53,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -117,6 +118,10 @@ class Config:
     eval_every: int = arg(20_000, "evaluate every this-many training sequences (0: only at the end)")
     log_every: int = arg(10, "write a training line to log.jsonl every this-many optimiser steps")
     out_dir: str | None = arg(None, "output folder (default: out/<loss>_layer<L>)")
+    save_every: int = arg(20_000, "write a checkpoint every this-many training sequences (0: only when "
+                                  "interrupted by SIGINT/SIGTERM)")
+    resume: str | None = arg(None, "continue the run in this output folder from its checkpoint")
+    overwrite: bool = arg(False, "replace the run already in --out-dir")
     # hardware
     device: str | None = arg(None, "cuda, cpu, cuda:1, ... (default: cuda if available)")
     dtype: str | None = arg(None, "autocast dtype, bf16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -157,7 +162,8 @@ class Config:
         for name in ("n_samples", "batch_size", "grad_accum", "n_ctx", "shuffle_buffer", "log_every", "eval_samples"):
             need(getattr(self, name) > 0, f"--{name.replace('_', '-')} must be > 0, not {getattr(self, name)}")
         need(self.bench_steps > 0, f"--bench-steps must be > 0, not {self.bench_steps}")
-        for name in ("eval_every", "warmup_samples", "layer", "bench_warmup"):
+        need(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other")
+        for name in ("eval_every", "warmup_samples", "layer", "bench_warmup", "save_every"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be ≥ 0, not {getattr(self, name)}")
         need(self.dict_ratio > 0, f"--dict-ratio must be > 0, not {self.dict_ratio}")
         need(0 <= self.lr_min_ratio <= 1, "--lr-min-ratio must be between 0 and 1")
@@ -199,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv=None) -> Config:
     """Build the Config from command-line flags: --layer 6 sets Config.layer, and so on."""
     given = vars(build_parser().parse_args(argv))
+    if given.get("resume"):
+        return resume_config(given)
     if given.get("eval_only"):
         return eval_only_config(given)
     defaults = {}
@@ -210,11 +218,19 @@ def parse_config(argv=None) -> Config:
     return Config(**{**defaults, **given})
 
 
+# What a saved configuration never passes on: what to do now, and where (this machine decides).
+NOT_INHERITED = ("eval_only", "sae", "benchmark", "resume", "overwrite", "out_dir", "device", "dtype")
+
+
+def config_fields(saved: dict) -> dict:
+    """The Config fields of a saved run configuration, without NOT_INHERITED."""
+    return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)} and k not in NOT_INHERITED}
+
+
 def read_saved_config(folder: Path) -> dict:
     """The Config fields of folder/config.json (the file also holds d_model, dict_size and n_layers)."""
     try:
-        saved = json.loads((folder / "config.json").read_text())
-        return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
+        return config_fields(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError, AttributeError) as e:
         raise UserError(f"{folder / 'config.json'} is not a readable run configuration ({first_line(e)})") from None
 
@@ -224,15 +240,34 @@ def eval_only_config(given: dict) -> Config:
     folder = Path(given["sae"]) if given.get("sae") else None
     saved = {}
     if folder is not None and (folder / "config.json").exists():
-        saved = read_saved_config(folder)
-        # Metrics go to --out-dir if given, else into the SAE's folder; this machine picks device and dtype.
-        for key in ("out_dir", "device", "dtype"):
-            saved.pop(key, None)
+        saved = read_saved_config(folder)  # metrics go to --out-dir if given, else into the SAE's folder
     elif folder is not None and not {"model", "layer"} <= set(given):
         raise UserError(f"{folder} has no config.json: pass --model and --layer with --eval-only")
     cfg = {**(TINY_RUN if given.get("model", saved.get("model")) == "tiny" else {}), **saved, **given}
     cfg.setdefault("out_dir", str(folder) if folder else None)
     return Config(**cfg)
+
+
+# Flags that may differ from the checkpoint's when resuming: they change neither the SAE nor the data.
+RESUMABLE = ("eval_every", "log_every", "save_every", "device", "dtype", "compile")
+
+
+def resume_config(given: dict) -> Config:
+    """--resume DIR: the checkpoint's config; flags given now may only change the RESUMABLE fields."""
+    folder = Path(given["resume"])
+    for key in given:
+        if key in NOT_INHERITED and key not in RESUMABLE and key != "resume":
+            raise UserError(f"--{key.replace('_', '-')} cannot be combined with --resume")
+    if (folder / "metrics.json").exists() and not (folder / "checkpoint.safetensors").exists():
+        saved = read_saved_config(folder)  # a finished run: train() says there is nothing to resume
+    else:
+        saved = config_fields(checkpoint_state(folder)["config"])
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in RESUMABLE and key != "resume" and value != saved.get(key):
+            raise UserError(f"{flag} {value} contradicts the checkpoint in {folder} ({flag} {saved.get(key)}); "
+                            f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change when resuming")
+    return Config(**{**saved, **given, "out_dir": str(folder)})
 
 
 # -----------------------------------------------------------------------------
@@ -317,18 +352,22 @@ def _get(model: nn.Module, path: str):
     return model
 
 
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks; block L's input is HF's hidden_states[L]."""
-    for path in ARCHITECTURES:
-        if isinstance(_get(model, path), nn.ModuleList):
-            return _get(model, path)
+def _architecture(model: nn.Module) -> tuple[str, str]:
+    for blocks, norm in ARCHITECTURES.items():
+        if isinstance(_get(model, blocks), nn.ModuleList):
+            return blocks, norm
     raise UserError(f"cannot find the decoder blocks of {type(model).__name__} "
                     "(supported: GPT-2, Llama/Mistral/Qwen, GPT-NeoX)")
 
 
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks; block L's input is HF's hidden_states[L]."""
+    return _get(model, _architecture(model)[0])
+
+
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm between the last block and the unembedding (GPT-2's ln_f)."""
-    return next(_get(model, norm) for path, norm in ARCHITECTURES.items() if isinstance(_get(model, path), nn.ModuleList))
+    return _get(model, _architecture(model)[1])
 
 
 class StopForward(Exception):
@@ -382,29 +421,31 @@ def splice_sae(block: nn.Module, sae: SAE):
 
 
 @contextmanager
-def capture_call(block: nn.Module):
-    """Within the block, call.args and call.kwargs hold the arguments of the latest call of `block`
-    (its input, and what the model passes every block: attention mask, positions, ...)."""
-    call = SimpleNamespace(args=None, kwargs=None)
+def capture_calls(blocks: nn.ModuleList, layers):
+    """Within the block, calls[k] holds, for each k in layers, the arguments of block k's latest call:
+    calls[k].x its input (B, T, D), and calls[k].args / .kwargs everything the model passed it
+    (attention mask, positions, rotary embeddings, ... which may differ from block to block)."""
+    calls = {}
 
-    def hook(module, args, kwargs):
-        call.args, call.kwargs = args, kwargs
+    def hook(k, module, args, kwargs):
+        calls[k] = SimpleNamespace(x=_block_input(args, kwargs), args=args, kwargs=kwargs)
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blocks[k].register_forward_pre_hook(partial(hook, k), with_kwargs=True) for k in layers]
     try:
-        yield call
+        yield calls
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
-def run_blocks(blocks: nn.ModuleList, start: int, x: torch.Tensor, call) -> torch.Tensor:
-    """Blocks start, start+1, … applied to x (B, T, D), each given the other arguments that block
-    `start` received in `call`. This resumes a forward pass at block `start` with a new input. (The
-    captured pass must have run with use_cache=False: a key/value cache would be extended twice.)"""
-    args = call.args[1:] if call.args else ()
-    kwargs = {k: v for k, v in call.kwargs.items() if k != "hidden_states"}
-    for block in blocks[start:]:
-        x = block(x, *args, **kwargs)
+def run_blocks(blocks: nn.ModuleList, start: int, x: torch.Tensor, calls: dict) -> torch.Tensor:
+    """Blocks start, start+1, … applied to x (B, T, D), block k given the other arguments it received
+    in calls[k]: this resumes a captured forward pass at block `start` with a new input. (That pass
+    must have run with use_cache=False: a key/value cache would be extended twice.)"""
+    for k in range(start, len(blocks)):
+        args = calls[k].args[1:] if calls[k].args else ()
+        kwargs = {name: v for name, v in calls[k].kwargs.items() if name != "hidden_states"}
+        x = blocks[k](x, *args, **kwargs)
         x = x[0] if isinstance(x, tuple) else x  # (B, T, D); some models return (hidden, extras)
     return x
 
@@ -459,11 +500,14 @@ class UnembedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_orig, h_sae, W_U, b_U, chunk_rows):
+        assert chunk_rows > 0 and not W_U.requires_grad, "the unembedding must be frozen"
         h_o, h_s = h_orig.flatten(0, -2), h_sae.flatten(0, -2)  # (N, D)
         n = h_s.shape[0]
         kl = torch.zeros((), device=h_s.device)
         grad = torch.empty(h_s.shape, device=h_s.device) if ctx.needs_input_grad[1] else None  # (N, D) fp32
-        with torch.autocast(h_s.device.type, enabled=False):  # fp32 logits, as in fp32_logits
+        # Logits in fp32, outside autocast: GPT-2's logits lie tens of units below zero, where bf16's
+        # steps are 0.125–0.5 apart and the KL would measure rounding (see also fp32_logits).
+        with torch.autocast(h_s.device.type, enabled=False):
             for i in range(0, n, chunk_rows):
                 rows = slice(i, i + chunk_rows)
                 log_p = F.log_softmax(F.linear(h_o[rows].float(), W_U, b_U), dim=-1)  # (rows, V)
@@ -477,6 +521,7 @@ class UnembedKL(torch.autograd.Function):
         return kl / n
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kl):
         (grad,) = ctx.saved_tensors
         return None, (grad * (grad_kl / ctx.n)).view(ctx.shape).to(ctx.dtype), None, None, None
@@ -485,6 +530,8 @@ class UnembedKL(torch.autograd.Function):
 def unembed_kl(h_orig: torch.Tensor, h_sae: torch.Tensor, unembed: nn.Linear, chunk_rows: int | None = None):
     """KL(P_orig ‖ P_sae) from the final hidden states (B, T, D) and the model's unembedding (V, D)."""
     chunk_rows = chunk_rows or max(1, KL_CHUNK_ELEMENTS // unembed.weight.shape[0])
+    if not torch.is_grad_enabled():
+        h_sae = h_sae.detach()  # no gradient wanted: UnembedKL then skips computing it
     return UnembedKL.apply(h_orig, h_sae, unembed.weight, unembed.bias, chunk_rows)
 
 
@@ -512,9 +559,9 @@ def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor, kl_
     """One micro-batch of tokens (B, T) → (loss, its terms, c).
 
     This is the training step's fast path. evaluate() computes the same quantities the plain way (the
-    whole model run twice, the SAE hooked in, full logits) and a test holds the two together. It saves:
+    whole model run twice, the SAE hooked in, full logits); the tests hold the two ways together. It saves:
       - the work before block L: the clean and the spliced run are identical up to there, so the spliced
-        run starts at block L, with the arguments the model gave block L in the clean run;
+        run starts at block L, each block getting the arguments the model gave it in the clean run;
       - the (B, T, V) logits: the KL comes from the final hidden states through unembed_kl;
       - for local, everything after block L: it never runs.
     Only the SAE's weights get gradients: the model is frozen and a is a constant."""
@@ -529,17 +576,17 @@ def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor, kl_
         return loss, terms, c
 
     downstream = range(L + 1, len(blocks)) if cfg.loss == "e2e_ds" else []
-    with torch.no_grad(), capture_call(blocks[L]) as call, record_resid(blocks, downstream) as resid_orig:
-        h_orig = model.base_model(input_ids=tokens, use_cache=False).last_hidden_state  # (B, T, D), the clean run
-    a = _block_input(call.args, call.kwargs)  # (B, T, D), the input of block L
+    with torch.no_grad(), capture_calls(blocks, range(L, len(blocks))) as calls:  # the clean run
+        h_orig = model.base_model(input_ids=tokens, use_cache=False).last_hidden_state  # (B, T, D), after the final norm
+    a = calls[L].x  # (B, T, D), the input of block L
     a_hat, c = sae(a)  # (B, T, D), (B, T, F)
     with record_resid(blocks, downstream) as resid_sae:  # the spliced run, from block L on
-        h_sae = final_norm(model)(run_blocks(blocks, L, a_hat.to(a.dtype), call))  # (B, T, D)
+        h_sae = final_norm(model)(run_blocks(blocks, L, a_hat.to(a.dtype), calls))  # (B, T, D)
     kl = unembed_kl(h_orig, h_sae, model.get_output_embeddings(), kl_chunk_rows)
     if cfg.loss == "e2e":
         loss, terms = e2e_loss(kl, c, phi, cfg.kl_coeff)
     else:
-        loss, terms = e2e_ds_loss(kl, c, [resid_orig[k] for k in downstream], [resid_sae[k] for k in downstream],
+        loss, terms = e2e_ds_loss(kl, c, [calls[k].x for k in downstream], [resid_sae[k] for k in downstream],
                                   phi, cfg.downstream_coeff, cfg.kl_coeff)
     return loss, terms, c
 
@@ -850,6 +897,128 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# -----------------------------------------------------------------------------
+# Checkpoints and the output folder (boilerplate: nothing here is part of the method)
+
+RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "checkpoint.safetensors", "checkpoint.json")
+
+
+def atomic_write(path: Path, write):
+    """write(tmp) into a temporary file beside path, then rename it over path. A crash at any moment
+    leaves the old file or the new one, never half of one (os.replace is atomic on one filesystem)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file either
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, sae: SAE, optimizer, state: dict):
+    """checkpoint.safetensors: the SAE's raw parameters, Adam's moments and step counts, and the RNG
+    states; `state` (step, config, ...) and Adam's hyper-parameters as JSON in the same file's header,
+    so tensors and counters are replaced together in one rename. checkpoint.json is a readable copy."""
+    tensors = {f"sae.{k}": v for k, v in sae.state_dict().items()}
+    adam = optimizer.state_dict()
+    for i, param_state in adam["state"].items():
+        tensors.update({f"adam.{i}.{k}": v for k, v in param_state.items()})
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    text = json.dumps({**state, "adam_param_groups": adam["param_groups"]}, indent=2)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(out / "checkpoint.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"state": text}))
+    atomic_write(out / "checkpoint.json", lambda tmp: tmp.write_text(text + "\n"))
+
+
+def checkpoint_state(folder: Path) -> dict:
+    """The JSON part of folder/checkpoint.safetensors (read from its header only)."""
+    path = Path(folder) / "checkpoint.safetensors"
+    if not path.is_file():
+        raise UserError(f"{folder} holds no checkpoint.safetensors to resume from")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["state"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is not a valid checkpoint ({first_line(e)})") from None
+
+
+def load_checkpoint(folder: Path, sae: SAE, optimizer) -> dict:
+    """Restore the SAE, Adam and the RNGs from folder/checkpoint.safetensors; returns its state."""
+    state, path = checkpoint_state(folder), Path(folder) / "checkpoint.safetensors"
+    try:
+        t = load_file(str(path))
+        sae.load_state_dict({k.removeprefix("sae."): v for k, v in t.items() if k.startswith("sae.")})
+        adam = {}
+        for k, v in t.items():
+            if k.startswith("adam."):
+                _, i, name = k.split(".")
+                adam.setdefault(int(i), {})[name] = v
+        optimizer.load_state_dict({"state": adam, "param_groups": state["adam_param_groups"]})
+        torch.set_rng_state(t["rng.cpu"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path} is not a valid checkpoint for this run ({first_line(e)})") from None
+    if torch.cuda.is_available() and "rng.cuda.0" in t:
+        torch.cuda.set_rng_state_all([t[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in t])
+    return state
+
+
+def check_out_dir(cfg: Config):
+    """Refuse to start a run over another one (finished or not) unless --overwrite says so."""
+    out = Path(cfg.out_dir)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not cfg.overwrite and not cfg.resume:
+        what = "a finished run" if "metrics.json" in found else "an unfinished run"
+        raise UserError(f"{out} already holds {what} ({', '.join(found)}): pass --overwrite to replace it"
+                        + (f", --resume {out} to continue it" if "checkpoint.safetensors" in found else "")
+                        + ", or another --out-dir")
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl (a line cut short by a crash is dropped)."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
+class StopSignal:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) only set .signum, so that
+    the loop can finish its step and checkpoint. A second signal acts as usual (handlers are restored)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+        self._restore()
+
+    def _restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def __enter__(self):
+        self._old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after writing its checkpoint; main() exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class NonFiniteLoss(Exception):
+    """The loss or the gradient of a step is NaN or infinite (raised before the weights are updated)."""
+
+
 def flops_per_token(model, blocks, sae: SAE, loss: str, layer: int, n_ctx: int) -> int:
     """Matrix-multiply FLOPs of one training token (2 per multiply-add), from the shapes, for the work
     compute_loss does; elementwise work (norms, softmax, GELU) is left out, as is usual for MFU.
@@ -863,8 +1032,9 @@ def flops_per_token(model, blocks, sae: SAE, loss: str, layer: int, n_ctx: int) 
     The frozen model's backward computes input gradients only: 2P per block (1× the forward) and 8TD for
     attention (the gradients of both of its products).
       local    L blocks forward, the SAE forward and backward
-      e2e(ds)  clean run (n blocks, unembedding); spliced run from L (n − L blocks, unembedding) and its
-               backward; the SAE forward and backward. The downstream MSE adds no matmul."""
+      e2e(ds)  clean run (n blocks); spliced run from L (n − L blocks) and its backward; the SAE forward
+               and backward; and three unembeddings in unembed_kl (both runs' logits, and the gradient
+               (q − p) W_U). The downstream MSE adds no matmul."""
     D, F_, n = sae.encoder.in_features, sae.encoder.out_features, len(blocks)
     V = model.get_output_embeddings().weight.shape[0]
     P = sum(p.numel() for p in blocks[0].parameters() if p.ndim == 2)
@@ -877,9 +1047,10 @@ def flops_per_token(model, blocks, sae: SAE, loss: str, layer: int, n_ctx: int) 
     return clean + spliced
 
 
-# Dense bf16 tensor-core peak of some GPUs in FLOP/s (vendor data sheets), for MFU. First match wins.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12,
-                   "A100": 312e12, "A10G": 70e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12}
+# Dense bf16 tensor-core peak of some GPUs in FLOP/s (vendor data sheets), for MFU. The first key found
+# in torch.cuda.get_device_name() wins, so longer names come before their prefixes.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12, "H200": 989e12,
+                   "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
 
 
 def peak_flops(device: torch.device, dtype: str) -> float | None:
@@ -962,13 +1133,21 @@ def train_step(cfg: Config, model, blocks, sae: SAE, optimizer, micro_batches, a
         for k, v in {"loss": loss, **terms, "l0": l0}.items():
             totals[k] = totals.get(k, 0.0) + v.detach() / len(micro_batches)
     grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    if not torch.isfinite(totals["loss"] + grad_norm):  # waits for the GPU once a step: no NaN reaches the weights
+        raise NonFiniteLoss(", ".join(f"{k} {v.item():.4g}" for k, v in {**totals, "grad_norm": grad_norm}.items()))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals, grad_norm
 
 
 def train(cfg: Config) -> dict:
-    """Train an SAE as cfg says, write the output folder, and return the final metrics."""
+    """Train an SAE as cfg says (or continue the run in cfg.resume), write the output folder, and
+    return the final metrics."""
+    out = Path(cfg.out_dir)
+    if cfg.resume and (out / "metrics.json").exists() and not (out / "checkpoint.safetensors").exists():
+        print(f"{out} holds a finished run: nothing to resume")
+        return json.loads((out / "metrics.json").read_text())
+    check_out_dir(cfg)
     device, autocast, model, tokenizer, blocks = setup(cfg)
     d_model = model.config.hidden_size
     dict_size = round(cfg.dict_ratio * d_model)
@@ -976,27 +1155,41 @@ def train(cfg: Config) -> dict:
         raise UserError(f"--dict-ratio {cfg.dict_ratio} × width {d_model} leaves no dictionary element")
     torch.manual_seed(cfg.seed)
     sae = SAE(d_model, dict_size).to(device)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    n_steps = cfg.n_samples // cfg.samples_per_step
+    warmup_steps = cfg.warmup_samples // cfg.samples_per_step
+    start_step, train_seconds, totals, steps_since_log = 0, 0.0, {}, 0
+    if cfg.resume:
+        state = load_checkpoint(out, sae, optimizer)
+        start_step, train_seconds = state["step"], state["train_seconds"]
+        totals, steps_since_log = state["log_totals"], state["steps_since_log"]  # the log line in progress
     eval_tokens, train_seqs = load_data(cfg, tokenizer, model.config.vocab_size)
+    # The data position of a checkpoint is the number of training sequences read: the same seed gives
+    # the same order, so a resumed run skips them and goes on exactly as the run left alone would.
+    if start_step:
+        print(f"resuming at step {start_step} of {n_steps}: skipping the {start_step * cfg.samples_per_step:,} "
+              "training sequences already seen")
+    train_seqs = itertools.islice(train_seqs, start_step * cfg.samples_per_step, None)
     # Read the first training sequence now: a dataset with no training rows fails before anything is
     # written, and the one-time read of a local dataset is not timed as training.
     train_seqs = itertools.chain([next(train_seqs)], train_seqs)
     out = make_out_dir(cfg.out_dir)
+    if cfg.overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     if cfg.compile:
         compile_forwards(sae, *blocks)
 
     run_info = {**asdict(cfg), "d_model": d_model, "dict_size": dict_size, "n_layers": len(blocks)}
-    (out / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(run_info, indent=2) + "\n"))
+    old_log = read_log(out / "log.jsonl") if start_step else []
     log_file = open(out / "log.jsonl", "w")
+    log_file.writelines(json.dumps(r) + "\n" for r in old_log if r["step"] <= start_step)  # a resumed run keeps its past
 
     def log(record):
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
-    n_steps = cfg.n_samples // cfg.samples_per_step
-    warmup_steps = cfg.warmup_samples // cfg.samples_per_step
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, warmup_steps=warmup_steps, total_steps=n_steps, min_ratio=cfg.lr_min_ratio))
     tokens_per_step = cfg.samples_per_step * cfg.n_ctx
     flops = flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx)
     peak = peak_flops(device, cfg.dtype)
@@ -1005,45 +1198,70 @@ def train(cfg: Config) -> dict:
     def micro_batch():
         return torch.stack([next(train_seqs) for _ in range(cfg.batch_size)]).to(device)  # (B, T)
 
+    def checkpoint(step):
+        save_checkpoint(out, sae, optimizer, {
+            "step": step, "samples": step * cfg.samples_per_step, "train_seconds": train_seconds, "config": run_info,
+            "log_totals": {k: float(v) for k, v in totals.items()}, "steps_since_log": steps_since_log})
+
+    def crossed(every, samples):  # did the last step pass a multiple of `every` samples?
+        return every > 0 and samples % every < cfg.samples_per_step
+
     print(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={d_model} F={dict_size} λ={cfg.sparsity_coeff:g} "
           f"| {n_steps} steps of {cfg.samples_per_step} × {cfg.n_ctx} tokens | {device} {cfg.dtype} → {out}")
-    bar = tqdm(range(n_steps), desc="train", dynamic_ncols=True, mininterval=1.0)
-    totals, t_log, steps_since_log, train_seconds = {}, time.perf_counter(), 0, 0.0
-    for step in bar:
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
-        terms, grad_norm = train_step(cfg, model, blocks, sae, optimizer,
-                                      [micro_batch() for _ in range(cfg.grad_accum)], autocast)
-        scheduler.step()
-        for k, v in terms.items():
-            totals[k] = totals.get(k, 0.0) + v
-        # ---- diagnostics -------------------------------------------------------------------
-        steps_since_log += 1
-        samples = (step + 1) * cfg.samples_per_step
-        if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
-            record = {f"train/{k}": v.item() / steps_since_log for k, v in totals.items()}  # .item() syncs
-            elapsed = time.perf_counter() - t_log
-            train_seconds += elapsed
-            record.update({"train/grad_norm": grad_norm.item(), "train/lr": lr,
-                           "tokens_per_s": steps_since_log * tokens_per_step / elapsed})
-            if peak:  # model FLOP utilisation: the FLOPs the method needs per second, over the GPU's peak
-                record["mfu"] = record["tokens_per_s"] * flops / peak
-            log({"step": step + 1, "samples": samples, **record})
-            bar.set_postfix_str(" ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in record.items() if k != "train/lr"))
-            totals, t_log, steps_since_log = {}, time.perf_counter(), 0
-        crossed_eval_point = samples % cfg.eval_every < cfg.samples_per_step if cfg.eval_every else False
-        if crossed_eval_point and step + 1 < n_steps:  # the last step's evaluation comes after the loop
-            t_eval = time.perf_counter()
-            metrics = do_eval()
-            log({"step": step + 1, "samples": samples, **{f"eval/{k}": v for k, v in metrics.items()}})
-            tqdm.write(f"eval @ {samples} samples: {format_metrics(metrics)}")
-            t_log += time.perf_counter() - t_eval  # evaluation time does not count against training tokens/s
+    bar = tqdm(range(start_step, n_steps), desc="train", dynamic_ncols=True, mininterval=1.0,
+               initial=start_step, total=n_steps)
+    t_log = time.perf_counter()
+    with StopSignal() as stop:
+        for step in bar:
+            lr = cfg.lr * lr_factor(step, warmup_steps, n_steps, cfg.lr_min_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                terms, grad_norm = train_step(cfg, model, blocks, sae, optimizer,
+                                              [micro_batch() for _ in range(cfg.grad_accum)], autocast)
+            except NonFiniteLoss as e:
+                last = checkpoint_state(out)["step"] if (out / "checkpoint.safetensors").exists() else None
+                raise UserError(f"step {step + 1}: the loss or its gradient is not finite ({e}); stopped before the "
+                                "update. " + (f"The checkpoint of step {last} in {out} is intact (--resume {out}); "
+                                              "a lower --lr may help" if last is not None else
+                                              "No checkpoint was written yet; a lower --lr may help")) from None
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v
+            # ---- diagnostics -------------------------------------------------------------------
+            steps_since_log += 1
+            samples = (step + 1) * cfg.samples_per_step
+            if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps:
+                record = {f"train/{k}": float(v) / steps_since_log for k, v in totals.items()}  # float() syncs
+                elapsed = time.perf_counter() - t_log
+                train_seconds += elapsed
+                record.update({"train/grad_norm": grad_norm.item(), "train/lr": lr,
+                               "tokens_per_s": steps_since_log * tokens_per_step / elapsed})
+                if peak:  # model FLOP utilisation: the FLOPs the method needs per second, over the GPU's peak
+                    record["mfu"] = record["tokens_per_s"] * flops / peak
+                log({"step": step + 1, "samples": samples, **record})
+                bar.set_postfix_str(" ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in record.items() if k != "train/lr"))
+                totals, t_log, steps_since_log = {}, time.perf_counter(), 0
+            t_pause = time.perf_counter()
+            if crossed(cfg.eval_every, samples) and step + 1 < n_steps:  # the last evaluation comes after the loop
+                metrics = do_eval()
+                log({"step": step + 1, "samples": samples, **{f"eval/{k}": v for k, v in metrics.items()}})
+                tqdm.write(f"eval @ {samples} samples: {format_metrics(metrics)}")
+            if (crossed(cfg.save_every, samples) and step + 1 < n_steps) or stop.signum:
+                checkpoint(step + 1)
+            t_log += time.perf_counter() - t_pause  # evaluations and checkpoints do not count against tokens/s
+            if stop.signum:
+                bar.close()
+                raise Interrupted(stop.signum, f"{signal.Signals(stop.signum).name} after step {step + 1} of {n_steps}: "
+                                  f"checkpoint written to {out}; continue with: python e2e_sae.py --resume {out}")
 
     metrics = do_eval()
     log({"step": n_steps, "samples": n_steps * cfg.samples_per_step, **{f"eval/{k}": v for k, v in metrics.items()}})
     log_file.close()
-    save_sae(sae, out / "sae.safetensors")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    tokens_per_s = n_steps * tokens_per_step / train_seconds
+    atomic_write(out / "sae.safetensors", lambda tmp: save_sae(sae, tmp))
+    atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+    for name in ("checkpoint.safetensors", "checkpoint.json"):  # the run is complete: sae.safetensors holds it
+        (out / name).unlink(missing_ok=True)
+    tokens_per_s = n_steps * tokens_per_step / train_seconds  # over all sessions of a resumed run
     print(f"trained on {n_steps * tokens_per_step:,} tokens in {train_seconds:.1f} s ({tokens_per_s:,.0f} tokens/s"
           + (f", MFU {tokens_per_s * flops / peak:.1%}" if peak else "") + ", evaluation excluded)")
     print(f"final: {format_metrics(metrics)}")
@@ -1068,30 +1286,38 @@ def benchmark(cfg: Config) -> dict:
     def step():
         micro_batches = [torch.randint(vocab_size, (cfg.batch_size, cfg.n_ctx), generator=g).to(device)  # (B, T)
                          for _ in range(cfg.grad_accum)]
-        terms, _ = train_step(cfg, model, blocks, sae, optimizer, micro_batches, autocast)
-        terms["loss"].item()  # wait for the step to finish (the GPU runs ahead of Python)
+        train_step(cfg, model, blocks, sae, optimizer, micro_batches, autocast)
+
+    def sync():  # the GPU runs ahead of Python: wait for it before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     print(f"benchmark: {cfg.loss} at layer {cfg.layer} of {cfg.model} (D={d_model}, F={sae.encoder.out_features}) "
           f"| {cfg.grad_accum} × {cfg.batch_size} × {cfg.n_ctx} tokens per step | {device} {cfg.dtype}"
           f"{' compiled' if cfg.compile else ''} | {cfg.bench_warmup} warm-up + {cfg.bench_steps} timed steps")
     for _ in range(cfg.bench_warmup):  # compilation, the allocator's pools, cuBLAS's kernel choices
         step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the steady state: Adam's moments exist by now
     t0 = time.perf_counter()
     for _ in range(cfg.bench_steps):
         step()
+    sync()
     seconds = time.perf_counter() - t0
     tokens_per_s = cfg.bench_steps * cfg.samples_per_step * cfg.n_ctx / seconds
     flops = flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx)
     peak = peak_flops(device, cfg.dtype)
     result = {"tokens_per_s": tokens_per_s, "step_s": seconds / cfg.bench_steps, "flops_per_token": flops,
               "tflops_per_s": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / peak if peak else None,
-              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+              "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None}
     print(f"tokens/s {tokens_per_s:,.0f} | {result['step_s'] * 1e3:.1f} ms per step | "
           f"{flops / 1e9:.3f} GFLOP per token (see flops_per_token) → {result['tflops_per_s']:.2f} TFLOP/s")
     print(f"MFU {result['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s (bf16 peak of {torch.cuda.get_device_name(device)})"
           if peak else "MFU: n/a (needs a GPU of known bf16 peak, see PEAK_BF16_FLOPS, and --dtype bf16)")
-    print(f"peak GPU memory {result['peak_memory_gib']:.2f} GiB" if result["peak_memory_gib"] is not None
-          else "peak GPU memory: n/a on the CPU")
+    print(f"peak GPU memory {result['peak_memory_gib']:.2f} GiB allocated, {result['peak_reserved_gib']:.2f} GiB "
+          "reserved by PyTorch's allocator (timed steps)" if device.type == "cuda" else "peak GPU memory: n/a on the CPU")
     return result
 
 
@@ -1127,6 +1353,12 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C
+        print("stopped: interrupted (any checkpoint already written is intact)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ Run: python -m pytest -q test_e2e_sae.py
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -15,10 +18,12 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 import e2e_sae as E
 
@@ -447,11 +452,20 @@ def other_models():
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=300))
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
                                             intermediate_size=64, vocab_size=100))
-    return {"llama": llama, "neox": neox}
+    # Layers that differ: blocks 2 and 3 attend over a sliding window of 8 positions, 0 and 1 over all.
+    qwen = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=300, use_sliding_window=True,
+                                        sliding_window=8, max_window_layers=2))
+    # Alternating sliding-window and global layers, each kind with its own rotary embeddings.
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                               vocab_size=300, sliding_window=8, sliding_window_pattern=2))
+    return {"llama": llama, "neox": neox, "qwen": qwen, "gemma": gemma}
 
 
 @pytest.mark.parametrize("arch, loss, layer", [("gpt2", "e2e", 5), ("gpt2", "e2e_ds", 0), ("gpt2", "e2e_ds", 10),
-                                               ("llama", "e2e_ds", 1), ("neox", "e2e", 2)])
+                                               ("llama", "e2e_ds", 1), ("neox", "e2e", 2), ("qwen", "e2e_ds", 1),
+                                               ("gemma", "e2e", 0)])
 def test_fast_path_matches_the_plain_computation(tiny, arch, loss, layer):
     """Numerical guard for compute_loss (the spliced run resumed at block L, the chunked KL from hidden
     states, bf16 autocast) against reference_loss in fp32. Tolerances:
@@ -475,6 +489,7 @@ def test_fast_path_matches_the_plain_computation(tiny, arch, loss, layer):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, terms, _ = E.compute_loss(cfg, model, blocks, sae, tokens, kl_chunk_rows=37)  # 37 ∤ 128: a ragged chunk
         loss.backward()
+        assert all(p.grad is None for p in model.parameters())  # the frozen model gets no gradient
         for k in ref_terms:
             assert terms[k].item() == pytest.approx(ref_terms[k].item(), rel=rel), (k, bf16)
         for p, g_ref in zip(sae.parameters(), ref_grads):
@@ -848,7 +863,7 @@ def test_a_dataset_without_training_rows_leaves_an_earlier_run_intact(tmp_path):
     (out / "config.json").write_text("{}")
     source = write_sources(tmp_path, [list(range(16))] * 4)[0]
     with pytest.raises(E.UserError, match="no sequences left for training"):
-        E.train(E.Config(model="tiny", dataset=source, n_ctx=16, eval_samples=4, out_dir=str(out)))
+        E.train(E.Config(model="tiny", dataset=source, n_ctx=16, eval_samples=4, out_dir=str(out), overwrite=True))
     assert [p.name for p in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "{}"
 
 
@@ -894,3 +909,265 @@ def test_llama_style_model_trains_and_evaluates(tmp_path):
         metrics = E.train(cfg)
         check_output_folder(tmp_path / loss, loss, 4, 2)
         assert set(metrics) == METRIC_KEYS and set(metrics["downstream_mse"]) == {3}
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, exact resume, bad input, bad numbers
+
+
+def run_args(out: Path, data: str, *extra):
+    """A tiny run that crosses its warm-up, two evaluations and three checkpoints in 48 steps."""
+    return ["--model", "tiny", "--dataset", data, "--n-ctx", "16", "--batch-size", "4", "--grad-accum", "2",
+            "--n-samples", "384", "--warmup-samples", "64", "--eval-samples", "8", "--eval-every", "128",
+            "--save-every", "96", "--log-every", "4", "--dict-ratio", "4", "--device", "cpu",
+            "--out-dir", str(out), *extra]
+
+
+def train_lines(out: Path):
+    """The log without its timings: what must be the same whether or not the run was interrupted."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in E.read_log(out / "log.jsonl")]
+
+
+def assert_same_run(a: Path, b: Path):
+    sae_a, sae_b = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
+    assert all(torch.equal(sae_a[k], sae_b[k]) for k in sae_a)  # bitwise (CPU kernels are deterministic)
+    assert json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
+    assert train_lines(a) == train_lines(b)
+
+
+def test_sigterm_checkpoints_and_resume_ends_bitwise_equal(tmp_path):
+    """A real signal from outside: SIGTERM to a subprocess once its first checkpoint exists (step 12 of
+    96), then --resume, compared with the same run left alone. The data are streamed (random tokens
+    through the shuffle buffer)."""
+    args = lambda out: run_args(out, "random", "--n-samples", "768")
+    E.train(E.parse_config(args(tmp_path / "alone")))
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "e2e_sae.py", *args(out)], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not (out / "checkpoint.json").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    last_line = stderr.strip().splitlines()[-1]  # after the progress bar, which tqdm draws on stderr
+    assert last_line.startswith("stopped: SIGTERM after step") and "Traceback" not in stderr
+    assert last_line.endswith(f"checkpoint written to {out}; continue with: python e2e_sae.py --resume {out}")
+    step = json.loads((out / "checkpoint.json").read_text())["step"]
+    assert 12 <= step < 96 and not (out / "sae.safetensors").exists()
+    E.train(E.parse_config(["--resume", str(out)]))
+    assert_same_run(tmp_path / "alone", out)
+
+
+def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
+    """Deliver `signum` to this process during optimiser step `step` (counted from 1)."""
+    calls = {"n": 0}
+    real = E.train_step
+
+    def train_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "train_step", train_step)
+
+
+@pytest.mark.parametrize("data", ["random", "jsonl"])
+def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, monkeypatch, data):
+    if data == "jsonl":  # a local dataset: held in memory, reshuffled every epoch (384 samples = 2.4 epochs)
+        data = write_sources(tmp_path, torch.randint(512, (168, 16), generator=torch.Generator().manual_seed(3)).tolist())[1]
+    E.train(E.parse_config(run_args(tmp_path / "alone", data)))
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 29)  # between the checkpoints of steps 24 and 36, after the warm-up and an evaluation
+        with pytest.raises(E.Interrupted, match="SIGINT after step 29 of 48"):
+            E.train(E.parse_config(run_args(out, data)))
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 29
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    E.train(E.parse_config(["--resume", str(out), "--eval-every", "128"]))  # a harmless flag may change
+    assert_same_run(tmp_path / "alone", out)
+    assert not (out / "checkpoint.safetensors").exists()  # a finished run keeps only its SAE
+
+
+def test_resume_from_a_periodic_checkpoint_after_a_hard_kill(tmp_path, monkeypatch):
+    """No signal handler runs on SIGKILL: the run restarts from its last periodic checkpoint (step 36)
+    and rewrites the log lines written after it."""
+    E.train(E.parse_config(run_args(tmp_path / "alone", "random")))
+    out = tmp_path / "killed"
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    real = E.train_step
+    calls = {"n": 0}
+
+    def train_step(*args, **kwargs):
+        calls["n"] += 1
+        return killed() if calls["n"] == 43 else real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "train_step", train_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        E.train(E.parse_config(run_args(out, "random")))
+    monkeypatch.setattr(E, "train_step", real)
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 36
+    assert max(r["step"] for r in E.read_log(out / "log.jsonl")) == 40  # lines past the checkpoint ...
+    E.train(E.parse_config(["--resume", str(out)]))
+    assert_same_run(tmp_path / "alone", out)  # ... are replaced, not repeated
+
+
+def test_resume_refuses_a_contradicting_config(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(E.Interrupted):
+            E.train(E.parse_config(run_args(out, "random")))
+    for flags, message in [(["--layer", "5"], "--layer 5 contradicts the checkpoint .* \\(--layer 6\\)"),
+                           (["--model", "gpt2"], "--model gpt2 contradicts the checkpoint .* \\(--model tiny\\)"),
+                           (["--dict-ratio", "8"], "--dict-ratio 8.0 contradicts the checkpoint .* \\(--dict-ratio 4.0\\)"),
+                           (["--loss", "local"], "--loss local contradicts"),
+                           (["--out-dir", str(tmp_path / "elsewhere")], "--out-dir cannot be combined with --resume")]:
+        with pytest.raises(E.UserError, match=message):
+            E.parse_config(["--resume", str(out), *flags])
+    cfg = E.parse_config(["--resume", str(out), "--eval-every", "64", "--log-every", "1", "--device", "cpu"])
+    assert (cfg.eval_every, cfg.log_every, cfg.layer, cfg.out_dir) == (64, 1, 6, str(out))
+    # A checkpoint whose SAE does not fit the model (here: a width of 32 instead of 64) is refused too.
+    t = load_file(str(out / "checkpoint.safetensors"))
+    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    t["sae.encoder.weight"] = torch.zeros(256, 32)
+    save_file(t, str(out / "checkpoint.safetensors"), metadata=metadata)
+    with pytest.raises(E.UserError, match="not a valid checkpoint for this run"):
+        E.train(E.parse_config(["--resume", str(out)]))
+
+
+def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    """SIGKILL a process that writes checkpoints in a loop, at whatever moment; the files it leaves
+    always load, as the checkpoint of some step it completed."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(HERE)!r})
+import e2e_sae as E
+from pathlib import Path
+sae = E.SAE(64, 8192)
+opt = torch.optim.Adam(sae.parameters())
+sae(torch.randn(2, 64))[0].sum().backward()
+opt.step()
+for step in range(1, 10**6):
+    with torch.no_grad():
+        sae.encoder.bias.fill_(step)
+    E.save_checkpoint(Path({str(tmp_path)!r}), sae, opt, {{"step": step}})
+    print(step, flush=True)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    done = [int(proc.stdout.readline()) for _ in range(3)]  # three complete checkpoints ...
+    time.sleep(0.37)  # ... then a kill in the middle of whatever comes next
+    proc.kill()
+    proc.wait()
+    state = E.checkpoint_state(tmp_path)
+    sae = E.SAE(64, 8192)
+    E.load_checkpoint(tmp_path, sae, torch.optim.Adam(sae.parameters()))
+    assert state["step"] >= done[-1] and torch.all(sae.encoder.bias == state["step"])
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] in (state["step"], state["step"] - 1)
+
+
+def test_a_failed_checkpoint_write_changes_nothing(tmp_path, monkeypatch):
+    sae = E.SAE(8, 16)
+    opt = torch.optim.Adam(sae.parameters())
+    E.save_checkpoint(tmp_path, sae, opt, {"step": 1})
+    before = (tmp_path / "checkpoint.safetensors").read_bytes()
+
+    def half_written(tensors, path, metadata=None):
+        Path(path).write_bytes(before[: len(before) // 2])
+        raise KeyboardInterrupt  # the moment a kill would strike
+
+    monkeypatch.setattr(E, "save_file", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        E.save_checkpoint(tmp_path, sae, opt, {"step": 2})
+    assert (tmp_path / "checkpoint.safetensors").read_bytes() == before
+    assert E.checkpoint_state(tmp_path)["step"] == 1
+
+
+def test_a_planted_nan_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = E.compute_loss
+    calls = {"n": 0}
+
+    def compute_loss(*args, **kwargs):
+        loss, terms, c = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2 * 30 - 1:  # the first micro-batch of step 30
+            terms["kl"] = terms["kl"] * float("nan")
+            loss = loss + terms["kl"]
+        return loss, terms, c
+
+    monkeypatch.setattr(E, "compute_loss", compute_loss)
+    with pytest.raises(E.UserError) as e:
+        E.train(E.parse_config(run_args(out, "random")))
+    message = str(e.value)
+    assert message.startswith("step 30: the loss or its gradient is not finite (loss nan, kl nan, sparsity ")
+    assert f"The checkpoint of step 24 in {out} is intact" in message
+    sae = E.SAE(64, 256)
+    state = E.load_checkpoint(out, sae, torch.optim.Adam(sae.parameters()))
+    assert state["step"] == 24 and all(torch.isfinite(p).all() for p in sae.parameters())
+    assert not (out / "sae.safetensors").exists()
+
+
+def test_an_output_folder_with_a_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = run_args(out, "random", "--n-samples", "32")
+    E.train(E.parse_config(args))
+    first = (out / "sae.safetensors").read_bytes()
+    with pytest.raises(E.UserError, match="already holds a finished run .*: pass --overwrite to replace it"):
+        E.train(E.parse_config(args))
+    assert (out / "sae.safetensors").read_bytes() == first
+    E.train(E.parse_config(["--resume", str(out)]))  # nothing to resume
+    assert "holds a finished run: nothing to resume" in capsys.readouterr().out
+    E.train(E.parse_config([*args, "--overwrite", "--seed", "1"]))
+    assert (out / "sae.safetensors").read_bytes() != first
+
+
+def bad_checkpoint(tmp_path, kind):
+    out = tmp_path / "run"
+    out.mkdir()
+    sae = E.SAE(64, 256)
+    E.save_checkpoint(out, sae, torch.optim.Adam(sae.parameters()), {"step": 1, "config": {}})
+    path = out / "checkpoint.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if kind == "truncated" else b"\x00" * 64 + data[64:])
+    return str(out)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda p: ["--layer", "12"], "--layer 12 is outside the model's blocks 0 … 11"),
+    (lambda p: ["--loss", "l2"], "--loss must be one of local, e2e, e2e_ds, not 'l2'"),
+    (lambda p: ["--sparsity-coeff", "-1"], "--sparsity-coeff must be a finite number ≥ 0, not -1.0"),
+    (lambda p: ["--downstream-coeff", "nan"], "--downstream-coeff must be a finite number ≥ 0, not nan"),
+    (lambda p: ["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (lambda p: ["--lr", "-0.1"], "--lr must be a finite number ≥ 0, not -0.1"),
+    (lambda p: ["--dict-ratio", "0"], "--dict-ratio must be > 0, not 0.0"),
+    (lambda p: ["--batch-size", "-4"], "--batch-size must be > 0, not -4"),
+    (lambda p: ["--n-ctx", "4096"], "--n-ctx 4096 is longer than the model's context of 1024 tokens"),
+    (lambda p: ["--dataset", str(p / "nope.jsonl")], "nope.jsonl: no such file or folder"),
+    (lambda p: ["--dataset", write_sources(p, [[1, 2, 3]] * 4)[1], "--n-ctx", "16"],
+     "holds only 0 sequences of 16 tokens, fewer than --eval-samples 32"),
+    (lambda p: (p / "rows.jsonl").write_text('{"tokens": [1, 2]}\n') and ["--dataset", str(p / "rows.jsonl")],
+     "dataset rows need an 'input_ids' or a 'text' column; these have \\['tokens'\\]"),
+    (lambda p: ["--eval-only", "--sae", str(p), "--layer", "3"], "holds no sae.safetensors"),
+    (lambda p: (p / "sae.safetensors").write_bytes(b"garbage") and ["--eval-only", "--sae", str(p), "--layer", "3"],
+     "sae.safetensors is not a valid SAE file"),
+    (lambda p: ["--resume", str(p)], "holds no checkpoint.safetensors to resume from"),
+    (lambda p: ["--resume", bad_checkpoint(p, "truncated")], "checkpoint.safetensors is not a valid checkpoint"),
+    (lambda p: ["--resume", bad_checkpoint(p, "corrupt")], "checkpoint.safetensors is not a valid checkpoint"),
+    (lambda p: (p / "metrics.json").write_text("{}") and ["--out-dir", str(p)], "already holds a finished run"),
+    (lambda p: ["--resume", str(p), "--overwrite"], "--overwrite cannot be combined with --resume"),
+])
+def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, capsys, make_args, message):
+    args = make_args(tmp_path)
+    argv = args if "--resume" in args else ["--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path / "out"), *args]
+    with pytest.raises(SystemExit) as e:
+        E.main(argv)
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and len(captured.err.strip().splitlines()) == 1, captured.err
+    assert re.search(message, captured.err), captured.err
+    assert "Traceback" not in captured.err and "usage:" not in captured.err
