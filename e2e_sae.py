@@ -143,6 +143,8 @@ class Config:
             self.sparsity_coeff = PAPER_SPARSITY_COEFF[self.loss]
         if self.kl_coeff is None:
             self.kl_coeff = PAPER_KL_COEFF[self.loss]
+        if self.resume is not None:
+            self.out_dir = self.resume  # a resumed run writes where it was
         if self.out_dir is None:
             self.out_dir = f"out/{self.loss}_layer{self.layer}"
         if self.device is None:
@@ -248,7 +250,9 @@ def eval_only_config(given: dict) -> Config:
     return Config(**cfg)
 
 
-# Flags that may differ from the checkpoint's when resuming: they change neither the SAE nor the data.
+# Flags that may differ from the checkpoint's when resuming. The first three change neither the SAE nor
+# the data; another device, dtype or --compile changes the arithmetic, so the run is then no longer
+# bitwise the one left alone. Unless given, these too are the checkpoint's.
 RESUMABLE = ("eval_every", "log_every", "save_every", "device", "dtype", "compile")
 
 
@@ -261,7 +265,8 @@ def resume_config(given: dict) -> Config:
     if (folder / "metrics.json").exists() and not (folder / "checkpoint.safetensors").exists():
         saved = read_saved_config(folder)  # a finished run: train() says there is nothing to resume
     else:
-        saved = config_fields(checkpoint_state(folder)["config"])
+        config = checkpoint_state(folder)["config"]
+        saved = {**config_fields(config), **{k: config[k] for k in ("device", "dtype") if k in config}}
     for key, value in given.items():
         flag = "--" + key.replace("_", "-")
         if key not in RESUMABLE and key != "resume" and value != saved.get(key):
@@ -681,6 +686,8 @@ def open_rows(dataset: str):
             raise UserError(f"--dataset {dataset}: the folder holds no .txt files and no save_to_disk dataset")
         builder = "text"
     elif path.is_file():
+        if path.stat().st_size == 0:
+            raise UserError(f"--dataset {dataset} is an empty file")
         files, builder = [path], DATA_FILES.get(path.suffix)
         if builder is None:
             raise UserError(f"--dataset {dataset}: unknown file type (use {', '.join(DATA_FILES)})")
@@ -907,10 +914,15 @@ def atomic_write(path: Path, write):
     """write(tmp) into a temporary file beside path, then rename it over path. A crash at any moment
     leaves the old file or the new one, never half of one (os.replace is atomic on one filesystem)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file either
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file either
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({first_line(e)}); the previous version, if any, is intact") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(out: Path, sae: SAE, optimizer, state: dict):
@@ -994,6 +1006,8 @@ class StopSignal:
     def _handler(self, signum, frame):
         self.signum = signum
         self._restore()
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              "(a second signal stops at once)", file=sys.stderr)
 
     def _restore(self):
         for sig, old in self._old.items():
@@ -1103,7 +1117,7 @@ def setup(cfg: Config):
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
     transformers.logging.set_verbosity_error()  # keep the terminal for our own output
     transformers.logging.disable_progress_bar()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors reach the user as our one sentence
     datasets.disable_progress_bars()
     model, tokenizer = load_model(cfg.model, device)
     fp32_logits(model)
@@ -1182,9 +1196,9 @@ def train(cfg: Config) -> dict:
 
     run_info = {**asdict(cfg), "d_model": d_model, "dict_size": dict_size, "n_layers": len(blocks)}
     atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(run_info, indent=2) + "\n"))
-    old_log = read_log(out / "log.jsonl") if start_step else []
-    log_file = open(out / "log.jsonl", "w")
-    log_file.writelines(json.dumps(r) + "\n" for r in old_log if r["step"] <= start_step)  # a resumed run keeps its past
+    kept = [json.dumps(r) + "\n" for r in read_log(out / "log.jsonl") if r["step"] <= start_step] if start_step else []
+    atomic_write(out / "log.jsonl", lambda tmp: tmp.write_text("".join(kept)))  # a resumed run keeps its past
+    log_file = open(out / "log.jsonl", "a")
 
     def log(record):
         log_file.write(json.dumps(record) + "\n")
@@ -1206,6 +1220,25 @@ def train(cfg: Config) -> dict:
     def crossed(every, samples):  # did the last step pass a multiple of `every` samples?
         return every > 0 and samples % every < cfg.samples_per_step
 
+    def evaluate_and_log(step):
+        metrics = do_eval()
+        log({"step": step, "samples": step * cfg.samples_per_step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        if step < n_steps:
+            tqdm.write(f"eval @ {step * cfg.samples_per_step} samples: {format_metrics(metrics)}")
+        return metrics
+
+    def stop_if_signalled(stop, step):
+        if stop.signum:
+            checkpoint(step)
+            bar.close()
+            raise Interrupted(stop.signum, f"{signal.Signals(stop.signum).name} after step {step} of {n_steps}: "
+                              f"checkpoint written to {out}; continue with: python e2e_sae.py --resume {out}")
+
+    # A run stopped just before an evaluation resumes with it.
+    if 0 < start_step < n_steps and crossed(cfg.eval_every, start_step * cfg.samples_per_step) and not any(
+            r["step"] == start_step and "eval/kl" in r for r in read_log(out / "log.jsonl")):
+        evaluate_and_log(start_step)
+
     print(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={d_model} F={dict_size} λ={cfg.sparsity_coeff:g} "
           f"| {n_steps} steps of {cfg.samples_per_step} × {cfg.n_ctx} tokens | {device} {cfg.dtype} → {out}")
     bar = tqdm(range(start_step, n_steps), desc="train", dynamic_ncols=True, mininterval=1.0,
@@ -1222,9 +1255,9 @@ def train(cfg: Config) -> dict:
             except NonFiniteLoss as e:
                 last = checkpoint_state(out)["step"] if (out / "checkpoint.safetensors").exists() else None
                 raise UserError(f"step {step + 1}: the loss or its gradient is not finite ({e}); stopped before the "
-                                "update. " + (f"The checkpoint of step {last} in {out} is intact (--resume {out}); "
-                                              "a lower --lr may help" if last is not None else
-                                              "No checkpoint was written yet; a lower --lr may help")) from None
+                                "update. " + (f"The checkpoint of step {last} in {out} is intact, but resuming "
+                                              "repeats the same steps: " if last is not None else "")
+                                + "start again with a lower --lr (and --overwrite)") from None
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + v
             # ---- diagnostics -------------------------------------------------------------------
@@ -1241,21 +1274,18 @@ def train(cfg: Config) -> dict:
                 log({"step": step + 1, "samples": samples, **record})
                 bar.set_postfix_str(" ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in record.items() if k != "train/lr"))
                 totals, t_log, steps_since_log = {}, time.perf_counter(), 0
+            stop_if_signalled(stop, step + 1)  # before the evaluation: a pre-emption's grace period may be short
             t_pause = time.perf_counter()
             if crossed(cfg.eval_every, samples) and step + 1 < n_steps:  # the last evaluation comes after the loop
-                metrics = do_eval()
-                log({"step": step + 1, "samples": samples, **{f"eval/{k}": v for k, v in metrics.items()}})
-                tqdm.write(f"eval @ {samples} samples: {format_metrics(metrics)}")
-            if (crossed(cfg.save_every, samples) and step + 1 < n_steps) or stop.signum:
+                evaluate_and_log(step + 1)
+            if crossed(cfg.save_every, samples) and step + 1 < n_steps:
                 checkpoint(step + 1)
             t_log += time.perf_counter() - t_pause  # evaluations and checkpoints do not count against tokens/s
-            if stop.signum:
-                bar.close()
-                raise Interrupted(stop.signum, f"{signal.Signals(stop.signum).name} after step {step + 1} of {n_steps}: "
-                                  f"checkpoint written to {out}; continue with: python e2e_sae.py --resume {out}")
+            stop_if_signalled(stop, step + 1)
 
-    metrics = do_eval()
-    log({"step": n_steps, "samples": n_steps * cfg.samples_per_step, **{f"eval/{k}": v for k, v in metrics.items()}})
+    if start_step < n_steps:
+        checkpoint(n_steps)  # the final evaluation can take minutes: a run stopped during it resumes here
+    metrics = evaluate_and_log(n_steps)
     log_file.close()
     atomic_write(out / "sae.safetensors", lambda tmp: save_sae(sae, tmp))
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))

@@ -1109,6 +1109,7 @@ def test_a_planted_nan_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, mon
     sae = E.SAE(64, 256)
     state = E.load_checkpoint(out, sae, torch.optim.Adam(sae.parameters()))
     assert state["step"] == 24 and all(torch.isfinite(p).all() for p in sae.parameters())
+    assert "resuming repeats the same steps: start again with a lower --lr" in message
     assert not (out / "sae.safetensors").exists()
 
 
@@ -1171,3 +1172,88 @@ def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, capsys, make_arg
     assert captured.err.startswith("error: ") and len(captured.err.strip().splitlines()) == 1, captured.err
     assert re.search(message, captured.err), captured.err
     assert "Traceback" not in captured.err and "usage:" not in captured.err
+
+
+def test_an_offline_dataset_and_an_interrupted_start_are_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(E, "hub_reachable", lambda timeout=5.0: False)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", "tiny", "--dataset", "someone/some-corpus", "--device", "cpu", "--out-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "cannot stream dataset 'someone/some-corpus': the Hugging Face hub is unreachable" in err
+    assert "--model tiny --dataset random" in err
+
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(E, "setup", ctrl_c)  # Ctrl-C before the training loop (loading the model, say)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path / "b")])
+    assert e.value.code == 130 and capsys.readouterr().err.strip().splitlines() == [
+        "stopped: interrupted (any checkpoint already written is intact)"]
+
+
+def signal_during_evaluation(monkeypatch, n: int, signum=signal.SIGINT):
+    """Deliver `signum` to this process during the n-th evaluation (counted from 1)."""
+    calls = {"n": 0}
+    real = E.evaluate
+
+    def evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "evaluate", evaluate)
+
+
+def test_signals_during_evaluations_lose_nothing(tmp_path, monkeypatch):
+    """SIGTERM during a periodic evaluation (the checkpoint follows it) and Ctrl-C during the final one
+    (the checkpoint of the last step precedes it): each resumed run still ends as the one left alone."""
+    E.train(E.parse_config(run_args(tmp_path / "alone", "random")))
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        signal_during_evaluation(m, 1, signal.SIGTERM)  # the evaluation after step 16
+        with pytest.raises(E.Interrupted, match="SIGTERM after step 16 of 48"):
+            E.train(E.parse_config(run_args(out, "random")))
+    with monkeypatch.context() as m:
+        signal_during_evaluation(m, 2)  # the run resumes at 16; its evaluations are at 32 and the final one at 48
+        with pytest.raises(KeyboardInterrupt):  # a signal outside the loop acts as usual
+            E.train(E.parse_config(["--resume", str(out)]))
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 48
+    E.train(E.parse_config(["--resume", str(out)]))
+    assert_same_run(tmp_path / "alone", out)
+
+
+def test_a_run_stopped_before_a_periodic_evaluation_resumes_with_it(tmp_path, monkeypatch):
+    E.train(E.parse_config(run_args(tmp_path / "alone", "random")))
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 16)  # step 16 ends at an evaluation point: the checkpoint comes first
+        with pytest.raises(E.Interrupted, match="after step 16 of 48"):
+            E.train(E.parse_config(run_args(out, "random")))
+    assert not any("eval/kl" in r for r in E.read_log(out / "log.jsonl"))
+    E.train(E.parse_config(["--resume", str(out)]))
+    assert_same_run(tmp_path / "alone", out)
+
+
+def test_resume_keeps_the_device_and_dtype_of_the_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(E.Interrupted):
+            E.train(E.parse_config(run_args(out, "random", "--dtype", "bf16")))
+    cfg = E.parse_config(["--resume", str(out)])
+    assert (cfg.device, cfg.dtype, cfg.out_dir) == ("cpu", "bf16", str(out))
+    assert E.parse_config(["--resume", str(out), "--dtype", "fp32"]).dtype == "fp32"
+    assert E.Config(resume=str(out), model="tiny").out_dir == str(out)  # in Python too
+
+
+def test_bad_datasets_give_one_line_without_library_noise(tmp_path):
+    (tmp_path / "broken.jsonl").write_text('{"input_ids": [1, 2\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    for name, message in [("broken.jsonl", "cannot read dataset .*broken.jsonl.*: JSON parse error"),
+                          ("empty.jsonl", "--dataset .*empty.jsonl is an empty file")]:
+        r = run_cli("--model", "tiny", "--dataset", str(tmp_path / name), "--out-dir", str(tmp_path / "out"))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert re.match("error: " + message, r.stderr), r.stderr
