@@ -958,18 +958,23 @@ def test_sigterm_checkpoints_and_resume_ends_bitwise_equal(tmp_path):
     assert_same_run(tmp_path / "alone", out)
 
 
-def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
-    """Deliver `signum` to this process during optimiser step `step` (counted from 1)."""
+def signal_on_call(monkeypatch, name: str, n: int, signum=signal.SIGINT):
+    """Deliver `signum` to this process during the n-th call (counted from 1) of E.<name>."""
     calls = {"n": 0}
-    real = E.train_step
+    real = getattr(E, name)
 
-    def train_step(*args, **kwargs):
+    def wrapper(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == step:
+        if calls["n"] == n:
             os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(E, "train_step", train_step)
+    monkeypatch.setattr(E, name, wrapper)
+
+
+def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
+    """Deliver `signum` to this process during optimiser step `step` (counted from 1)."""
+    signal_on_call(monkeypatch, "train_step", step, signum)
 
 
 @pytest.mark.parametrize("data", ["random", "jsonl"])
@@ -1195,16 +1200,7 @@ def test_an_offline_dataset_and_an_interrupted_start_are_one_line(tmp_path, monk
 
 def signal_during_evaluation(monkeypatch, n: int, signum=signal.SIGINT):
     """Deliver `signum` to this process during the n-th evaluation (counted from 1)."""
-    calls = {"n": 0}
-    real = E.evaluate
-
-    def evaluate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signum)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(E, "evaluate", evaluate)
+    signal_on_call(monkeypatch, "evaluate", n, signum)
 
 
 def test_signals_during_evaluations_lose_nothing(tmp_path, monkeypatch):
