@@ -21,6 +21,7 @@ Run it:
     python e2e_sae.py --model tiny                 # a random 12-block GPT-2, random tokens: seconds on a CPU
     python e2e_sae.py --eval-only --sae out/e2e_layer6
     python e2e_sae.py --benchmark --loss e2e --layer 6   # tokens/s, MFU and memory at GPT-2-small scale
+    torchrun --nproc_per_node=8 e2e_sae.py --loss e2e --layer 6   # the same run, split over 8 GPUs
     python e2e_sae.py --help                       # every flag, with its default
 
 tutorial.md walks through this file section by section.
@@ -51,11 +52,13 @@ from types import SimpleNamespace
 import datasets
 import huggingface_hub
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -560,8 +563,8 @@ def e2e_ds_loss(kl, c, resid_orig, resid_sae, phi, beta, kl_coeff=0.5):
     return loss + beta * terms["downstream"], terms
 
 
-def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor, kl_chunk_rows: int | None = None):
-    """One micro-batch of tokens (B, T) → (loss, its terms, c).
+def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tensor, kl_chunk_rows: int | None = None):
+    """One micro-batch of tokens (B, T) → (loss, its terms, c). sae is an SAE, or its DDP wrapper.
 
     This is the training step's fast path. evaluate() computes the same quantities the plain way (the
     whole model run twice, the SAE hooked in, full logits); the tests hold the two ways together. It saves:
@@ -571,7 +574,7 @@ def compute_loss(cfg: Config, model, blocks, sae: SAE, tokens: torch.Tensor, kl_
       - for local, everything after block L: it never runs.
     Only the SAE's weights get gradients: the model is frozen and a is a constant."""
     L = cfg.layer
-    phi = cfg.sparsity_coeff / sae.encoder.in_features  # φ = λ / D
+    phi = cfg.sparsity_coeff / model.config.hidden_size  # φ = λ / D
     if cfg.loss == "local":
         with torch.no_grad(), record_resid(blocks, [L], stop_at=L) as resid:
             run_model(model, tokens)  # blocks L, L+1, … and the unembedding never run
@@ -818,6 +821,94 @@ def load_data(cfg: Config, tokenizer, vocab_size: int):
 
 
 # -----------------------------------------------------------------------------
+# Many processes (boilerplate a reader may skip: none of it is part of the method)
+#
+# `torchrun --nproc_per_node=N e2e_sae.py ...` starts N copies of this file and tells each one, in the
+# environment, its RANK (0 … N−1), its LOCAL_RANK (which GPU of its machine) and the WORLD_SIZE N.
+# Together they train one SAE: each micro-batch of --batch-size sequences is split N ways, DDP averages
+# the SAE's gradients, evaluation sums are added up over the processes, and rank 0 alone writes files
+# and prints. A plain `python e2e_sae.py` never joins a process group, and then all of this is a no-op.
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))  # set by torchrun before the process group exists
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def join_processes(cfg: Config):
+    """Join torchrun's process group: NCCL between GPUs (process i on GPU LOCAL_RANK), gloo on the CPU."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if device.index is not None and int(os.environ["WORLD_SIZE"]) > 1:
+            raise UserError(f"--device {cfg.device}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                            "pass --device cuda (or leave it out)")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+
+
+def process_device(cfg: Config) -> torch.device:
+    """--device, except that under torchrun "cuda" means this process's GPU (see join_processes)."""
+    if dist.is_initialized() and cfg.device.startswith("cuda"):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(cfg.device)
+
+
+def local_batch_size(cfg: Config) -> int:
+    """Sequences per micro-batch in this process: --batch-size split over the processes, so that
+    N processes take the same optimiser steps, on the same sequences, as one process would."""
+    n = world_size()
+    if cfg.batch_size % n:
+        raise UserError(f"--batch-size {cfg.batch_size} does not split evenly over {n} processes")
+    return cfg.batch_size // n
+
+
+def all_reduce(tensors: dict, op=dist.ReduceOp.SUM) -> dict:
+    """Every tensor of the dict reduced over all processes (summed, by default), in one collective."""
+    if not dist.is_initialized():
+        return tensors
+    flat = torch.cat([t.double().flatten() for t in tensors.values()])  # float64: sums of counts stay exact
+    dist.all_reduce(flat, op=op)
+    parts = flat.split([t.numel() for t in tensors.values()])
+    return {k: part.view(t.shape).to(t.dtype) for (k, t), part in zip(tensors.items(), parts)}
+
+
+def mean_over_processes(tensors: dict) -> dict:
+    """The mean over processes of each tensor: for means over equal shares, the mean over all of them."""
+    if not dist.is_initialized():
+        return tensors
+    return {k: v / world_size() for k, v in all_reduce(tensors).items()}
+
+
+def agreed_signal(signum: int | None, device: torch.device) -> int | None:
+    """A signal seen by any process (the largest number, if several): they all stop after the same step."""
+    if not dist.is_initialized():
+        return signum
+    return int(all_reduce({"s": torch.tensor(float(signum or 0), device=device)}, dist.ReduceOp.MAX)["s"]) or None
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def for_steps(sae: SAE, device: torch.device) -> nn.Module:
+    """What train_step should call: under torchrun, the SAE wrapped in DDP, which averages its gradients
+    over the processes during backward(); otherwise the SAE itself. (The frozen model needs no wrapper.)"""
+    if not dist.is_initialized():
+        return sae
+    return DDP(sae, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# -----------------------------------------------------------------------------
 # Evaluation
 
 
@@ -836,49 +927,49 @@ def evaluate(model, blocks, sae: SAE, eval_tokens: torch.Tensor, layer: int, bat
       top1_agreement              fraction of positions where both models' argmax agree
       downstream_mse              {k: mean over elements of (a_k^sae − a_k^orig)²} for blocks k > L
       n_eval_tokens               E·T
-    """
+    Under torchrun each process evaluates a contiguous share of eval_tokens and the sums are added up."""
     device = next(sae.parameters()).device
+    D, F_ = sae.encoder.in_features, sae.encoder.out_features
     downstream = list(range(layer + 1, len(blocks)))
-    # Sums over all evaluation tokens. Each starts as 0.0 and becomes a tensor on the device at its
-    # first +=, so nothing waits for the GPU until the final .item().
-    ce_orig = ce_sae = kl_sum = n_agree = n_active = sse = sum_sq_a = sum_a = 0.0
-    sse_ds = dict.fromkeys(downstream, 0.0)
-    fired = torch.zeros(sae.encoder.out_features, dtype=torch.bool, device=device)  # (F,)
-    n_tokens = n_predictions = 0
-    for tokens in eval_tokens.split(batch_size):
+    # Sums over the evaluation tokens, in float64 on the device: nothing waits for the GPU until the end.
+    zeros = partial(torch.zeros, dtype=torch.float64, device=device)
+    s = {"ce_orig": zeros(()), "ce_sae": zeros(()), "kl": zeros(()), "agree": zeros(()), "sse": zeros(()),
+         "sum_sq_a": zeros(()), "sum_a": zeros(D), "fires": zeros(F_), "sse_ds": zeros(len(downstream)),
+         "tokens": zeros(()), "predictions": zeros(())}
+    for tokens in eval_tokens.tensor_split(world_size())[rank()].split(batch_size):
         tokens = tokens.to(device)  # (B, T)
         with autocast(), record_resid(blocks, downstream) as resid_orig:
             logits_orig = run_model(model, tokens)  # (B, T, V)
         with autocast(), splice_sae(blocks[layer], sae) as seen, record_resid(blocks, downstream) as resid_sae:
             logits_sae = run_model(model, tokens)  # (B, T, V)
-        a, a_hat, active = seen.a.double(), seen.a_hat.double(), seen.c > 0  # (B, T, D), (B, T, D), (B, T, F)
+        a, a_hat = seen.a.double(), seen.a_hat.double()  # (B, T, D)
         targets = tokens[:, 1:].flatten()  # (B·(T−1),)
-        ce_orig += F.cross_entropy(logits_orig[:, :-1].flatten(0, 1).float(), targets, reduction="sum").double()
-        ce_sae += F.cross_entropy(logits_sae[:, :-1].flatten(0, 1).float(), targets, reduction="sum").double()
-        kl_sum += kl_div(logits_orig, logits_sae).double() * tokens.numel()
-        n_agree += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
-        n_active += active.sum()
-        fired |= active.flatten(0, 1).any(0)
-        sse += (a - a_hat).pow(2).sum()
-        sum_sq_a += a.pow(2).sum()
-        sum_a += a.sum((0, 1))  # (D,)
-        for k in downstream:
-            sse_ds[k] += (resid_sae[k].double() - resid_orig[k].double()).pow(2).sum()
-        n_tokens += tokens.numel()
-        n_predictions += targets.numel()
-    n_elements = n_tokens * a.shape[-1]  # E·T·D
+        s["ce_orig"] += F.cross_entropy(logits_orig[:, :-1].flatten(0, 1).float(), targets, reduction="sum")
+        s["ce_sae"] += F.cross_entropy(logits_sae[:, :-1].flatten(0, 1).float(), targets, reduction="sum")
+        s["kl"] += kl_div(logits_orig, logits_sae) * tokens.numel()
+        s["agree"] += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
+        s["fires"] += (seen.c > 0).flatten(0, 1).sum(0)  # (F,): on how many tokens each element fired
+        s["sse"] += (a - a_hat).pow(2).sum()
+        s["sum_sq_a"] += a.pow(2).sum()
+        s["sum_a"] += a.sum((0, 1))  # (D,)
+        for i, k in enumerate(downstream):
+            s["sse_ds"][i] += (resid_sae[k].double() - resid_orig[k].double()).pow(2).sum()
+        s["tokens"] += tokens.numel()
+        s["predictions"] += targets.numel()
+    s = {k: v.cpu() for k, v in all_reduce(s).items()}  # under torchrun: the sums over every process's share
+    n_tokens, n_elements = s["tokens"], s["tokens"] * D  # E·T, E·T·D
     metrics = {
-        "ce_loss_orig": ce_orig / n_predictions,
-        "ce_loss_sae": ce_sae / n_predictions,
-        "ce_loss_increase": (ce_sae - ce_orig) / n_predictions,
-        "kl": kl_sum / n_tokens,
-        "l0": n_active / n_tokens,
-        "alive_dict_elements": fired.sum(),
-        "explained_variance": 1 - sse / (sum_sq_a - sum_a.pow(2).sum() / n_tokens),  # Σ‖a − ā‖² = Σ‖a‖² − n‖ā‖²
-        "mse": sse / n_elements,
-        "top1_agreement": n_agree / n_tokens,
-        "downstream_mse": {k: (v / n_elements).item() for k, v in sse_ds.items()},
-        "n_eval_tokens": n_tokens,
+        "ce_loss_orig": s["ce_orig"] / s["predictions"],
+        "ce_loss_sae": s["ce_sae"] / s["predictions"],
+        "ce_loss_increase": (s["ce_sae"] - s["ce_orig"]) / s["predictions"],
+        "kl": s["kl"] / n_tokens,
+        "l0": s["fires"].sum() / n_tokens,
+        "alive_dict_elements": (s["fires"] > 0).sum(),
+        "explained_variance": 1 - s["sse"] / (s["sum_sq_a"] - s["sum_a"].pow(2).sum() / n_tokens),  # Σ‖a − ā‖² = Σ‖a‖² − n‖ā‖²
+        "mse": s["sse"] / n_elements,
+        "top1_agreement": s["agree"] / n_tokens,
+        "downstream_mse": {k: (s["sse_ds"][i] / n_elements).item() for i, k in enumerate(downstream)},
+        "n_eval_tokens": int(n_tokens),
     }
     return {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
 
@@ -1006,8 +1097,9 @@ class StopSignal:
     def _handler(self, signum, frame):
         self.signum = signum
         self._restore()
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-              "(a second signal stops at once)", file=sys.stderr)
+        if rank() == 0:  # under torchrun, every process gets the signal
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                  "(a second signal stops at once)", file=sys.stderr)
 
     def _restore(self):
         for sig, old in self._old.items():
@@ -1107,7 +1199,7 @@ def compile_forwards(*modules: nn.Module):
 def setup(cfg: Config):
     """Device, precision, model and blocks: what training and --eval-only share."""
     try:
-        device = torch.device(cfg.device)
+        device = process_device(cfg)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise UserError(f"--device {cfg.device} is not usable here ({first_line(e)})") from None
@@ -1134,18 +1226,24 @@ def setup(cfg: Config):
     return device, autocast, model, tokenizer, blocks
 
 
-def train_step(cfg: Config, model, blocks, sae: SAE, optimizer, micro_batches, autocast) -> tuple[dict, torch.Tensor]:
+def train_step(cfg: Config, model, blocks, sae, optimizer, micro_batches, autocast) -> tuple[dict, torch.Tensor]:
     """One optimiser step on a list of micro-batches (B, T) → (the loss terms and L0, averaged over the
-    micro-batches, as tensors on the device; the gradient norm before clipping)."""
+    micro-batches, as tensors on the device; the gradient norm before clipping).
+    Under torchrun, sae is the SAE's DDP wrapper: the gradients and the returned terms are then the
+    means over all processes, so every process takes the same step."""
     totals = {}
-    for tokens in micro_batches:
-        with autocast():
-            loss, terms, c = compute_loss(cfg, model, blocks, sae, tokens)
-        (loss / len(micro_batches)).backward()
+    for i, tokens in enumerate(micro_batches):
+        # DDP averages the gradients over the processes during backward(): once, after the last micro-batch.
+        accumulate_only = isinstance(sae, DDP) and i < len(micro_batches) - 1
+        with sae.no_sync() if accumulate_only else nullcontext():
+            with autocast():
+                loss, terms, c = compute_loss(cfg, model, blocks, sae, tokens)
+            (loss / len(micro_batches)).backward()
         # Kept on the device, so the step never waits for the GPU; the caller decides when to .item().
         l0 = (c > 0).sum(-1).float().mean()  # count per token first: no fp32 copy of the (B, T, F) mask
         for k, v in {"loss": loss, **terms, "l0": l0}.items():
             totals[k] = totals.get(k, 0.0) + v.detach() / len(micro_batches)
+    totals = mean_over_processes(totals)
     grad_norm = nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     if not torch.isfinite(totals["loss"] + grad_norm):  # waits for the GPU once a step: no NaN reaches the weights
         raise NonFiniteLoss(", ".join(f"{k} {v.item():.4g}" for k, v in {**totals, "grad_norm": grad_norm}.items()))
@@ -1156,13 +1254,15 @@ def train_step(cfg: Config, model, blocks, sae: SAE, optimizer, micro_batches, a
 
 def train(cfg: Config) -> dict:
     """Train an SAE as cfg says (or continue the run in cfg.resume), write the output folder, and
-    return the final metrics."""
-    out = Path(cfg.out_dir)
+    return the final metrics. Under torchrun every process runs this; only rank 0 writes and prints."""
+    out, main_process = Path(cfg.out_dir), rank() == 0
     if cfg.resume and (out / "metrics.json").exists() and not (out / "checkpoint.safetensors").exists():
-        print(f"{out} holds a finished run: nothing to resume")
+        if main_process:
+            print(f"{out} holds a finished run: nothing to resume")
         return json.loads((out / "metrics.json").read_text())
     check_out_dir(cfg)
     device, autocast, model, tokenizer, blocks = setup(cfg)
+    batch_size = local_batch_size(cfg)  # this process's share of each micro-batch: --batch-size / N
     d_model = model.config.hidden_size
     dict_size = round(cfg.dict_ratio * d_model)
     if dict_size < 1:
@@ -1180,69 +1280,84 @@ def train(cfg: Config) -> dict:
     eval_tokens, train_seqs = load_data(cfg, tokenizer, model.config.vocab_size)
     # The data position of a checkpoint is the number of training sequences read: the same seed gives
     # the same order, so a resumed run skips them and goes on exactly as the run left alone would.
-    if start_step:
+    if start_step and main_process:
         print(f"resuming at step {start_step} of {n_steps}: skipping the {start_step * cfg.samples_per_step:,} "
               "training sequences already seen")
     train_seqs = itertools.islice(train_seqs, start_step * cfg.samples_per_step, None)
     # Read the first training sequence now: a dataset with no training rows fails before anything is
     # written, and the one-time read of a local dataset is not timed as training.
     train_seqs = itertools.chain([next(train_seqs)], train_seqs)
-    out = make_out_dir(cfg.out_dir)
-    if cfg.overwrite:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    if cfg.compile:
-        compile_forwards(sae, *blocks)
+    # A run stopped just before an evaluation resumes with it.
+    eval_pending = 0 < start_step < n_steps and crossed(cfg.eval_every, start_step, cfg) and not any(
+        r["step"] == start_step and "eval/kl" in r for r in read_log(out / "log.jsonl"))
+    barrier()  # every process has read the output folder before rank 0 changes it
 
-    run_info = {**asdict(cfg), "d_model": d_model, "dict_size": dict_size, "n_layers": len(blocks)}
-    atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(run_info, indent=2) + "\n"))
-    kept = [json.dumps(r) + "\n" for r in read_log(out / "log.jsonl") if r["step"] <= start_step] if start_step else []
-    atomic_write(out / "log.jsonl", lambda tmp: tmp.write_text("".join(kept)))  # a resumed run keeps its past
-    log_file = open(out / "log.jsonl", "a")
+    run_info = {**asdict(cfg), "d_model": d_model, "dict_size": dict_size, "n_layers": len(blocks),
+                "n_processes": world_size()}
+    if main_process:
+        out = make_out_dir(cfg.out_dir)
+        if cfg.overwrite:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(run_info, indent=2) + "\n"))
+        kept = [json.dumps(r) + "\n" for r in read_log(out / "log.jsonl") if r["step"] <= start_step] if start_step else []
+        atomic_write(out / "log.jsonl", lambda tmp: tmp.write_text("".join(kept)))  # a resumed run keeps its past
+        log_file = open(out / "log.jsonl", "a")
 
     def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+        if main_process:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
 
-    tokens_per_step = cfg.samples_per_step * cfg.n_ctx
+    if cfg.compile:
+        compile_forwards(sae, *blocks)
+    step_sae = for_steps(sae, device)  # evaluation and saving use the SAE itself
+    tokens_per_step = cfg.samples_per_step * cfg.n_ctx  # over all processes
     flops = flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx)
     peak = peak_flops(device, cfg.dtype)
-    do_eval = partial(evaluate, model, blocks, sae, eval_tokens, cfg.layer, cfg.batch_size, autocast)
+    if peak:
+        peak *= world_size()  # MFU of a multi-GPU run: over the peak of all its GPUs
+    do_eval = partial(evaluate, model, blocks, sae, eval_tokens, cfg.layer, batch_size, autocast)
+    share = slice(rank() * batch_size, (rank() + 1) * batch_size)
 
     def micro_batch():
-        return torch.stack([next(train_seqs) for _ in range(cfg.batch_size)]).to(device)  # (B, T)
+        # Every process reads the same --batch-size sequences and keeps its own share of them.
+        seqs = [next(train_seqs) for _ in range(cfg.batch_size)]
+        return torch.stack(seqs[share]).to(device)  # (B / N, T)
 
     def checkpoint(step):
-        save_checkpoint(out, sae, optimizer, {
-            "step": step, "samples": step * cfg.samples_per_step, "train_seconds": train_seconds, "config": run_info,
-            "log_totals": {k: float(v) for k, v in totals.items()}, "steps_since_log": steps_since_log})
-
-    def crossed(every, samples):  # did the last step pass a multiple of `every` samples?
-        return every > 0 and samples % every < cfg.samples_per_step
+        if main_process:
+            save_checkpoint(out, sae, optimizer, {
+                "step": step, "samples": step * cfg.samples_per_step, "train_seconds": train_seconds,
+                "config": run_info, "log_totals": {k: float(v) for k, v in totals.items()},
+                "steps_since_log": steps_since_log})
+        barrier()  # no process stops before the checkpoint is on disk
 
     def evaluate_and_log(step):
         metrics = do_eval()
         log({"step": step, "samples": step * cfg.samples_per_step, **{f"eval/{k}": v for k, v in metrics.items()}})
-        if step < n_steps:
+        if step < n_steps and main_process:
             tqdm.write(f"eval @ {step * cfg.samples_per_step} samples: {format_metrics(metrics)}")
         return metrics
 
     def stop_if_signalled(stop, step):
-        if stop.signum:
+        signum = agreed_signal(stop.signum, device)
+        if signum:
             checkpoint(step)
             bar.close()
-            raise Interrupted(stop.signum, f"{signal.Signals(stop.signum).name} after step {step} of {n_steps}: "
+            raise Interrupted(signum, f"{signal.Signals(signum).name} after step {step} of {n_steps}: "
                               f"checkpoint written to {out}; continue with: python e2e_sae.py --resume {out}")
 
-    # A run stopped just before an evaluation resumes with it.
-    if 0 < start_step < n_steps and crossed(cfg.eval_every, start_step * cfg.samples_per_step) and not any(
-            r["step"] == start_step and "eval/kl" in r for r in read_log(out / "log.jsonl")):
+    if eval_pending:
         evaluate_and_log(start_step)
 
-    print(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={d_model} F={dict_size} λ={cfg.sparsity_coeff:g} "
-          f"| {n_steps} steps of {cfg.samples_per_step} × {cfg.n_ctx} tokens | {device} {cfg.dtype} → {out}")
+    if main_process:
+        print(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={d_model} F={dict_size} λ={cfg.sparsity_coeff:g} "
+              f"| {n_steps} steps of {cfg.samples_per_step} × {cfg.n_ctx} tokens | {device} {cfg.dtype}"
+              + (f" | {world_size()} processes of {batch_size} sequences per micro-batch" if dist.is_initialized() else "")
+              + f" → {out}")
     bar = tqdm(range(start_step, n_steps), desc="train", dynamic_ncols=True, mininterval=1.0,
-               initial=start_step, total=n_steps)
+               initial=start_step, total=n_steps, disable=not main_process)
     t_log = time.perf_counter()
     with StopSignal() as stop:
         for step in bar:
@@ -1250,7 +1365,7 @@ def train(cfg: Config) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             try:
-                terms, grad_norm = train_step(cfg, model, blocks, sae, optimizer,
+                terms, grad_norm = train_step(cfg, model, blocks, step_sae, optimizer,
                                               [micro_batch() for _ in range(cfg.grad_accum)], autocast)
             except NonFiniteLoss as e:
                 last = checkpoint_state(out)["step"] if (out / "checkpoint.safetensors").exists() else None
@@ -1269,16 +1384,16 @@ def train(cfg: Config) -> dict:
                 train_seconds += elapsed
                 record.update({"train/grad_norm": grad_norm.item(), "train/lr": lr,
                                "tokens_per_s": steps_since_log * tokens_per_step / elapsed})
-                if peak:  # model FLOP utilisation: the FLOPs the method needs per second, over the GPU's peak
+                if peak:  # model FLOP utilisation: the FLOPs the method needs per second, over the GPUs' peak
                     record["mfu"] = record["tokens_per_s"] * flops / peak
                 log({"step": step + 1, "samples": samples, **record})
                 bar.set_postfix_str(" ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in record.items() if k != "train/lr"))
                 totals, t_log, steps_since_log = {}, time.perf_counter(), 0
             stop_if_signalled(stop, step + 1)  # before the evaluation: a pre-emption's grace period may be short
             t_pause = time.perf_counter()
-            if crossed(cfg.eval_every, samples) and step + 1 < n_steps:  # the last evaluation comes after the loop
+            if crossed(cfg.eval_every, step + 1, cfg) and step + 1 < n_steps:  # the last evaluation comes after the loop
                 evaluate_and_log(step + 1)
-            if crossed(cfg.save_every, samples) and step + 1 < n_steps:
+            if crossed(cfg.save_every, step + 1, cfg) and step + 1 < n_steps:
                 checkpoint(step + 1)
             t_log += time.perf_counter() - t_pause  # evaluations and checkpoints do not count against tokens/s
             stop_if_signalled(stop, step + 1)
@@ -1286,6 +1401,8 @@ def train(cfg: Config) -> dict:
     if start_step < n_steps:
         checkpoint(n_steps)  # the final evaluation can take minutes: a run stopped during it resumes here
     metrics = evaluate_and_log(n_steps)
+    if not main_process:
+        return metrics
     log_file.close()
     atomic_write(out / "sae.safetensors", lambda tmp: save_sae(sae, tmp))
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
@@ -1296,35 +1413,45 @@ def train(cfg: Config) -> dict:
           + (f", MFU {tokens_per_s * flops / peak:.1%}" if peak else "") + ", evaluation excluded)")
     print(f"final: {format_metrics(metrics)}")
     if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+              + (" (rank 0)" if dist.is_initialized() else ""))
     print(f"wrote {out}/sae.safetensors, config.json, metrics.json, log.jsonl")
     return metrics
+
+
+def crossed(every: int, step: int, cfg: Config) -> bool:
+    """Did optimiser step `step` (counted from 1) pass a multiple of `every` training sequences?"""
+    return every > 0 and (step * cfg.samples_per_step) % every < cfg.samples_per_step
 
 
 def benchmark(cfg: Config) -> dict:
     """--benchmark: optimiser steps exactly as train() takes them, on random tokens. Prints and returns
     tokens/s, FLOPs per token, achieved FLOP/s, MFU (on a GPU of known peak) and peak GPU memory."""
     device, autocast, model, _, blocks = setup(cfg)
+    batch_size, main_process = local_batch_size(cfg), rank() == 0
     d_model, vocab_size = model.config.hidden_size, model.config.vocab_size
     torch.manual_seed(cfg.seed)
     sae = SAE(d_model, round(cfg.dict_ratio * d_model)).to(device)
     if cfg.compile:
         compile_forwards(sae, *blocks)
+    step_sae = for_steps(sae, device)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed + rank())
 
     def step():
-        micro_batches = [torch.randint(vocab_size, (cfg.batch_size, cfg.n_ctx), generator=g).to(device)  # (B, T)
+        micro_batches = [torch.randint(vocab_size, (batch_size, cfg.n_ctx), generator=g).to(device)  # (B / N, T)
                          for _ in range(cfg.grad_accum)]
-        train_step(cfg, model, blocks, sae, optimizer, micro_batches, autocast)
+        train_step(cfg, model, blocks, step_sae, optimizer, micro_batches, autocast)
 
     def sync():  # the GPU runs ahead of Python: wait for it before reading the clock
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    print(f"benchmark: {cfg.loss} at layer {cfg.layer} of {cfg.model} (D={d_model}, F={sae.encoder.out_features}) "
-          f"| {cfg.grad_accum} × {cfg.batch_size} × {cfg.n_ctx} tokens per step | {device} {cfg.dtype}"
-          f"{' compiled' if cfg.compile else ''} | {cfg.bench_warmup} warm-up + {cfg.bench_steps} timed steps")
+    say = print if main_process else lambda *args: None
+    say(f"benchmark: {cfg.loss} at layer {cfg.layer} of {cfg.model} (D={d_model}, F={sae.encoder.out_features}) "
+        f"| {cfg.grad_accum} × {cfg.batch_size} × {cfg.n_ctx} tokens per step | {device} {cfg.dtype}"
+        f"{' compiled' if cfg.compile else ''} | {cfg.bench_warmup} warm-up + {cfg.bench_steps} timed steps"
+        + (f" | {world_size()} processes of {batch_size} sequences per micro-batch" if dist.is_initialized() else ""))
     for _ in range(cfg.bench_warmup):  # compilation, the allocator's pools, cuBLAS's kernel choices
         step()
     sync()
@@ -1335,19 +1462,23 @@ def benchmark(cfg: Config) -> dict:
         step()
     sync()
     seconds = time.perf_counter() - t0
-    tokens_per_s = cfg.bench_steps * cfg.samples_per_step * cfg.n_ctx / seconds
+    tokens_per_s = cfg.bench_steps * cfg.samples_per_step * cfg.n_ctx / seconds  # over all processes
     flops = flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx)
     peak = peak_flops(device, cfg.dtype)
+    if peak:
+        peak *= world_size()
     result = {"tokens_per_s": tokens_per_s, "step_s": seconds / cfg.bench_steps, "flops_per_token": flops,
               "tflops_per_s": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / peak if peak else None,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
               "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None}
-    print(f"tokens/s {tokens_per_s:,.0f} | {result['step_s'] * 1e3:.1f} ms per step | "
-          f"{flops / 1e9:.3f} GFLOP per token (see flops_per_token) → {result['tflops_per_s']:.2f} TFLOP/s")
-    print(f"MFU {result['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s (bf16 peak of {torch.cuda.get_device_name(device)})"
-          if peak else "MFU: n/a (needs a GPU of known bf16 peak, see PEAK_BF16_FLOPS, and --dtype bf16)")
-    print(f"peak GPU memory {result['peak_memory_gib']:.2f} GiB allocated, {result['peak_reserved_gib']:.2f} GiB "
-          "reserved by PyTorch's allocator (timed steps)" if device.type == "cuda" else "peak GPU memory: n/a on the CPU")
+    say(f"tokens/s {tokens_per_s:,.0f} | {result['step_s'] * 1e3:.1f} ms per step | "
+        f"{flops / 1e9:.3f} GFLOP per token (see flops_per_token) → {result['tflops_per_s']:.2f} TFLOP/s")
+    say(f"MFU {result['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s ({world_size()} × the bf16 peak of "
+        f"{torch.cuda.get_device_name(device)})" if peak else
+        "MFU: n/a (needs a GPU of known bf16 peak, see PEAK_BF16_FLOPS, and --dtype bf16)")
+    say(f"peak GPU memory {result['peak_memory_gib']:.2f} GiB allocated, {result['peak_reserved_gib']:.2f} GiB "
+        "reserved by PyTorch's allocator (timed steps" + (", rank 0)" if dist.is_initialized() else ")")
+        if device.type == "cuda" else "peak GPU memory: n/a on the CPU")
     return result
 
 
@@ -1359,11 +1490,12 @@ def evaluate_saved(cfg: Config) -> dict:
     if sae.encoder.in_features != d_model:
         raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has {d_model}")
     eval_tokens, _ = load_data(cfg, tokenizer, model.config.vocab_size)
-    out = make_out_dir(cfg.out_dir)
-    metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, cfg.batch_size, autocast)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
-    print(f"wrote {out}/metrics.json")
+    metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, local_batch_size(cfg), autocast)
+    if rank() == 0:
+        out = make_out_dir(cfg.out_dir)
+        atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+        print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
+        print(f"wrote {out}/metrics.json")
     return metrics
 
 
@@ -1374,17 +1506,25 @@ def evaluate_saved(cfg: Config) -> dict:
 def main(argv=None):
     try:
         cfg = parse_config(argv)
+        if launched_by_torchrun():
+            join_processes(cfg)
         if cfg.benchmark:
             benchmark(cfg)
         elif cfg.eval_only:
             evaluate_saved(cfg)
         else:
             train(cfg)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Under torchrun a bad flag is the same mistake in every process: rank 0 says it. Once the
+        # processes have joined, an error may be one process's own, so every process says its own.
+        if rank() == 0 or dist.is_initialized():
+            print(f"error{f' (rank {rank()})' if rank() else ''}: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if rank() == 0:
+            print(f"stopped: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C
         print("stopped: interrupted (any checkpoint already written is intact)", file=sys.stderr)

@@ -1253,3 +1253,137 @@ def test_bad_datasets_give_one_line_without_library_noise(tmp_path):
         r = run_cli("--model", "tiny", "--dataset", str(tmp_path / name), "--out-dir", str(tmp_path / "out"))
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert re.match("error: " + message, r.stderr), r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# Many processes: real torchrun launches, gloo on the CPU, on loopback only
+
+
+def torchrun(n: int, *args):
+    """`torchrun --standalone --nproc_per_node n e2e_sae.py *args` as a subprocess (started, not waited for).
+    torchrun gives each process one thread when n > 1; with n = 1, the process has as many as this one."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                             "e2e_sae.py", *args], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def workers(torchrun_proc) -> dict:
+    """{rank: pid} of torchrun's worker processes (Linux: read from /proc)."""
+    pids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue  # a process that ended meanwhile
+        rank = [int(e[5:]) for e in environ if e.startswith(b"RANK=")]
+        if ppid == torchrun_proc.pid and rank:
+            pids[rank[0]] = int(stat.parent.name)
+    return pids
+
+
+def communicate(proc, timeout=90) -> tuple[str, str]:
+    """proc.communicate(), and on a timeout (processes stuck in a collective) kill them all."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in workers(proc).values():
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        raise
+
+
+def finished(proc) -> str:
+    stdout, stderr = communicate(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+# 9 evaluation sequences: two processes evaluate shares of 5 and 4, in micro-batches of 2, so a mean
+# of per-process or per-batch means would differ from the pooled metrics.
+DDP_RUN = ("--eval-samples", "9", "--batch-size", "4")
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """The reference: one plain process, micro-batch 4."""
+    out = tmp_path_factory.mktemp("plain") / "run"
+    E.train(E.parse_config(run_args(out, "random", *DDP_RUN)))
+    return out
+
+
+def assert_close_runs(a: Path, b: Path, atol=1e-5, rtol=1e-5):
+    sae_a, sae_b = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
+    for k in sae_a:
+        torch.testing.assert_close(sae_a[k], sae_b[k], atol=atol, rtol=0)
+    log_a, log_b = train_lines(a), train_lines(b)
+    assert [r.keys() for r in log_a] == [r.keys() for r in log_b]
+    for r_a, r_b in zip(log_a, log_b):
+        for k, v in r_a.items():
+            if isinstance(v, float):
+                assert v == pytest.approx(r_b[k], rel=rtol, abs=atol), (r_a["step"], k)
+
+
+def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(tmp_path, plain_run, tiny):
+    """2 processes with micro-batch 2 each against 1 process with micro-batch 4, on the same data:
+    the same SAE after 48 Adam steps up to float rounding (measured: 4e-7 at most, on weights of
+    size 0.05-0.5), the same training log; and the 2-process evaluation of the final SAE equals a
+    1-process evaluation of the saved SAE."""
+    out = tmp_path / "two"
+    stdout = finished(torchrun(2, *run_args(out, "random", *DDP_RUN)))
+    assert stdout.count("e2e SAE at layer 6") == 1 and "2 processes of 2 sequences per micro-batch" in stdout
+    assert stdout.count("wrote ") == 1  # rank 0 alone prints and writes
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    assert json.loads((out / "config.json").read_text())["n_processes"] == 2
+    assert_close_runs(plain_run, out, atol=1e-5)
+    # The evaluation: pooled sums over both processes' shares, against one process on all 9 sequences.
+    model, blocks = tiny
+    sae, _ = E.load_sae(out)
+    cfg = E.parse_config(run_args(out, "random", *DDP_RUN))
+    eval_tokens, _ = E.load_data(cfg, None, model.config.vocab_size)
+    one = E.evaluate(model, blocks, sae, eval_tokens, cfg.layer, batch_size=9)
+    two = json.loads((out / "metrics.json").read_text())
+    assert two["n_eval_tokens"] == one["n_eval_tokens"] == 9 * 16
+    assert two["alive_dict_elements"] == one["alive_dict_elements"] and two["l0"] == pytest.approx(one["l0"], abs=1e-12)
+    # Per-batch sums run in fp32 (cross-entropy, KL) before they are pooled in float64: values of size
+    # 1-10 agree to a few 1e-7. A mean of the two processes' means would be off by about 1e-3.
+    for k in METRIC_KEYS - {"downstream_mse", "n_eval_tokens", "alive_dict_elements", "l0"}:
+        assert two[k] == pytest.approx(one[k], rel=1e-6, abs=2e-6), k
+    assert two["downstream_mse"] == pytest.approx({str(k): v for k, v in one["downstream_mse"].items()}, rel=1e-6)
+
+
+def test_one_process_under_torchrun_is_a_plain_run(tmp_path, plain_run):
+    out = tmp_path / "one"
+    stdout = finished(torchrun(1, *run_args(out, "random", *DDP_RUN)))
+    assert "processes of" in stdout and json.loads((out / "config.json").read_text())["n_processes"] == 1
+    assert_same_run(plain_run, out)  # bitwise: DDP over one process changes no number
+
+
+def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path, plain_run):
+    """SIGTERM to rank 1 alone (torchrun would pass a signal it gets on to every process): the processes
+    agree on the step to stop after, rank 0 writes one checkpoint, and both exit. The checkpoint of two
+    processes resumes in one, and the run ends as one process's run left alone (up to float rounding).
+    (The signal is sent once the checkpoint of step 12 exists; in every trial, also with both cores
+    busy, the processes stopped at step 13 of 48.)"""
+    out = tmp_path / "stopped"
+    proc = torchrun(2, *run_args(out, "random", *DDP_RUN))
+    while not (out / "checkpoint.json").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    os.kill(workers(proc)[1], signal.SIGTERM)
+    stdout, stderr = communicate(proc)
+    assert proc.returncode != 0
+    stopped = [line for line in stderr.splitlines() if line.startswith("stopped: SIGTERM after step")]
+    assert len(stopped) == 1, stderr[-3000:]  # said once, by rank 0, which did not get the signal itself
+    step = json.loads((out / "checkpoint.json").read_text())["step"]
+    assert f"after step {step} of 48" in stopped[0] and 12 <= step < 48
+    assert not (out / "sae.safetensors").exists()
+    E.train(E.parse_config(["--resume", str(out)]))
+    assert_close_runs(plain_run, out, atol=1e-5)
+
+
+def test_the_batch_must_split_evenly_over_the_processes(monkeypatch):
+    monkeypatch.setattr(E, "world_size", lambda: 3)
+    assert E.local_batch_size(cfg_for("e2e", 6, batch_size=6)) == 2
+    with pytest.raises(E.UserError, match="--batch-size 8 does not split evenly over 3 processes"):
+        E.local_batch_size(cfg_for("e2e", 6, batch_size=8))
