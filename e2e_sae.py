@@ -85,6 +85,11 @@ class UserError(Exception):
     """A problem the user can fix (a flag, a path, the network): main() prints it as one sentence."""
 
 
+class ProcessError(UserError):
+    """A UserError of one process alone (its GPU, say). Under torchrun, rank 0 says the errors that every
+    process meets, and each process says its own."""
+
+
 def arg(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -136,7 +141,16 @@ class Config:
     bench_steps: int = arg(10, "--benchmark: timed optimiser steps")
     # evaluating a saved SAE
     eval_only: bool = arg(False, "evaluate the SAE in --sae instead of training one")
-    sae: str | None = arg(None, "folder holding sae.safetensors (and config.json), for --eval-only")
+    sae: str | None = arg(None, "folder holding sae.safetensors (and config.json), for --eval-only and --inspect")
+    # looking inside a trained SAE
+    inspect: bool = arg(False, "print (and write to inspect.json in --sae) the contexts that make features of "
+                               "the SAE in --sae fire, and a histogram of how often its elements fire")
+    features: str | None = arg(None, "--inspect: comma-separated dictionary elements to show, e.g. 12,345")
+    top_features: int = arg(10, "--inspect without --features: show the this-many most often firing elements")
+    inspect_samples: int | None = arg(None, "--inspect: the first this-many sequences of the dataset "
+                                            "(default: the run's --eval-samples, which training never saw)")
+    compare: list[str] | None = arg(None, "DIR_A DIR_B: for each dictionary element of A, its largest cosine "
+                                          "similarity with B's and with A's other elements (writes compare.json)")
 
     def __post_init__(self):
         # Defaults that depend on other fields. (TINY_RUN is applied by parse_config, on the command line only.)
@@ -173,11 +187,12 @@ class Config:
         need(self.dict_ratio > 0, f"--dict-ratio must be > 0, not {self.dict_ratio}")
         need(0 <= self.lr_min_ratio <= 1, "--lr-min-ratio must be between 0 and 1")
         need(self.n_ctx >= 2, "--n-ctx must be at least 2 (a next-token prediction needs two tokens)")
-        need(self.eval_only or self.n_samples >= self.batch_size * self.grad_accum,
+        need(self.eval_only or self.inspect or self.n_samples >= self.batch_size * self.grad_accum,
              f"--n-samples {self.n_samples} is less than one optimiser step "
              f"(--batch-size × --grad-accum = {self.batch_size * self.grad_accum})")
         need(self.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, not {self.dtype!r}")
-        need(self.sae is not None or not self.eval_only, "--eval-only needs --sae DIR")
+        need(self.sae is not None or not (self.eval_only or self.inspect), "--eval-only and --inspect need --sae DIR")
+        need(self.top_features > 0 and (self.inspect_samples or 1) > 0, "--top-features and --inspect-samples must be > 0")
 
     @property
     def samples_per_step(self):
@@ -203,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         if typing.get_args(kind):  # `float | None` parses as float
             kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if typing.get_origin(kind) is list:  # --compare DIR_A DIR_B
+            parser.add_argument(flag, nargs=2, default=argparse.SUPPRESS, help=help, metavar=("DIR_A", "DIR_B"))
+            continue
         parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help, metavar=kind.__name__.upper())
     return parser
 
@@ -212,8 +230,10 @@ def parse_config(argv=None) -> Config:
     given = vars(build_parser().parse_args(argv))
     if given.get("resume"):
         return resume_config(given)
-    if given.get("eval_only"):
+    if given.get("eval_only") or given.get("inspect"):
         return eval_only_config(given)
+    if given.get("compare"):
+        return Config(**{"out_dir": given["compare"][0], **given})  # compare.json goes beside A's files
     defaults = {}
     if given.get("benchmark"):
         on_gpu = given.get("device", "cuda" if torch.cuda.is_available() else "cpu").startswith("cuda")
@@ -224,7 +244,8 @@ def parse_config(argv=None) -> Config:
 
 
 # What a saved configuration never passes on: what to do now, and where (this machine decides).
-NOT_INHERITED = ("eval_only", "sae", "benchmark", "resume", "overwrite", "out_dir", "device", "dtype")
+NOT_INHERITED = ("eval_only", "sae", "benchmark", "resume", "overwrite", "out_dir", "device", "dtype",
+                 "inspect", "features", "top_features", "inspect_samples", "compare")
 
 
 def config_fields(saved: dict) -> dict:
@@ -247,7 +268,7 @@ def eval_only_config(given: dict) -> Config:
     if folder is not None and (folder / "config.json").exists():
         saved = read_saved_config(folder)  # metrics go to --out-dir if given, else into the SAE's folder
     elif folder is not None and not {"model", "layer"} <= set(given):
-        raise UserError(f"{folder} has no config.json: pass --model and --layer with --eval-only")
+        raise UserError(f"{folder} has no config.json: pass --model and --layer with --eval-only or --inspect")
     cfg = {**(TINY_RUN if given.get("model", saved.get("model")) == "tiny" else {}), **saved, **given}
     cfg.setdefault("out_dir", str(folder) if folder else None)
     return Config(**cfg)
@@ -672,6 +693,8 @@ def load_model(name: str, device: torch.device):
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=kwargs.get("local_files_only", False))
     except (OSError, ValueError, TypeError):
         tokenizer = None  # fine for pre-tokenised data; text data will say it needs one
+    if tokenizer is not None and len(tokenizer) < 2:
+        tokenizer = None  # a folder without tokenizer files gives an empty tokenizer, not an error
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
@@ -831,11 +854,16 @@ def load_data(cfg: Config, tokenizer, vocab_size: int):
 
 
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return all(v in os.environ for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"))
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", 0))  # set by torchrun before the process group exists
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def first_process() -> bool:
+    """Rank 0, or a plain run; known from torchrun's environment even before the processes join."""
+    return not launched_by_torchrun() or os.environ["RANK"] == "0"
 
 
 def world_size() -> int:
@@ -849,8 +877,12 @@ def join_processes(cfg: Config):
         if device.index is not None and int(os.environ["WORLD_SIZE"]) > 1:
             raise UserError(f"--device {cfg.device}: under torchrun each process takes the GPU of its LOCAL_RANK; "
                             "pass --device cuda (or leave it out)")
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+        device = torch.device("cuda", device.index if device.index is not None else int(os.environ["LOCAL_RANK"]))
+        try:
+            torch.cuda.set_device(device)
+        except (RuntimeError, AssertionError, AttributeError) as e:
+            raise ProcessError(f"rank {os.environ['RANK']}: --device {device} is not usable here "
+                               f"({first_line(e)}); are there fewer GPUs than processes?") from None
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
 
@@ -875,10 +907,11 @@ def all_reduce(tensors: dict, op=dist.ReduceOp.SUM) -> dict:
     """Every tensor of the dict reduced over all processes (summed, by default), in one collective."""
     if not dist.is_initialized():
         return tensors
-    flat = torch.cat([t.double().flatten() for t in tensors.values()])  # float64: sums of counts stay exact
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flat = torch.cat([t.to(on, torch.float64).flatten() for t in tensors.values()])  # sums of counts stay exact
     dist.all_reduce(flat, op=op)
     parts = flat.split([t.numel() for t in tensors.values()])
-    return {k: part.view(t.shape).to(t.dtype) for (k, t), part in zip(tensors.items(), parts)}
+    return {k: part.view(t.shape).to(t.device, t.dtype) for (k, t), part in zip(tensors.items(), parts)}
 
 
 def mean_over_processes(tensors: dict) -> dict:
@@ -898,6 +931,30 @@ def agreed_signal(signum: int | None, device: torch.device) -> int | None:
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def on_rank_0(work):
+    """work() in rank 0 alone (writing files), then every process learns whether it failed: none is
+    left waiting in a collective for a process that has stopped."""
+    failed = None
+    if rank() == 0:
+        try:
+            work()
+        except UserError as e:
+            failed = e
+    if dist.is_initialized() and all_reduce({"f": torch.tensor(float(failed is not None))}, dist.ReduceOp.MAX)["f"]:
+        raise failed or UserError("rank 0 stopped with the error above")  # said by rank 0 alone
+    if failed:
+        raise failed
+
+
+def from_rank_0(value):
+    """Rank 0's value in every process: decisions taken from files, which other machines may not see."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def for_steps(sae: SAE, device: torch.device) -> nn.Module:
@@ -998,7 +1055,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 # -----------------------------------------------------------------------------
 # Checkpoints and the output folder (boilerplate: nothing here is part of the method)
 
-RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "checkpoint.safetensors", "checkpoint.json")
+RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "checkpoint.safetensors", "checkpoint.json",
+             "cfg.json", "sae_weights.safetensors")
 
 
 def atomic_write(path: Path, write):
@@ -1089,17 +1147,20 @@ def read_log(path: Path) -> list[dict]:
 
 class StopSignal:
     """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) only set .signum, so that
-    the loop can finish its step and checkpoint. A second signal acts as usual (handlers are restored)."""
+    the loop can finish its step and checkpoint. A second signal acts as usual (handlers are restored),
+    except under torchrun: it passes a signal on to every process, and a scheduler may signal them
+    all too, so a process would get two. There torchrun's --shutdown-timeout (30 s) is the hard stop."""
 
     def __init__(self):
         self.signum = None
 
     def _handler(self, signum, frame):
-        self.signum = signum
-        self._restore()
-        if rank() == 0:  # under torchrun, every process gets the signal
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-                  "(a second signal stops at once)", file=sys.stderr)
+        first, self.signum = self.signum is None, signum
+        if not dist.is_initialized():
+            self._restore()
+        if first and rank() == 0:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint"
+                  + ("" if dist.is_initialized() else " (a second signal stops at once)"), file=sys.stderr)
 
     def _restore(self):
         for sig, old in self._old.items():
@@ -1202,7 +1263,7 @@ def setup(cfg: Config):
         device = process_device(cfg)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {cfg.device} is not usable here ({first_line(e)})") from None
+        raise ProcessError(f"--device {cfg.device} is not usable here ({first_line(e)})") from None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -1217,7 +1278,7 @@ def setup(cfg: Config):
     n_layers, max_ctx = len(blocks), getattr(model.config, "max_position_embeddings", None)
     if not 0 <= cfg.layer < n_layers:
         raise UserError(f"--layer {cfg.layer} is outside the model's blocks 0 … {n_layers - 1}")
-    if cfg.loss == "e2e_ds" and cfg.layer == n_layers - 1 and not cfg.eval_only:
+    if cfg.loss == "e2e_ds" and cfg.layer == n_layers - 1 and not (cfg.eval_only or cfg.inspect):
         raise UserError(f"--loss e2e_ds needs a block after --layer; {cfg.layer} is the model's last")
     if max_ctx is not None and cfg.n_ctx > max_ctx:
         raise UserError(f"--n-ctx {cfg.n_ctx} is longer than the model's context of {max_ctx} tokens")
@@ -1288,14 +1349,17 @@ def train(cfg: Config) -> dict:
     # written, and the one-time read of a local dataset is not timed as training.
     train_seqs = itertools.chain([next(train_seqs)], train_seqs)
     # A run stopped just before an evaluation resumes with it.
-    eval_pending = 0 < start_step < n_steps and crossed(cfg.eval_every, start_step, cfg) and not any(
-        r["step"] == start_step and "eval/kl" in r for r in read_log(out / "log.jsonl"))
+    eval_pending = from_rank_0(0 < start_step < n_steps and crossed(cfg.eval_every, start_step, cfg) and not any(
+        r["step"] == start_step and "eval/kl" in r for r in read_log(out / "log.jsonl")))
     barrier()  # every process has read the output folder before rank 0 changes it
 
     run_info = {**asdict(cfg), "d_model": d_model, "dict_size": dict_size, "n_layers": len(blocks),
                 "n_processes": world_size()}
-    if main_process:
-        out = make_out_dir(cfg.out_dir)
+    log_file = None
+
+    def prepare_out_dir():
+        nonlocal log_file
+        make_out_dir(cfg.out_dir)
         if cfg.overwrite:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
@@ -1303,6 +1367,8 @@ def train(cfg: Config) -> dict:
         kept = [json.dumps(r) + "\n" for r in read_log(out / "log.jsonl") if r["step"] <= start_step] if start_step else []
         atomic_write(out / "log.jsonl", lambda tmp: tmp.write_text("".join(kept)))  # a resumed run keeps its past
         log_file = open(out / "log.jsonl", "a")
+
+    on_rank_0(prepare_out_dir)
 
     def log(record):
         if main_process:
@@ -1325,13 +1391,11 @@ def train(cfg: Config) -> dict:
         seqs = [next(train_seqs) for _ in range(cfg.batch_size)]
         return torch.stack(seqs[share]).to(device)  # (B / N, T)
 
-    def checkpoint(step):
-        if main_process:
-            save_checkpoint(out, sae, optimizer, {
-                "step": step, "samples": step * cfg.samples_per_step, "train_seconds": train_seconds,
-                "config": run_info, "log_totals": {k: float(v) for k, v in totals.items()},
-                "steps_since_log": steps_since_log})
-        barrier()  # no process stops before the checkpoint is on disk
+    def checkpoint(step):  # every process waits until it is on disk (or has failed)
+        on_rank_0(lambda: save_checkpoint(out, sae, optimizer, {
+            "step": step, "samples": step * cfg.samples_per_step, "train_seconds": train_seconds,
+            "config": run_info, "log_totals": {k: float(v) for k, v in totals.items()},
+            "steps_since_log": steps_since_log}))
 
     def evaluate_and_log(step):
         metrics = do_eval()
@@ -1391,12 +1455,15 @@ def train(cfg: Config) -> dict:
                 totals, t_log, steps_since_log = {}, time.perf_counter(), 0
             stop_if_signalled(stop, step + 1)  # before the evaluation: a pre-emption's grace period may be short
             t_pause = time.perf_counter()
-            if crossed(cfg.eval_every, step + 1, cfg) and step + 1 < n_steps:  # the last evaluation comes after the loop
+            do_eval_now = crossed(cfg.eval_every, step + 1, cfg) and step + 1 < n_steps  # the last one is after the loop
+            do_save_now = crossed(cfg.save_every, step + 1, cfg) and step + 1 < n_steps
+            if do_eval_now:
                 evaluate_and_log(step + 1)
-            if crossed(cfg.save_every, step + 1, cfg) and step + 1 < n_steps:
+            if do_save_now:
                 checkpoint(step + 1)
             t_log += time.perf_counter() - t_pause  # evaluations and checkpoints do not count against tokens/s
-            stop_if_signalled(stop, step + 1)
+            if do_eval_now or do_save_now:
+                stop_if_signalled(stop, step + 1)  # a signal that came during them
 
     if start_step < n_steps:
         checkpoint(n_steps)  # the final evaluation can take minutes: a run stopped during it resumes here
@@ -1405,6 +1472,7 @@ def train(cfg: Config) -> dict:
         return metrics
     log_file.close()
     atomic_write(out / "sae.safetensors", lambda tmp: save_sae(sae, tmp))
+    save_saelens(out, run_info)
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     for name in ("checkpoint.safetensors", "checkpoint.json"):  # the run is complete: sae.safetensors holds it
         (out / name).unlink(missing_ok=True)
@@ -1415,7 +1483,7 @@ def train(cfg: Config) -> dict:
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
               + (" (rank 0)" if dist.is_initialized() else ""))
-    print(f"wrote {out}/sae.safetensors, config.json, metrics.json, log.jsonl")
+    print(f"wrote {out}/sae.safetensors, config.json, metrics.json, log.jsonl (and SAELens's cfg.json, sae_weights.safetensors)")
     return metrics
 
 
@@ -1490,13 +1558,185 @@ def evaluate_saved(cfg: Config) -> dict:
     if sae.encoder.in_features != d_model:
         raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has {d_model}")
     eval_tokens, _ = load_data(cfg, tokenizer, model.config.vocab_size)
-    metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, local_batch_size(cfg), autocast)
+    metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, cfg.batch_size, autocast)
     if rank() == 0:
         out = make_out_dir(cfg.out_dir)
         atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
         print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
         print(f"wrote {out}/metrics.json")
     return metrics
+
+
+# -----------------------------------------------------------------------------
+# Looking inside: feature contexts, feature density, dictionary geometry, and SAELens's file format
+
+TOP_CONTEXTS, CONTEXT_TOKENS = 5, 8  # --inspect: contexts per element, and tokens shown on each side of the max
+
+
+def text_histogram(edges: list, counts: list, label) -> str:
+    """One line per bin from the first non-empty one to the last, with a bar scaled to the largest count."""
+    full = [i for i, n in enumerate(counts) if n] or [0]
+    rows = range(full[0], full[-1] + 1)
+    return "\n".join(f"  {label(edges[i], edges[i + 1]):>18} {'█' * round(40 * counts[i] / max(counts + [1])):<40} "
+                     f"{counts[i]}" for i in rows)
+
+
+def density(fires: torch.Tensor, n_tokens: int) -> dict:
+    """Histogram of log10 firing frequency over the dictionary (F,) in bins of 0.5 from log10(1/n_tokens),
+    the rarest possible, up to 0; elements that never fired (log10 0 = −∞) are counted apart as dead."""
+    log_freq = (fires[fires > 0].double() / n_tokens).log10()
+    lowest = math.floor(2 * math.log10(1 / n_tokens)) / 2
+    edges = torch.arange(lowest, 0.25, 0.5, dtype=torch.float64)
+    counts = torch.histogram(log_freq, edges).hist.long() if len(edges) > 1 else torch.zeros(0, dtype=torch.long)
+    return {"log10_freq_edges": edges.tolist(), "counts": counts.tolist(), "dead": int((fires == 0).sum())}
+
+
+@torch.no_grad()
+def inspect(cfg: Config) -> dict:
+    """--inspect: the SAE in cfg.sae over the first N sequences. For every dictionary element it keeps a
+    running top-TOP_CONTEXTS of (activation, sequence, position), one per sequence, so memory is (TOP_CONTEXTS
+    + B) × F whatever N is; then prints the chosen elements' frequency, mean activation when active, and
+    top contexts (the max token «marked»), and the density histogram; and writes them to inspect.json."""
+    sae, _ = load_sae(cfg.sae)
+    device, autocast, model, tokenizer, blocks = setup(cfg)
+    if sae.encoder.in_features != model.config.hidden_size:
+        raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has "
+                        f"{model.config.hidden_size}")
+    n = cfg.inspect_samples or cfg.eval_samples
+    tokens, _ = load_data(Config(**{**asdict(cfg), "eval_samples": n}), tokenizer, model.config.vocab_size)  # (N, T)
+    sae, F_, L = sae.to(device), sae.encoder.out_features, cfg.layer
+    fires = torch.zeros(F_, dtype=torch.long, device=device)  # tokens on which each element fired
+    act_sum = torch.zeros(F_, dtype=torch.float64, device=device)  # Σ c over those tokens
+    top = torch.full((TOP_CONTEXTS, F_), -1.0, device=device)  # the running top-k activations, (k, F)
+    top_seq = torch.zeros((TOP_CONTEXTS, F_), dtype=torch.long, device=device)  # ... their sequences
+    top_pos = torch.zeros((TOP_CONTEXTS, F_), dtype=torch.long, device=device)  # ... and positions
+    for start in range(0, n, cfg.batch_size):
+        batch = tokens[start:start + cfg.batch_size].to(device)  # (B, T)
+        with autocast(), record_resid(blocks, [L], stop_at=L) as resid:
+            run_model(model, batch)
+        _, c = sae(resid[L])  # (B, T, F)
+        c = c.float()
+        fires += (c > 0).sum((0, 1))
+        act_sum += c.sum((0, 1))
+        best, pos = c.max(1)  # (B, F): each sequence's largest activation of each element, and where
+        seq = torch.arange(start, start + len(batch), device=device)[:, None].expand_as(best)  # (B, F)
+        top, keep = torch.cat([top, best]).topk(TOP_CONTEXTS, dim=0)  # (k, F): the best of the old top-k and B
+        top_seq = torch.cat([top_seq, seq]).gather(0, keep)
+        top_pos = torch.cat([top_pos, pos]).gather(0, keep)
+    n_tokens = tokens.numel()
+    freq, top, top_seq, top_pos = (fires.double() / n_tokens).cpu(), top.cpu(), top_seq.cpu(), top_pos.cpu()
+    if cfg.features:
+        try:
+            chosen = [int(f) for f in cfg.features.split(",")]
+        except ValueError:
+            raise UserError(f"--features takes comma-separated numbers, not {cfg.features!r}") from None
+        if not all(0 <= f < F_ for f in chosen):
+            raise UserError(f"--features {cfg.features}: the dictionary has elements 0 … {F_ - 1}")
+    else:
+        chosen = freq.topk(min(cfg.top_features, F_)).indices.tolist()
+    show = (lambda i: tokenizer.decode([i]).replace("\n", "⏎")) if tokenizer else (lambda i: f" {i}")
+    result = {"sae": str(cfg.sae), "n_sequences": n, "n_tokens": n_tokens,
+              "density": density(fires.cpu(), n_tokens), "features": []}
+    for f in chosen:
+        contexts = []
+        for j in range(TOP_CONTEXTS):
+            if top[j, f] <= 0:
+                break  # fired in fewer sequences
+            s, t = int(top_seq[j, f]), int(top_pos[j, f])
+            window = tokens[s, max(0, t - CONTEXT_TOKENS):t + CONTEXT_TOKENS + 1].tolist()
+            mark = min(t, CONTEXT_TOKENS)  # the max token's index in the window
+            pieces = [show(i) for i in window]
+            word = pieces[mark].lstrip()  # the mark goes after the token's leading space: " «fox»"
+            pieces[mark] = f"{pieces[mark][:len(pieces[mark]) - len(word)]}«{word}»"
+            contexts.append({"activation": float(top[j, f]), "sequence": s, "position": t, "tokens": window,
+                             "marked": mark, "text": "".join(pieces)})
+        result["features"].append({"feature": f, "frequency": float(freq[f]), "contexts": contexts,
+                                   "mean_activation": float(act_sum[f] / fires[f]) if fires[f] else 0.0})
+    print(f"{cfg.sae} at layer {L} of {cfg.model}, over the first {n} sequences ({n_tokens:,} tokens)"
+          + ("; beyond --eval-samples they include training data" if n > cfg.eval_samples else ""))
+    for r in result["features"]:
+        print(f"\nfeature {r['feature']}: fires on {r['frequency']:.3%} of tokens, mean activation when active "
+              f"{r['mean_activation']:.3g}")
+        for ctx in r["contexts"]:
+            print(f"  {ctx['activation']:8.3f}  {ctx['text']}")
+    d = result["density"]
+    print(f"\nfiring frequency of the {F_} dictionary elements ({d['dead']} dead, never firing):")
+    print(text_histogram(d["log10_freq_edges"], d["counts"], lambda lo, hi: f"10^{lo:.1f} … 10^{hi:.1f}"))
+    out = make_out_dir(cfg.out_dir)
+    atomic_write(out / "inspect.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+    print(f"wrote {out}/inspect.json")
+    return result
+
+
+def max_cosine(A: torch.Tensor, B: torch.Tensor, exclude_self=False, chunk_elements=2**25) -> torch.Tensor:
+    """For each unit-norm row of A (F_A, D), its largest cosine similarity with a row of B (F_B, D) → (F_A,).
+    With exclude_self (B is A), an element is not compared with itself. The (F_A, F_B) matrix is made
+    chunk_elements at a time: 128 MiB in fp32, where the whole would be 8 GiB at F = 46,080."""
+    out = torch.empty(len(A), device=A.device)
+    rows = max(1, chunk_elements // len(B))
+    for i in range(0, len(A), rows):
+        sims = A[i:i + rows] @ B.T  # (rows, F_B)
+        if exclude_self:
+            r = torch.arange(len(sims), device=A.device)
+            sims[r, r + i] = -2.0  # below any cosine
+        out[i:i + rows] = sims.max(1).values
+    return out
+
+
+def compare(cfg: Config) -> dict:
+    """--compare DIR_A DIR_B: the geometry of two dictionaries (the paper compares e2e with local SAEs).
+    Each element of A gets its largest cosine similarity with any element of B (cross-SAE: is it in B
+    too?) and with any other element of A (within-SAE: how spread out is A?)."""
+    (a, _), (b, _) = load_sae(cfg.compare[0]), load_sae(cfg.compare[1])
+    device = torch.device(cfg.device)
+    A, B = a.dictionary.T.to(device), b.dictionary.T.to(device)  # (F_A, D), (F_B, D): unit-norm rows
+    if A.shape[1] != B.shape[1]:
+        raise UserError(f"the SAEs read different widths ({A.shape[1]} and {B.shape[1]}): they cannot be compared")
+    result = {"a": cfg.compare[0], "b": cfg.compare[1]}
+    edges = [i / 20 for i in range(21)]  # [0, 1] in bins of 0.05; a maximum below 0 is counted apart
+    for name, values in (("cross", max_cosine(A, B)), ("within", max_cosine(A, A, exclude_self=len(A) > 1))):
+        v = values.double().cpu()
+        q1, median, q3 = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+        result[name] = {"mean": v.mean().item(), "q1": q1, "median": median, "q3": q3, "min": v.min().item(),
+                        "max": v.max().item(), "below_0": int((v < 0).sum()), "edges": edges,
+                        "counts": torch.histogram(v.clamp(min=0), torch.tensor(edges, dtype=torch.float64)).hist.long().tolist(),
+                        "values": v.tolist()}
+        r = result[name]
+        print(f"{name}-SAE max cosine similarity of A's {len(A)} elements with "
+              f"{'any of B' if name == 'cross' else 'another of A'}'s: mean {r['mean']:.3f} | quartiles "
+              f"{q1:.3f} {median:.3f} {q3:.3f} | min {r['min']:.3f} max {r['max']:.3f}")
+        print(text_histogram(edges, r["counts"], lambda lo, hi: f"{lo:.2f} … {hi:.2f}"))
+    out = make_out_dir(cfg.out_dir)
+    atomic_write(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(result) + "\n"))
+    print(f"wrote {out}/compare.json")
+    return result
+
+
+# The files SAELens's `SAE.load_from_disk(folder)` reads, in the format of its version 6 (architecture
+# "standard": relu(x @ W_enc + b_enc) @ W_dec + b_dec, which is the SAE above). They are written with
+# every run rather than by an export command, so that every output folder loads in SAELens as it is;
+# and since SAELens names and lays out the four tensors exactly as sae.safetensors does, its weights
+# file is a second name (a hard link) for sae.safetensors: the tensors are on disk once.
+SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+def save_saelens(out: Path, run_info: dict):
+    metadata = {"sae_lens_version": "6.0.0", "model_name": run_info["model"],
+                "hook_name": f"blocks.{run_info['layer']}.hook_resid_pre", "hook_head_index": None,
+                "context_size": run_info["n_ctx"], "prepend_bos": False, "dataset_path": run_info["dataset"]}
+    cfg = {"architecture": "standard", "d_in": run_info["d_model"], "d_sae": run_info["dict_size"],
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+           "reshape_activations": "none", "metadata": metadata,
+           "sae_lens_version": "6.0.0"}  # read here by some 6.x releases, in metadata by others
+
+    def link_or_copy(tmp):
+        try:
+            os.link(out / "sae.safetensors", tmp)
+        except OSError:  # a filesystem without hard links
+            tmp.write_bytes((out / "sae.safetensors").read_bytes())
+
+    atomic_write(out / "sae_weights.safetensors", link_or_copy)
+    atomic_write(out / "cfg.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
 
 
 # -----------------------------------------------------------------------------
@@ -1508,7 +1748,13 @@ def main(argv=None):
         cfg = parse_config(argv)
         if launched_by_torchrun():
             join_processes(cfg)
-        if cfg.benchmark:
+        if (cfg.inspect or cfg.compare) and world_size() > 1:
+            raise UserError("--inspect and --compare run in one process: start them with python, not torchrun")
+        if cfg.compare:
+            compare(cfg)
+        elif cfg.inspect:
+            inspect(cfg)
+        elif cfg.benchmark:
             benchmark(cfg)
         elif cfg.eval_only:
             evaluate_saved(cfg)
@@ -1517,17 +1763,16 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
     except UserError as e:
-        # Under torchrun a bad flag is the same mistake in every process: rank 0 says it. Once the
-        # processes have joined, an error may be one process's own, so every process says its own.
-        if rank() == 0 or dist.is_initialized():
-            print(f"error{f' (rank {rank()})' if rank() else ''}: {e}", file=sys.stderr)
+        if first_process() or isinstance(e, ProcessError):  # under torchrun: said once, not by every process
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
-        if rank() == 0:
+        if first_process():
             print(f"stopped: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C
-        print("stopped: interrupted (any checkpoint already written is intact)", file=sys.stderr)
+        if first_process():
+            print("stopped: interrupted (any checkpoint already written is intact)", file=sys.stderr)
         sys.exit(130)
 
 

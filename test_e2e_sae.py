@@ -30,7 +30,7 @@ import e2e_sae as E
 HERE = Path(__file__).parent
 METRIC_KEYS = {"ce_loss_orig", "ce_loss_sae", "ce_loss_increase", "kl", "l0", "alive_dict_elements",
                "explained_variance", "mse", "top1_agreement", "downstream_mse", "n_eval_tokens"}
-OUTPUT_FILES = {"sae.safetensors", "config.json", "metrics.json", "log.jsonl"}
+OUTPUT_FILES = {"sae.safetensors", "config.json", "metrics.json", "log.jsonl", "cfg.json", "sae_weights.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,7 @@ def test_bf16_autocast_keeps_logits_fp32_and_identity_close():
 
 def test_evaluate_matches_independent_computations(tiny):
     """A random SAE at layer 3, 5 sequences in batches of 2: every metric against a computation that
-    uses HF's own loss and hidden_states, and numpy, instead of our hooks and sums."""
-    import numpy as np
+    uses HF's own loss and hidden_states instead of our hooks and sums."""
     model, blocks = tiny
     L, tokens = 3, tokens_for(model, B=5, T=12, seed=3)
     torch.manual_seed(0)
@@ -734,7 +733,7 @@ def test_cli_flag_names():
     (["--dict-ratio", "-2"], "--dict-ratio must be > 0"),
     (["--n-samples", "3"], "less than one optimiser step"),
     (["--no-such-flag"], "unrecognized arguments"),
-    (["--eval-only"], "--eval-only needs --sae"),
+    (["--eval-only"], "--eval-only and --inspect need --sae"),
     (["--eval-samples", "0"], "--eval-samples must be > 0"),
     (["--n-ctx", "1"], "--n-ctx must be at least 2"),
 ])
@@ -1387,3 +1386,143 @@ def test_the_batch_must_split_evenly_over_the_processes(monkeypatch):
     assert E.local_batch_size(cfg_for("e2e", 6, batch_size=6)) == 2
     with pytest.raises(E.UserError, match="--batch-size 8 does not split evenly over 3 processes"):
         E.local_batch_size(cfg_for("e2e", 6, batch_size=8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Looking inside: --inspect, --compare, SAELens's files
+
+
+def planted_model_and_sae(tmp_path, token: int):
+    """The tiny GPT-2, saved to disk, with token `token`'s embedding moved to 10 along axis 0 (every other
+    token and position stays within ±1.5 there), and an SAE at layer 0 whose element 0 is
+    c_0 = relu(a_0 − 5): it fires on that token and on no other. Elements 1-7 never fire."""
+    model = E.tiny_gpt2()
+    with torch.no_grad():
+        model.transformer.wte.weight[token] = 0.0
+        model.transformer.wte.weight[token, 0] = 10.0
+    assert (model.transformer.wte.weight[:, 0].abs().topk(2).values[1] + model.transformer.wpe.weight[:, 0].abs().max()) < 1.5
+    model.save_pretrained(tmp_path / "model")
+    sae = E.SAE(64, 8)
+    with torch.no_grad():
+        sae.encoder.weight.zero_()
+        sae.encoder.bias.fill_(-1.0)
+        sae.encoder.weight[0, 0], sae.encoder.bias[0] = 1.0, -5.0
+    (tmp_path / "sae").mkdir()
+    E.save_sae(sae, tmp_path / "sae" / "sae.safetensors")
+    return tmp_path / "model", tmp_path / "sae"
+
+
+def test_inspect_finds_a_planted_feature(tmp_path, capsys):
+    token = 123
+    model_dir, sae_dir = planted_model_and_sae(tmp_path, token)
+    E.main(["--inspect", "--sae", str(sae_dir), "--model", str(model_dir), "--layer", "0", "--dataset", "random",
+            "--n-ctx", "32", "--inspect-samples", "64", "--batch-size", "5", "--features", "0,1", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    result = json.loads((sae_dir / "inspect.json").read_text())
+    tokens = E.load_data(E.Config(model="tiny", dataset="random", n_ctx=32, eval_samples=64, device="cpu"), None, 512)[0]
+    n_hits, seqs_with_token = int((tokens == token).sum()), int((tokens == token).any(1).sum())
+    assert n_hits >= 2 and result["n_tokens"] == 64 * 32
+    planted, silent = result["features"]
+    assert planted["frequency"] == n_hits / (64 * 32)  # exact
+    assert len(planted["contexts"]) == min(E.TOP_CONTEXTS, seqs_with_token)
+    for ctx in planted["contexts"]:
+        assert ctx["tokens"][ctx["marked"]] == token and tokens[ctx["sequence"], ctx["position"]] == token
+        assert ctx["activation"] == pytest.approx(5.0, abs=1.5) and f"«{token}»" in ctx["text"]
+    assert f"«{token}»" in printed and silent["frequency"] == 0 and silent["contexts"] == []
+    # the density histogram: one element fired (in the bin of its frequency), seven are dead
+    d = result["density"]
+    assert d["dead"] == 7 and sum(d["counts"]) == 1
+    bin_of = next(i for i, (lo, hi) in enumerate(zip(d["log10_freq_edges"], d["log10_freq_edges"][1:]))
+                  if lo <= math.log10(planted["frequency"]) < hi)
+    assert d["counts"][bin_of] == 1 and "7 dead" in printed
+
+
+def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
+    """A random SAE at layer 3, 10 sequences in batches of 3: every element's top contexts (one per
+    sequence, best first) against sorting all (sequence, element) maxima at once."""
+    model, blocks = tiny
+    torch.manual_seed(1)
+    sae = E.SAE(64, 16)
+    (tmp_path / "sae").mkdir()
+    E.save_sae(sae, tmp_path / "sae" / "sae.safetensors")
+    sae, _ = E.load_sae(tmp_path / "sae")
+    E.main(["--inspect", "--sae", str(tmp_path / "sae"), "--model", "tiny", "--layer", "3", "--n-ctx", "24",
+            "--inspect-samples", "10", "--batch-size", "3", "--top-features", "16", "--device", "cpu"])
+    result = json.loads((tmp_path / "sae" / "inspect.json").read_text())
+    tokens = E.load_data(E.Config(model="tiny", dataset="random", n_ctx=24, eval_samples=10, device="cpu"), None, 512)[0]
+    with torch.no_grad(), E.record_resid(blocks, [3], stop_at=3) as resid:
+        E.run_model(model, tokens)
+        c = sae(resid[3])[1]  # (10, T, F): every activation at once
+    best, where = c.max(1)  # (10, F)
+    assert len(result["features"]) == 16
+    for r in result["features"]:
+        f = r["feature"]
+        order = [s for s in best[:, f].argsort(descending=True).tolist() if best[s, f] > 0][:E.TOP_CONTEXTS]
+        assert [ctx["sequence"] for ctx in r["contexts"]] == order
+        assert [ctx["position"] for ctx in r["contexts"]] == [int(where[s, f]) for s in order]
+        assert [ctx["activation"] for ctx in r["contexts"]] == pytest.approx([float(best[s, f]) for s in order], rel=1e-5)
+        assert r["frequency"] == (c[..., f] > 0).sum().item() / c[..., 0].numel()
+        assert r["mean_activation"] == pytest.approx(c[..., f][c[..., f] > 0].mean().item() if r["frequency"] else 0.0, rel=1e-5)
+
+
+def sae_with_dictionary(folder: Path, dictionary: torch.Tensor) -> Path:
+    """An SAE whose decoder columns are the given (D, F) dictionary (unit-norm columns)."""
+    sae = E.SAE(*dictionary.shape)
+    with torch.no_grad():
+        sae.decoder.weight.copy_(dictionary)
+    folder.mkdir()
+    E.save_sae(sae, folder / "sae.safetensors")
+    return folder
+
+
+def test_compare_dictionaries(tmp_path, capsys):
+    # By hand, in 2-D: A's elements at 0°, 90°, 180°, 270°; B is A turned by 30°. Each element of A is
+    # 30° from its nearest of B (cos 30° = √3/2) and 90° from its nearest other of A (cos 90° = 0).
+    angle = torch.tensor([0.0, 90.0, 180.0, 270.0]).deg2rad()
+    A = sae_with_dictionary(tmp_path / "a", torch.stack([angle.cos(), angle.sin()]))
+    B = sae_with_dictionary(tmp_path / "b", torch.stack([(angle + math.pi / 6).cos(), (angle + math.pi / 6).sin()]))
+    E.main(["--compare", str(A), str(B), "--device", "cpu"])
+    result = json.loads((A / "compare.json").read_text())
+    assert result["cross"]["values"] == pytest.approx([math.sqrt(3) / 2] * 4, abs=1e-6)
+    assert result["within"]["values"] == pytest.approx([0.0] * 4, abs=1e-6)
+    assert result["cross"]["counts"][17] == 4 and "cross-SAE max cosine similarity" in capsys.readouterr().out
+    # An SAE against itself: every element is in B, at cosine 1.
+    torch.manual_seed(0)
+    C = sae_with_dictionary(tmp_path / "c", F.normalize(torch.randn(16, 40), dim=0))
+    E.main(["--compare", str(C), str(C), "--device", "cpu", "--out-dir", str(tmp_path / "cc")])
+    assert json.loads((tmp_path / "cc" / "compare.json").read_text())["cross"]["values"] == pytest.approx([1.0] * 40, abs=1e-6)
+
+
+def test_chunked_max_cosine_equals_the_full_matrix():
+    torch.manual_seed(0)
+    A, B = F.normalize(torch.randn(37, 8), dim=1), F.normalize(torch.randn(23, 8), dim=1)
+    full = A @ B.T
+    assert torch.allclose(E.max_cosine(A, B, chunk_elements=50), full.max(1).values)
+    within = (A @ A.T).fill_diagonal_(-2.0).max(1).values
+    assert torch.allclose(E.max_cosine(A, A, exclude_self=True, chunk_elements=50), within)
+
+
+def test_saelens_files_hold_the_same_sae(plain_run):
+    """What SAELens (version 6) reads from a folder, built from its documentation: cfg.json with the
+    standard architecture's fields and a metadata block, and sae_weights.safetensors with W_enc (d_in,
+    d_sae), b_enc, W_dec (d_sae, d_in), b_dec in float32. Its standard SAE computes
+    relu((x − b_dec·apply_b_dec_to_input) @ W_enc + b_enc) @ W_dec + b_dec; that must be our SAE."""
+    cfg = json.loads((plain_run / "cfg.json").read_text())
+    config = json.loads((plain_run / "config.json").read_text())
+    D, F_ = config["d_model"], config["dict_size"]
+    assert {k: cfg[k] for k in ("architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input",
+                                "normalize_activations", "reshape_activations")} == {
+        "architecture": "standard", "d_in": D, "d_sae": F_, "dtype": "float32", "apply_b_dec_to_input": False,
+        "normalize_activations": "none", "reshape_activations": "none"}
+    meta = cfg["metadata"]
+    assert meta["hook_name"] == f"blocks.{config['layer']}.hook_resid_pre" and meta["model_name"] == "tiny"
+    assert meta["context_size"] == config["n_ctx"] and int(meta["sae_lens_version"].split(".")[0]) >= 6
+    assert cfg["device"] == "cpu" and meta["prepend_bos"] is False
+    w = load_file(str(plain_run / "sae_weights.safetensors"))
+    assert {k: (tuple(v.shape), v.dtype) for k, v in w.items()} == {
+        "W_enc": ((D, F_), torch.float32), "b_enc": ((F_,), torch.float32),
+        "W_dec": ((F_, D), torch.float32), "b_dec": ((D,), torch.float32)}
+    x = torch.randn(3, 5, D)
+    saelens_out = F.relu((x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
+    sae, _ = E.load_sae(plain_run)
+    assert torch.allclose(saelens_out, sae(x)[0], atol=1e-5)
