@@ -1598,13 +1598,19 @@ def inspect(cfg: Config) -> dict:
     + B) × F whatever N is; then prints the chosen elements' frequency, mean activation when active, and
     top contexts (the max token «marked»), and the density histogram; and writes them to inspect.json."""
     sae, _ = load_sae(cfg.sae)
+    F_, L, n = sae.encoder.out_features, cfg.layer, cfg.inspect_samples or cfg.eval_samples
+    try:
+        chosen = [int(f) for f in cfg.features.split(",")] if cfg.features else None
+    except ValueError:
+        raise UserError(f"--features takes comma-separated numbers, not {cfg.features!r}") from None
+    if chosen and not all(0 <= f < F_ for f in chosen):
+        raise UserError(f"--features {cfg.features}: the dictionary has elements 0 … {F_ - 1}")
     device, autocast, model, tokenizer, blocks = setup(cfg)
     if sae.encoder.in_features != model.config.hidden_size:
         raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has "
                         f"{model.config.hidden_size}")
-    n = cfg.inspect_samples or cfg.eval_samples
     tokens, _ = load_data(Config(**{**asdict(cfg), "eval_samples": n}), tokenizer, model.config.vocab_size)  # (N, T)
-    sae, F_, L = sae.to(device), sae.encoder.out_features, cfg.layer
+    sae = sae.to(device)
     fires = torch.zeros(F_, dtype=torch.long, device=device)  # tokens on which each element fired
     act_sum = torch.zeros(F_, dtype=torch.float64, device=device)  # Σ c over those tokens
     top = torch.full((TOP_CONTEXTS, F_), -1.0, device=device)  # the running top-k activations, (k, F)
@@ -1625,15 +1631,7 @@ def inspect(cfg: Config) -> dict:
         top_pos = torch.cat([top_pos, pos]).gather(0, keep)
     n_tokens = tokens.numel()
     freq, top, top_seq, top_pos = (fires.double() / n_tokens).cpu(), top.cpu(), top_seq.cpu(), top_pos.cpu()
-    if cfg.features:
-        try:
-            chosen = [int(f) for f in cfg.features.split(",")]
-        except ValueError:
-            raise UserError(f"--features takes comma-separated numbers, not {cfg.features!r}") from None
-        if not all(0 <= f < F_ for f in chosen):
-            raise UserError(f"--features {cfg.features}: the dictionary has elements 0 … {F_ - 1}")
-    else:
-        chosen = freq.topk(min(cfg.top_features, F_)).indices.tolist()
+    chosen = chosen or freq.topk(min(cfg.top_features, F_)).indices.tolist()  # the most often firing
     show = (lambda i: tokenizer.decode([i]).replace("\n", "⏎")) if tokenizer else (lambda i: f" {i}")
     result = {"sae": str(cfg.sae), "n_sequences": n, "n_tokens": n_tokens,
               "density": density(fires.cpu(), n_tokens), "features": []}
@@ -1699,7 +1697,7 @@ def compare(cfg: Config) -> dict:
         q1, median, q3 = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
         result[name] = {"mean": v.mean().item(), "q1": q1, "median": median, "q3": q3, "min": v.min().item(),
                         "max": v.max().item(), "below_0": int((v < 0).sum()), "edges": edges,
-                        "counts": torch.histogram(v.clamp(min=0), torch.tensor(edges, dtype=torch.float64)).hist.long().tolist(),
+                        "counts": torch.histogram(v[v >= 0], torch.tensor(edges, dtype=torch.float64)).hist.long().tolist(),
                         "values": v.tolist()}
         r = result[name]
         print(f"{name}-SAE max cosine similarity of A's {len(A)} elements with "

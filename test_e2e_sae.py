@@ -1142,6 +1142,12 @@ def bad_checkpoint(tmp_path, kind):
     return str(out)
 
 
+def sae_dir(folder: Path, d_model: int, dict_size: int) -> str:
+    folder.mkdir(exist_ok=True)
+    E.save_sae(E.SAE(d_model, dict_size), folder / "sae.safetensors")
+    return str(folder)
+
+
 @pytest.mark.parametrize("make_args, message", [
     (lambda p: ["--layer", "12"], "--layer 12 is outside the model's blocks 0 … 11"),
     (lambda p: ["--loss", "l2"], "--loss must be one of local, e2e, e2e_ds, not 'l2'"),
@@ -1165,6 +1171,15 @@ def bad_checkpoint(tmp_path, kind):
     (lambda p: ["--resume", bad_checkpoint(p, "corrupt")], "checkpoint.safetensors is not a valid checkpoint"),
     (lambda p: (p / "metrics.json").write_text("{}") and ["--out-dir", str(p)], "already holds a finished run"),
     (lambda p: ["--resume", str(p), "--overwrite"], "--overwrite cannot be combined with --resume"),
+    (lambda p: ["--inspect"], "--eval-only and --inspect need --sae DIR"),
+    (lambda p: ["--inspect", "--sae", sae_dir(p, 64, 8), "--layer", "3", "--features", "2,x"],
+     "--features takes comma-separated numbers, not '2,x'"),
+    (lambda p: ["--inspect", "--sae", sae_dir(p, 64, 8), "--layer", "3", "--features", "8"],
+     "--features 8: the dictionary has elements 0 … 7"),
+    (lambda p: ["--inspect", "--sae", sae_dir(p, 32, 8), "--layer", "3"], "reads width 32, but tiny has 64"),
+    (lambda p: ["--compare", sae_dir(p, 64, 8), str(p / "nowhere")], "nowhere holds no sae.safetensors"),
+    (lambda p: ["--compare", sae_dir(p / "a", 64, 8), sae_dir(p / "b", 32, 8)],
+     "the SAEs read different widths \\(64 and 32\\): they cannot be compared"),
 ])
 def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, capsys, make_args, message):
     args = make_args(tmp_path)
