@@ -7,9 +7,11 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from functools import partial
 from pathlib import Path
@@ -1541,3 +1543,71 @@ def test_saelens_files_hold_the_same_sae(plain_run):
     saelens_out = F.relu((x - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
     sae, _ = E.load_sae(plain_run)
     assert torch.allclose(saelens_out, sae(x)[0], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# tutorial.md is true of the file: its names exist, its quoted lines are in it, its CPU commands run
+
+TUTORIAL = (HERE / "tutorial.md").read_text()
+SOURCE = (HERE / "e2e_sae.py").read_text()
+
+
+def fenced_blocks(info: str) -> list[str]:
+    """The bodies of the fenced code blocks whose info string is exactly `info` (indented ones too)."""
+    bodies = re.findall(r"^( *)```" + re.escape(info) + r"\n(.*?)^\1```", TUTORIAL, flags=re.M | re.S)
+    return [textwrap.dedent(body) for _, body in bodies]
+
+
+def section(number: int) -> str:
+    return TUTORIAL.split(f"\n## {number}. ")[1].split("\n## ")[0]
+
+
+def test_every_name_the_tutorial_gives_exists_in_the_file():
+    names = set(re.findall(r"`([A-Za-z_][\w.]*)\(\)`", TUTORIAL))  # functions and methods: `compute_loss()`
+    names |= set(re.findall(r"`([A-Z]\w*\.[a-z_]\w*)`", TUTORIAL))  # attributes of classes: `SAE.dictionary`
+    names |= set(re.findall(r"`([A-Z][A-Z0-9_]*[A-Z0-9])`", TUTORIAL))  # classes and constants: `SAE`, `TINY_RUN`
+
+    def found(name):
+        obj = E
+        for part in name.split("."):
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+
+    assert len(names) > 60 and sorted(n for n in names if not found(n)) == []
+
+
+def test_the_tutorials_quoted_lines_and_breakpoints_are_in_the_file():
+    lines = [line.strip() for line in SOURCE.splitlines()]
+    quoted = [q for q in re.findall(r"`([^`\n]+)`", section(6)) if len(q) >= 20]
+    assert len(quoted) >= 20 and [q for q in quoted if q not in SOURCE] == []
+    breakpoints = re.findall(r"^b e2e_sae\.py:(\d+) +# (.+)$", TUTORIAL, flags=re.M)
+    assert len(breakpoints) == 3
+    for number, text in breakpoints:
+        assert lines[int(number) - 1] == text.strip(), (number, text)
+    # the stops of the recorded session are the lines it says
+    for number, text in re.findall(r"^> e2e_sae\.py\((\d+)\)\w+\(\)\n-> (.+)$", TUTORIAL, flags=re.M):
+        assert lines[int(number) - 1] == text.strip(), (number, text)
+    assert (HERE / "figures" / "kl_vs_l0.png").is_file() and "](figures/kl_vs_l0.png)" in TUTORIAL
+
+
+def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
+    """Every command in a `bash cpu` block, in order, in one folder (later ones read what earlier ones
+    wrote), with training runs cut to 4 optimiser steps; every `python cpu` block executed."""
+    monkeypatch.chdir(tmp_path)
+    commands = [line for block in fenced_blocks("bash cpu") for line in block.splitlines() if line.strip()]
+    assert len(commands) >= 10
+    for line in commands:
+        args = shlex.split(line, comments=True)
+        assert args[:2] == ["python", "e2e_sae.py"], line
+        args = args[2:]
+        if not {"--inspect", "--compare", "--eval-only", "--resume", "--benchmark"} & set(args):
+            args += ["--n-samples", "64", "--eval-every", "0"]  # small budgets
+        E.main(args)  # an error would exit, and fail the test
+    snippets = fenced_blocks("python cpu")
+    assert snippets
+    for code in snippets:
+        exec(compile(code, "tutorial.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "wrote out/sweep/local_16/sae.safetensors" in out and "'kl': 0.0" in out
