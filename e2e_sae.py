@@ -823,15 +823,18 @@ def in_memory_epochs(rest, cfg: Config, vocab_size: int):
         yield from tokens[torch.randperm(len(tokens), generator=g)]  # one epoch, (T,) at a time
 
 
+def sequences(cfg: Config, tokenizer, vocab_size: int):
+    """The dataset as a stream of (T,) token sequences, from its first one."""
+    if cfg.dataset == "random":
+        return random_sequences(vocab_size, cfg.n_ctx)
+    return token_sequences(read_rows(cfg.dataset), cfg.n_ctx, tokenizer)
+
+
 def load_data(cfg: Config, tokenizer, vocab_size: int):
     """(eval_tokens (E, T), an endless iterator of training sequences (T,)).
     The first eval_samples sequences of the dataset are the evaluation set, whatever the source, and
     training reads only the sequences after them. Nothing is read for training until it is asked for."""
-    def stream():
-        if cfg.dataset == "random":
-            return random_sequences(vocab_size, cfg.n_ctx)
-        return token_sequences(read_rows(cfg.dataset), cfg.n_ctx, tokenizer)
-
+    stream = partial(sequences, cfg, tokenizer, vocab_size)
     first_pass = stream()
     eval_seqs = list(itertools.islice(first_pass, cfg.eval_samples))
     if len(eval_seqs) < cfg.eval_samples:
@@ -1065,6 +1068,9 @@ def atomic_write(path: Path, write):
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would make it (safetensors makes files only the owner reads)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file either
         os.replace(tmp, path)
@@ -1361,7 +1367,7 @@ def train(cfg: Config) -> dict:
         nonlocal log_file
         make_out_dir(cfg.out_dir)
         if cfg.overwrite:
-            for name in RUN_FILES:
+            for name in RUN_FILES + ("inspect.json", "compare.json"):  # those describe the SAE replaced
                 (out / name).unlink(missing_ok=True)
         atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(run_info, indent=2) + "\n"))
         kept = [json.dumps(r) + "\n" for r in read_log(out / "log.jsonl") if r["step"] <= start_step] if start_step else []
@@ -1593,12 +1599,13 @@ def density(fires: torch.Tensor, n_tokens: int) -> dict:
 
 @torch.no_grad()
 def inspect(cfg: Config) -> dict:
-    """--inspect: the SAE in cfg.sae over the first N sequences. For every dictionary element it keeps a
-    running top-TOP_CONTEXTS of (activation, sequence, position), one per sequence, so memory is (TOP_CONTEXTS
-    + B) × F whatever N is; then prints the chosen elements' frequency, mean activation when active, and
-    top contexts (the max token «marked»), and the density histogram; and writes them to inspect.json."""
+    """--inspect: the SAE in cfg.sae over the first N sequences, read a batch at a time. For every
+    dictionary element it keeps a running top-TOP_CONTEXTS of (activation, sequence, position, the
+    tokens around it), one per sequence, so memory is (TOP_CONTEXTS + B) × F × (2 CONTEXT_TOKENS + 1)
+    token ids whatever N is. Then it prints the chosen elements' frequency, mean activation when active
+    and top contexts (the max token «marked»), and the density histogram, and writes them to inspect.json."""
     sae, _ = load_sae(cfg.sae)
-    F_, L, n = sae.encoder.out_features, cfg.layer, cfg.inspect_samples or cfg.eval_samples
+    F_, L, n, W = sae.encoder.out_features, cfg.layer, cfg.inspect_samples or cfg.eval_samples, CONTEXT_TOKENS
     try:
         chosen = [int(f) for f in cfg.features.split(",")] if cfg.features else None
     except ValueError:
@@ -1609,15 +1616,16 @@ def inspect(cfg: Config) -> dict:
     if sae.encoder.in_features != model.config.hidden_size:
         raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has "
                         f"{model.config.hidden_size}")
-    tokens, _ = load_data(Config(**{**asdict(cfg), "eval_samples": n}), tokenizer, model.config.vocab_size)  # (N, T)
-    sae = sae.to(device)
+    sae, vocab_size = sae.to(device), model.config.vocab_size
     fires = torch.zeros(F_, dtype=torch.long, device=device)  # tokens on which each element fired
     act_sum = torch.zeros(F_, dtype=torch.float64, device=device)  # Σ c over those tokens
     top = torch.full((TOP_CONTEXTS, F_), -1.0, device=device)  # the running top-k activations, (k, F)
     top_seq = torch.zeros((TOP_CONTEXTS, F_), dtype=torch.long, device=device)  # ... their sequences
-    top_pos = torch.zeros((TOP_CONTEXTS, F_), dtype=torch.long, device=device)  # ... and positions
-    for start in range(0, n, cfg.batch_size):
-        batch = tokens[start:start + cfg.batch_size].to(device)  # (B, T)
+    top_pos = torch.zeros((TOP_CONTEXTS, F_), dtype=torch.long, device=device)  # ... their positions
+    top_win = torch.zeros((TOP_CONTEXTS, F_, 2 * W + 1), dtype=torch.long, device=device)  # ... and tokens
+    stream, n_seqs = itertools.islice(sequences(cfg, tokenizer, vocab_size), n), 0
+    while batch := list(itertools.islice(stream, cfg.batch_size)):
+        batch = check_vocab(torch.stack(batch), vocab_size).to(device)  # (B, T)
         with autocast(), record_resid(blocks, [L], stop_at=L) as resid:
             run_model(model, batch)
         _, c = sae(resid[L])  # (B, T, F)
@@ -1625,33 +1633,41 @@ def inspect(cfg: Config) -> dict:
         fires += (c > 0).sum((0, 1))
         act_sum += c.sum((0, 1))
         best, pos = c.max(1)  # (B, F): each sequence's largest activation of each element, and where
-        seq = torch.arange(start, start + len(batch), device=device)[:, None].expand_as(best)  # (B, F)
+        seq = torch.arange(n_seqs, n_seqs + len(batch), device=device)[:, None].expand_as(best)  # (B, F)
+        padded = F.pad(batch, (W, W), value=-1)  # (B, W + T + W): −1 beyond the sequence's ends
+        at = pos[:, :, None] + torch.arange(2 * W + 1, device=device)  # (B, F, 2W + 1)
+        win = padded.gather(1, at.flatten(1)).view(at.shape)  # (B, F, 2W + 1): the tokens around each max
         top, keep = torch.cat([top, best]).topk(TOP_CONTEXTS, dim=0)  # (k, F): the best of the old top-k and B
         top_seq = torch.cat([top_seq, seq]).gather(0, keep)
         top_pos = torch.cat([top_pos, pos]).gather(0, keep)
-    n_tokens = tokens.numel()
+        top_win = torch.cat([top_win, win]).gather(0, keep[:, :, None].expand(-1, -1, 2 * W + 1))
+        n_seqs += len(batch)
+    if n_seqs == 0:
+        raise UserError(f"--dataset {cfg.dataset} holds no sequence of {cfg.n_ctx} tokens")
+    n_tokens = n_seqs * cfg.n_ctx
     freq, top, top_seq, top_pos = (fires.double() / n_tokens).cpu(), top.cpu(), top_seq.cpu(), top_pos.cpu()
     chosen = chosen or freq.topk(min(cfg.top_features, F_)).indices.tolist()  # the most often firing
     show = (lambda i: tokenizer.decode([i]).replace("\n", "⏎")) if tokenizer else (lambda i: f" {i}")
-    result = {"sae": str(cfg.sae), "n_sequences": n, "n_tokens": n_tokens,
+    result = {"sae": str(cfg.sae), "n_sequences": n_seqs, "n_tokens": n_tokens,
               "density": density(fires.cpu(), n_tokens), "features": []}
     for f in chosen:
         contexts = []
         for j in range(TOP_CONTEXTS):
             if top[j, f] <= 0:
                 break  # fired in fewer sequences
-            s, t = int(top_seq[j, f]), int(top_pos[j, f])
-            window = tokens[s, max(0, t - CONTEXT_TOKENS):t + CONTEXT_TOKENS + 1].tolist()
-            mark = min(t, CONTEXT_TOKENS)  # the max token's index in the window
+            window = top_win[j, f].tolist()
+            mark = W - next(i for i, t in enumerate(window) if t != -1)  # the max token, once the −1s go
+            window = [t for t in window if t != -1]
             pieces = [show(i) for i in window]
-            word = pieces[mark].lstrip()  # the mark goes after the token's leading space: " «fox»"
+            word = pieces[mark].lstrip() or pieces[mark]  # the mark goes after the token's leading space: " «fox»"
             pieces[mark] = f"{pieces[mark][:len(pieces[mark]) - len(word)]}«{word}»"
-            contexts.append({"activation": float(top[j, f]), "sequence": s, "position": t, "tokens": window,
-                             "marked": mark, "text": "".join(pieces)})
+            contexts.append({"activation": float(top[j, f]), "sequence": int(top_seq[j, f]),
+                             "position": int(top_pos[j, f]), "tokens": window, "marked": mark, "text": "".join(pieces)})
         result["features"].append({"feature": f, "frequency": float(freq[f]), "contexts": contexts,
                                    "mean_activation": float(act_sum[f] / fires[f]) if fires[f] else 0.0})
-    print(f"{cfg.sae} at layer {L} of {cfg.model}, over the first {n} sequences ({n_tokens:,} tokens)"
-          + ("; beyond --eval-samples they include training data" if n > cfg.eval_samples else ""))
+    print(f"{cfg.sae} at layer {L} of {cfg.model}, over the first {n_seqs} sequences ({n_tokens:,} tokens)"
+          + (f"; the dataset has no more than {n_seqs}" if n_seqs < n else "")
+          + ("; beyond --eval-samples they include training data" if n_seqs > cfg.eval_samples else ""))
     for r in result["features"]:
         print(f"\nfeature {r['feature']}: fires on {r['frequency']:.3%} of tokens, mean activation when active "
               f"{r['mean_activation']:.3g}")
@@ -1681,6 +1697,7 @@ def max_cosine(A: torch.Tensor, B: torch.Tensor, exclude_self=False, chunk_eleme
     return out
 
 
+@torch.no_grad()
 def compare(cfg: Config) -> dict:
     """--compare DIR_A DIR_B: the geometry of two dictionaries (the paper compares e2e with local SAEs).
     Each element of A gets its largest cosine similarity with any element of B (cross-SAE: is it in B
@@ -1693,7 +1710,7 @@ def compare(cfg: Config) -> dict:
     result = {"a": cfg.compare[0], "b": cfg.compare[1]}
     edges = [i / 20 for i in range(21)]  # [0, 1] in bins of 0.05; a maximum below 0 is counted apart
     for name, values in (("cross", max_cosine(A, B)), ("within", max_cosine(A, A, exclude_self=len(A) > 1))):
-        v = values.double().cpu()
+        v = values.double().clamp(-1, 1).cpu()  # rounding can take a cosine of 1 just above it
         q1, median, q3 = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
         result[name] = {"mean": v.mean().item(), "q1": q1, "median": median, "q3": q3, "min": v.min().item(),
                         "max": v.max().item(), "below_0": int((v < 0).sum()), "edges": edges,
@@ -1721,7 +1738,10 @@ SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
 def save_saelens(out: Path, run_info: dict):
     metadata = {"sae_lens_version": "6.0.0", "model_name": run_info["model"],
                 "hook_name": f"blocks.{run_info['layer']}.hook_resid_pre", "hook_head_index": None,
-                "context_size": run_info["n_ctx"], "prepend_bos": False, "dataset_path": run_info["dataset"]}
+                "context_size": run_info["n_ctx"], "prepend_bos": False, "dataset_path": run_info["dataset"],
+                # The SAE read Hugging Face's residual stream. TransformerLens by default centres the
+                # weights that write into it, which changes hook_resid_pre; this makes SAELens say so.
+                "model_from_pretrained_kwargs": {"center_writing_weights": False}}
     cfg = {"architecture": "standard", "d_in": run_info["d_model"], "d_sae": run_info["dict_size"],
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": metadata,

@@ -6,6 +6,8 @@ Run: python -m pytest -q test_e2e_sae.py
 import json
 import math
 import os
+import io
+import pdb
 import re
 import shlex
 import signal
@@ -15,6 +17,7 @@ import textwrap
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -1129,8 +1132,14 @@ def test_an_output_folder_with_a_run_is_not_overwritten(tmp_path, capsys):
     assert (out / "sae.safetensors").read_bytes() == first
     E.train(E.parse_config(["--resume", str(out)]))  # nothing to resume
     assert "holds a finished run: nothing to resume" in capsys.readouterr().out
+    E.main(["--compare", str(out), str(out), "--device", "cpu"])  # analysis of the SAE about to be replaced
     E.train(E.parse_config([*args, "--overwrite", "--seed", "1"]))
-    assert (out / "sae.safetensors").read_bytes() != first
+    assert (out / "sae.safetensors").read_bytes() != first and not (out / "compare.json").exists()
+    # SAELens's weights are the new SAE's (a fresh hard link), and every file is readable as open() makes it
+    assert (out / "sae_weights.safetensors").read_bytes() == (out / "sae.safetensors").read_bytes()
+    umask = os.umask(0o22)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(OUTPUT_FILES, 0o666 & ~umask)
 
 
 def bad_checkpoint(tmp_path, kind):
@@ -1452,6 +1461,13 @@ def test_inspect_finds_a_planted_feature(tmp_path, capsys):
     bin_of = next(i for i, (lo, hi) in enumerate(zip(d["log10_freq_edges"], d["log10_freq_edges"][1:]))
                   if lo <= math.log10(planted["frequency"]) < hi)
     assert d["counts"][bin_of] == 1 and "7 dead" in printed
+    # More sequences asked for than a dataset holds: what there is, and a note.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"input_ids": t.tolist()}) + "\n" for t in tokens[:5]))
+    E.main(["--inspect", "--sae", str(sae_dir), "--model", str(model_dir), "--layer", "0", "--dataset", str(rows),
+            "--n-ctx", "32", "--inspect-samples", "64", "--features", "0", "--device", "cpu"])
+    assert json.loads((sae_dir / "inspect.json").read_text())["n_sequences"] == 5
+    assert "over the first 5 sequences (160 tokens); the dataset has no more than 5" in capsys.readouterr().out
 
 
 def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
@@ -1507,7 +1523,9 @@ def test_compare_dictionaries(tmp_path, capsys):
     torch.manual_seed(0)
     C = sae_with_dictionary(tmp_path / "c", F.normalize(torch.randn(16, 40), dim=0))
     E.main(["--compare", str(C), str(C), "--device", "cpu", "--out-dir", str(tmp_path / "cc")])
-    assert json.loads((tmp_path / "cc" / "compare.json").read_text())["cross"]["values"] == pytest.approx([1.0] * 40, abs=1e-6)
+    cross = json.loads((tmp_path / "cc" / "compare.json").read_text())["cross"]
+    assert cross["values"] == pytest.approx([1.0] * 40, abs=1e-6) and max(cross["values"]) <= 1.0
+    assert cross["counts"][-1] + cross["below_0"] == 40  # every element counted, in the last bin [0.95, 1]
 
 
 def test_chunked_max_cosine_equals_the_full_matrix():
@@ -1535,6 +1553,7 @@ def test_saelens_files_hold_the_same_sae(plain_run):
     assert meta["hook_name"] == f"blocks.{config['layer']}.hook_resid_pre" and meta["model_name"] == "tiny"
     assert meta["context_size"] == config["n_ctx"] and int(meta["sae_lens_version"].split(".")[0]) >= 6
     assert cfg["device"] == "cpu" and meta["prepend_bos"] is False
+    assert meta["model_from_pretrained_kwargs"] == {"center_writing_weights": False}  # HF's residual stream
     w = load_file(str(plain_run / "sae_weights.safetensors"))
     assert {k: (tuple(v.shape), v.dtype) for k, v in w.items()} == {
         "W_enc": ((D, F_), torch.float32), "b_enc": ((F_,), torch.float32),
@@ -1576,6 +1595,52 @@ def test_every_name_the_tutorial_gives_exists_in_the_file():
         return True
 
     assert len(names) > 60 and sorted(n for n in names if not found(n)) == []
+    tests = set(re.findall(r"`(test_\w+)`", TUTORIAL))  # the tests an exercise names
+    assert tests and tests <= set(globals())
+
+
+def same_output(printed: str, expected: str):
+    """The same text, with every integer equal and every decimal number within 1% (another CPU may
+    round the last digit of a float differently)."""
+    number = r"(-?\d+\.\d+|-?\d+)"
+    got, want = re.split(number, printed.strip()), re.split(number, expected.strip())
+    assert len(got) == len(want), (printed, expected)
+    for g, w in zip(got, want):
+        if re.fullmatch(number, w) and "." in w:
+            assert float(g) == pytest.approx(float(w), rel=1e-2, abs=1e-3), (g, w)
+        else:
+            assert g == w, (g, w)
+
+
+def test_the_tutorials_numbers_come_from_the_code(tmp_path, monkeypatch, capsys):
+    """The work of section 7 and the recorded debugger session of section 4, run again."""
+    with torch.device("meta"):  # shapes only: GPT-2 small without memory
+        gpt2 = GPT2LMHeadModel(GPT2Config())
+    sae = SimpleNamespace(encoder=SimpleNamespace(in_features=768, out_features=46080))
+    for loss in ("e2e", "local"):
+        flops = E.flops_per_token(gpt2, E.decoder_blocks(gpt2), sae, loss, 6, 1024)
+        assert f"{flops / 1e9:.3f}" in section(7) and f"{flops * 409.6e6 / 1e18:.2f} EFLOP" .split()[0] in section(7)
+    # The debugger session: the same commands fed to pdb give the same answers.
+    session = section(4).split("\n> e2e_sae.py(", 1)[1].split("\n```")[0]
+    session = "> e2e_sae.py(" + session
+    commands = re.findall(r"^\(Pdb\) (.*)$", session, flags=re.M)
+    program = ("e2e SAE at", "trained on", "final:", "wrote ")  # what main() itself prints, not pdb
+    recorded = [[line for line in chunk.splitlines() if not line.startswith(program)]
+                for chunk in re.split(r"^\(Pdb\) .*$", session, flags=re.M)]
+    argv = re.search(r"pdb\.runcall\(e2e_sae\.main, '([^']+)'\.split\(\)\)", section(4)).group(1).split()
+    monkeypatch.chdir(tmp_path)
+    answers = io.StringIO()
+    debugger = pdb.Pdb(stdin=io.StringIO("\n".join(commands) + "\n"), stdout=answers)
+    debugger.use_rawinput = False
+    try:
+        debugger.runcall(E.main, argv)
+    finally:
+        sys.settrace(None)
+    live = answers.getvalue().replace(str(HERE) + "/", "").split("(Pdb) ")
+    assert len(live) == len(recorded) == len(commands) + 1
+    for got, want in zip(live, recorded):
+        same_output("\n".join(line for line in got.splitlines() if line.strip()), "\n".join(want))
+    assert "final: ce_loss_orig 7.594" in capsys.readouterr().out
 
 
 def test_the_tutorials_quoted_lines_and_breakpoints_are_in_the_file():
@@ -1596,18 +1661,25 @@ def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
     """Every command in a `bash cpu` block, in order, in one folder (later ones read what earlier ones
     wrote), with training runs cut to 4 optimiser steps; every `python cpu` block executed."""
     monkeypatch.chdir(tmp_path)
-    commands = [line for block in fenced_blocks("bash cpu") for line in block.splitlines() if line.strip()]
-    assert len(commands) >= 10
-    for line in commands:
-        args = shlex.split(line, comments=True)
-        assert args[:2] == ["python", "e2e_sae.py"], line
-        args = args[2:]
-        if not {"--inspect", "--compare", "--eval-only", "--resume", "--benchmark"} & set(args):
-            args += ["--n-samples", "64", "--eval-every", "0"]  # small budgets
-        E.main(args)  # an error would exit, and fail the test
+    blocks = fenced_blocks("bash cpu")
+    analysis = next(b for b in blocks if "--inspect" in b)  # section 3.11's, run at full size: seconds
+    assert len([line for b in blocks for line in b.splitlines() if line.strip()]) >= 10
+    for block in blocks:
+        printed = []
+        for line in filter(str.strip, block.splitlines()):
+            args = shlex.split(line, comments=True)
+            assert args[:2] == ["python", "e2e_sae.py"], line
+            args = args[2:]
+            if block != analysis and not {"--inspect", "--compare", "--eval-only", "--resume", "--benchmark"} & set(args):
+                args += ["--n-samples", "64", "--eval-every", "0"]  # small budgets
+            capsys.readouterr()
+            E.main(args)  # an error would exit, and fail the test
+            printed.append(capsys.readouterr().out)
+        if block == analysis:  # what the tutorial shows of the last two commands is what they print
+            shown = section(3).split("The last two printed:\n\n```\n")[1].split("\n```")[0]
+            same_output("".join(printed[-2:]), shown)
     snippets = fenced_blocks("python cpu")
     assert snippets
     for code in snippets:
         exec(compile(code, "tutorial.md", "exec"), {})
-    out = capsys.readouterr().out
-    assert "wrote out/sweep/local_16/sae.safetensors" in out and "'kl': 0.0" in out
+    assert "'kl': 0.0" in capsys.readouterr().out and (tmp_path / "out/sweep/local_16/sae.safetensors").exists()
