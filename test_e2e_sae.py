@@ -18,6 +18,7 @@ import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import MagicMock
 
 import datasets
 import pytest
@@ -1683,3 +1684,11 @@ def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
     for code in snippets:
         exec(compile(code, "tutorial.md", "exec"), {})
     assert "'kl': 0.0" in capsys.readouterr().out and (tmp_path / "out/sweep/local_16/sae.safetensors").exists()
+    # The figure's code reads the sweep's six runs (matplotlib, not a dependency, stubbed).
+    plt, fig, ax = MagicMock(), MagicMock(), MagicMock()
+    plt.subplots.return_value = (fig, ax)
+    monkeypatch.setitem(sys.modules, "matplotlib", MagicMock(pyplot=plt))
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    exec(compile(section(9).split("```python\n")[1].split("\n```")[0], "tutorial.md", "exec"), {})
+    assert [(len(c.args[0]), c.kwargs["label"]) for c in ax.plot.call_args_list] == [(3, "e2e"), (3, "local")]
+    fig.savefig.assert_called_once_with("figures/kl_vs_l0.png", dpi=150)
