@@ -6,6 +6,7 @@ Run: python -m pytest -q test_e2e_sae.py
 import json
 import math
 import os
+import bdb
 import io
 import pdb
 import re
@@ -1621,26 +1622,28 @@ def test_the_tutorials_numbers_come_from_the_code(tmp_path, monkeypatch, capsys)
     for loss in ("e2e", "local"):
         flops = E.flops_per_token(gpt2, E.decoder_blocks(gpt2), sae, loss, 6, 1024)
         assert f"{flops / 1e9:.3f}" in section(7) and f"{flops * 409.6e6 / 1e18:.2f} EFLOP" .split()[0] in section(7)
-    # The debugger session: the same commands fed to pdb give the same answers.
-    session = section(4).split("\n> e2e_sae.py(", 1)[1].split("\n```")[0]
-    session = "> e2e_sae.py(" + session
-    commands = re.findall(r"^\(Pdb\) (.*)$", session, flags=re.M)
-    program = ("e2e SAE at", "trained on", "final:", "wrote ")  # what main() itself prints, not pdb
-    recorded = [[line for line in chunk.splitlines() if not line.startswith(program)]
-                for chunk in re.split(r"^\(Pdb\) .*$", session, flags=re.M)]
-    argv = re.search(r"pdb\.runcall\(e2e_sae\.main, '([^']+)'\.split\(\)\)", section(4)).group(1).split()
+    # The debugger sessions: the same commands fed to pdb give the same answers.
+    argvs = re.findall(r"pdb\.runcall\(e2e_sae\.main, '([^']+)'\.split\(\)\)", section(4))
+    sessions = re.findall(r"^```\n(> e2e_sae\.py\(.*?)\n```", section(4), flags=re.M | re.S)
+    assert len(argvs) == len(sessions) == 3
     monkeypatch.chdir(tmp_path)
-    answers = io.StringIO()
-    debugger = pdb.Pdb(stdin=io.StringIO("\n".join(commands) + "\n"), stdout=answers)
-    debugger.use_rawinput = False
-    try:
-        debugger.runcall(E.main, argv)
-    finally:
-        sys.settrace(None)
-    live = answers.getvalue().replace(str(HERE) + "/", "").split("(Pdb) ")
-    assert len(live) == len(recorded) == len(commands) + 1
-    for got, want in zip(live, recorded):
-        same_output("\n".join(line for line in got.splitlines() if line.strip()), "\n".join(want))
+    program = ("e2e SAE at", "local SAE at", "e2e_ds SAE at", "trained on", "final:", "wrote ")  # main()'s own
+    for argv, session in zip(argvs, sessions):
+        commands = re.findall(r"^\(Pdb\) (.*)$", session, flags=re.M)
+        recorded = [[line for line in chunk.splitlines() if not line.startswith(program)]
+                    for chunk in re.split(r"^\(Pdb\) .*$", session, flags=re.M)]
+        answers = io.StringIO()
+        bdb.Breakpoint.next, bdb.Breakpoint.bplist, bdb.Breakpoint.bpbynumber = 1, {}, [None]  # a fresh pdb numbers from 1
+        debugger = pdb.Pdb(stdin=io.StringIO("\n".join(commands) + "\n"), stdout=answers)
+        debugger.use_rawinput = False
+        try:
+            debugger.runcall(E.main, argv.split())
+        finally:
+            sys.settrace(None)
+        live = answers.getvalue().replace(str(HERE) + "/", "").split("(Pdb) ")
+        assert len(live) == len(recorded) == len(commands) + 1
+        for got, want in zip(live, recorded):
+            same_output("\n".join(line for line in got.splitlines() if line.strip()), "\n".join(want))
     assert "final: ce_loss_orig 7.594" in capsys.readouterr().out
 
 
