@@ -1227,11 +1227,13 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH2
 
 
 def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The GPU's bf16 peak in FLOP/s, or None where unknown (CPU, fp32, a GPU not in the table)."""
+    """The bf16 peak in FLOP/s of the run's GPUs (under torchrun, all N of them), or None where unknown
+    (CPU, fp32, a GPU not in the table)."""
     if device.type != "cuda" or dtype != "bf16":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak and peak * world_size()
 
 
 def make_out_dir(path: str) -> Path:
@@ -1387,8 +1389,6 @@ def train(cfg: Config) -> dict:
     tokens_per_step = cfg.samples_per_step * cfg.n_ctx  # over all processes
     flops = flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx)
     peak = peak_flops(device, cfg.dtype)
-    if peak:
-        peak *= world_size()  # MFU of a multi-GPU run: over the peak of all its GPUs
     do_eval = partial(evaluate, model, blocks, sae, eval_tokens, cfg.layer, batch_size, autocast)
     share = slice(rank() * batch_size, (rank() + 1) * batch_size)
 
@@ -1539,8 +1539,6 @@ def benchmark(cfg: Config) -> dict:
     tokens_per_s = cfg.bench_steps * cfg.samples_per_step * cfg.n_ctx / seconds  # over all processes
     flops = flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx)
     peak = peak_flops(device, cfg.dtype)
-    if peak:
-        peak *= world_size()
     result = {"tokens_per_s": tokens_per_s, "step_s": seconds / cfg.bench_steps, "flops_per_token": flops,
               "tflops_per_s": tokens_per_s * flops / 1e12, "mfu": tokens_per_s * flops / peak if peak else None,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -1556,13 +1554,17 @@ def benchmark(cfg: Config) -> dict:
     return result
 
 
+def check_width(sae: SAE, model, cfg: Config):
+    if sae.encoder.in_features != model.config.hidden_size:
+        raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has "
+                        f"{model.config.hidden_size}")
+
+
 def evaluate_saved(cfg: Config) -> dict:
     """--eval-only: evaluate the SAE in cfg.sae and write metrics.json into cfg.out_dir."""
     sae, _ = load_sae(cfg.sae)
     device, autocast, model, tokenizer, blocks = setup(cfg)
-    d_model = model.config.hidden_size
-    if sae.encoder.in_features != d_model:
-        raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has {d_model}")
+    check_width(sae, model, cfg)
     eval_tokens, _ = load_data(cfg, tokenizer, model.config.vocab_size)
     metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, cfg.batch_size, autocast)
     if rank() == 0:
@@ -1613,9 +1615,7 @@ def inspect(cfg: Config) -> dict:
     if chosen and not all(0 <= f < F_ for f in chosen):
         raise UserError(f"--features {cfg.features}: the dictionary has elements 0 … {F_ - 1}")
     device, autocast, model, tokenizer, blocks = setup(cfg)
-    if sae.encoder.in_features != model.config.hidden_size:
-        raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has "
-                        f"{model.config.hidden_size}")
+    check_width(sae, model, cfg)
     sae, vocab_size = sae.to(device), model.config.vocab_size
     fires = torch.zeros(F_, dtype=torch.long, device=device)  # tokens on which each element fired
     act_sum = torch.zeros(F_, dtype=torch.float64, device=device)  # Σ c over those tokens
