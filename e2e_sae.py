@@ -1042,20 +1042,6 @@ def format_metrics(m: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
-# Training
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """The learning rate of step 0 … total_steps−1 as a fraction of --lr: linear warm-up to 1, then a
-    cosine decay that reaches min_ratio at the last step."""
-    warmup_steps = max(0, min(warmup_steps, total_steps - 2))  # a run shorter than its warm-up still decays
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# -----------------------------------------------------------------------------
 # Checkpoints and the output folder (boilerplate: nothing here is part of the method)
 
 RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "checkpoint.safetensors", "checkpoint.json",
@@ -1188,54 +1174,6 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-class NonFiniteLoss(Exception):
-    """The loss or the gradient of a step is NaN or infinite (raised before the weights are updated)."""
-
-
-def flops_per_token(model, blocks, sae: SAE, loss: str, layer: int, n_ctx: int) -> int:
-    """Matrix-multiply FLOPs of one training token (2 per multiply-add), from the shapes, for the work
-    compute_loss does; elementwise work (norms, softmax, GELU) is left out, as is usual for MFU.
-    Per token, with P the weights of one block's matmuls, n blocks, and T = n_ctx:
-      block forward      2P + 4TD    (4TD: QKᵀ and the attention-weighted sum over all T keys; the full
-                                      square, not the causal half, following PaLM's MFU convention)
-      unembedding        2DV
-      SAE forward        4DF         (encoder 2DF, decoder 2DF)
-      SAE backward       6DF         (W_e's gradient; the decoder's gradients for c and for D_n. a is a
-                                      constant, so the encoder computes no input gradient)
-    The frozen model's backward computes input gradients only: 2P per block (1× the forward) and 8TD for
-    attention (the gradients of both of its products).
-      local    L blocks forward, the SAE forward and backward
-      e2e(ds)  clean run (n blocks); spliced run from L (n − L blocks) and its backward; the SAE forward
-               and backward; and three unembeddings in unembed_kl (both runs' logits, and the gradient
-               (q − p) W_U). The downstream MSE adds no matmul."""
-    D, F_, n = sae.encoder.in_features, sae.encoder.out_features, len(blocks)
-    V = model.get_output_embeddings().weight.shape[0]
-    P = sum(p.numel() for p in blocks[0].parameters() if p.ndim == 2)
-    block_fwd, block_bwd = 2 * P + 4 * n_ctx * D, 2 * P + 8 * n_ctx * D
-    head, sae_fwd, sae_bwd = 2 * D * V, 4 * D * F_, 6 * D * F_
-    if loss == "local":
-        return layer * block_fwd + sae_fwd + sae_bwd
-    clean = n * block_fwd + head
-    spliced = (n - layer) * (block_fwd + block_bwd) + 2 * head + sae_fwd + sae_bwd
-    return clean + spliced
-
-
-# Dense bf16 tensor-core peak of some GPUs in FLOP/s (vendor data sheets), for MFU. The first key found
-# in torch.cuda.get_device_name() wins, so longer names come before their prefixes.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12, "H200": 989e12,
-                   "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
-
-
-def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The bf16 peak in FLOP/s of the run's GPUs (under torchrun, all N of them), or None where unknown
-    (CPU, fp32, a GPU not in the table)."""
-    if device.type != "cuda" or dtype != "bf16":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
-    return peak and peak * world_size()
-
-
 def make_out_dir(path: str) -> Path:
     """Create the output folder (once every other check has passed: a failed run leaves no empty one)."""
     try:
@@ -1243,6 +1181,24 @@ def make_out_dir(path: str) -> Path:
     except OSError as e:
         raise UserError(f"cannot create --out-dir {path} ({first_line(e)})") from None
     return Path(path)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """The learning rate of step 0 … total_steps−1 as a fraction of --lr: linear warm-up to 1, then a
+    cosine decay that reaches min_ratio at the last step."""
+    warmup_steps = max(0, min(warmup_steps, total_steps - 2))  # a run shorter than its warm-up still decays
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class NonFiniteLoss(Exception):
+    """The loss or the gradient of a step is NaN or infinite (raised before the weights are updated)."""
 
 
 def fp32_logits(model: nn.Module):
@@ -1498,6 +1454,75 @@ def crossed(every: int, step: int, cfg: Config) -> bool:
     return every > 0 and (step * cfg.samples_per_step) % every < cfg.samples_per_step
 
 
+def check_width(sae: SAE, model, cfg: Config):
+    if sae.encoder.in_features != model.config.hidden_size:
+        raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has "
+                        f"{model.config.hidden_size}")
+
+
+def evaluate_saved(cfg: Config) -> dict:
+    """--eval-only: evaluate the SAE in cfg.sae and write metrics.json into cfg.out_dir."""
+    sae, _ = load_sae(cfg.sae)
+    device, autocast, model, tokenizer, blocks = setup(cfg)
+    check_width(sae, model, cfg)
+    eval_tokens, _ = load_data(cfg, tokenizer, model.config.vocab_size)
+    metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, cfg.batch_size, autocast)
+    if rank() == 0:
+        out = make_out_dir(cfg.out_dir)
+        atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+        print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
+        print(f"wrote {out}/metrics.json")
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# Measuring speed
+
+
+def flops_per_token(model, blocks, sae: SAE, loss: str, layer: int, n_ctx: int) -> int:
+    """Matrix-multiply FLOPs of one training token (2 per multiply-add), from the shapes, for the work
+    compute_loss does; elementwise work (norms, softmax, GELU) is left out, as is usual for MFU.
+    Per token, with P the weights of one block's matmuls, n blocks, and T = n_ctx:
+      block forward      2P + 4TD    (4TD: QKᵀ and the attention-weighted sum over all T keys; the full
+                                      square, not the causal half, following PaLM's MFU convention)
+      unembedding        2DV
+      SAE forward        4DF         (encoder 2DF, decoder 2DF)
+      SAE backward       6DF         (W_e's gradient; the decoder's gradients for c and for D_n. a is a
+                                      constant, so the encoder computes no input gradient)
+    The frozen model's backward computes input gradients only: 2P per block (1× the forward) and 8TD for
+    attention (the gradients of both of its products).
+      local    L blocks forward, the SAE forward and backward
+      e2e(ds)  clean run (n blocks); spliced run from L (n − L blocks) and its backward; the SAE forward
+               and backward; and three unembeddings in unembed_kl (both runs' logits, and the gradient
+               (q − p) W_U). The downstream MSE adds no matmul."""
+    D, F_, n = sae.encoder.in_features, sae.encoder.out_features, len(blocks)
+    V = model.get_output_embeddings().weight.shape[0]
+    P = sum(p.numel() for p in blocks[0].parameters() if p.ndim == 2)
+    block_fwd, block_bwd = 2 * P + 4 * n_ctx * D, 2 * P + 8 * n_ctx * D
+    head, sae_fwd, sae_bwd = 2 * D * V, 4 * D * F_, 6 * D * F_
+    if loss == "local":
+        return layer * block_fwd + sae_fwd + sae_bwd
+    clean = n * block_fwd + head
+    spliced = (n - layer) * (block_fwd + block_bwd) + 2 * head + sae_fwd + sae_bwd
+    return clean + spliced
+
+
+# Dense bf16 tensor-core peak of some GPUs in FLOP/s (vendor data sheets), for MFU. The first key found
+# in torch.cuda.get_device_name() wins, so longer names come before their prefixes.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12, "H200": 989e12,
+                   "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12}
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The bf16 peak in FLOP/s of the run's GPUs (under torchrun, all N of them), or None where unknown
+    (CPU, fp32, a GPU not in the table)."""
+    if device.type != "cuda" or dtype != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak and peak * world_size()
+
+
 def benchmark(cfg: Config) -> dict:
     """--benchmark: optimiser steps exactly as train() takes them, on random tokens. Prints and returns
     tokens/s, FLOPs per token, achieved FLOP/s, MFU (on a GPU of known peak) and peak GPU memory."""
@@ -1552,27 +1577,6 @@ def benchmark(cfg: Config) -> dict:
         "reserved by PyTorch's allocator (timed steps" + (", rank 0)" if dist.is_initialized() else ")")
         if device.type == "cuda" else "peak GPU memory: n/a on the CPU")
     return result
-
-
-def check_width(sae: SAE, model, cfg: Config):
-    if sae.encoder.in_features != model.config.hidden_size:
-        raise UserError(f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has "
-                        f"{model.config.hidden_size}")
-
-
-def evaluate_saved(cfg: Config) -> dict:
-    """--eval-only: evaluate the SAE in cfg.sae and write metrics.json into cfg.out_dir."""
-    sae, _ = load_sae(cfg.sae)
-    device, autocast, model, tokenizer, blocks = setup(cfg)
-    check_width(sae, model, cfg)
-    eval_tokens, _ = load_data(cfg, tokenizer, model.config.vocab_size)
-    metrics = evaluate(model, blocks, sae.to(device), eval_tokens, cfg.layer, cfg.batch_size, autocast)
-    if rank() == 0:
-        out = make_out_dir(cfg.out_dir)
-        atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
-        print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
-        print(f"wrote {out}/metrics.json")
-    return metrics
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Run: python -m pytest -q test_e2e_sae.py
 """
 
 import json
+import logging
 import math
 import os
 import bdb
@@ -560,9 +561,11 @@ def test_benchmark_defaults():
 
 def test_benchmark_runs_on_cpu_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    E.main(["--benchmark", "--device", "cpu", "--bench-warmup", "0", "--bench-steps", "1"])  # GPT-2 small shapes
+    # GPT-2 small's blocks (a dictionary of 4 × 768 rather than 60 × 768, to take seconds, not ten)
+    E.main(["--benchmark", "--device", "cpu", "--bench-warmup", "0", "--bench-steps", "1", "--dict-ratio", "4",
+            "--n-ctx", "32"])
     out = capsys.readouterr().out
-    assert "gpt2-random (D=768, F=46080)" in out and "MFU: n/a" in out
+    assert "gpt2-random (D=768, F=3072)" in out and "MFU: n/a" in out
     for loss in ("local", "e2e_ds"):
         result = E.benchmark(E.parse_config(["--benchmark", "--device", "cpu", "--model", "tiny", "--loss", loss]))
         assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["peak_memory_gib"] is None
@@ -823,7 +826,9 @@ def test_cli_tiny_model_random_data(tmp_path):
     assert "final:" in r.stdout
 
 
-def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path):
+def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys):
+    """main() with the flags a user would type (in this process: test_cli_tiny_model_random_data is the
+    one that starts `python e2e_sae.py`)."""
     docs = [" ".join(f"w{(i * j) % 37}" for j in range(60)) for i in range(30)]
     model_dir = tmp_path / "model"
     tok = make_tokenizer(model_dir, docs)
@@ -832,17 +837,15 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path):
                                eos_token_id=tok.eos_token_id)).save_pretrained(model_dir)
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
     out = tmp_path / "run"
-    r = run_cli("--model", str(model_dir), "--dataset", str(tmp_path / "corpus.txt"), "--loss", "local",
-                "--layer", "1", "--n-samples", "32", "--batch-size", "4", "--n-ctx", "16", "--eval-samples", "6",
-                "--dict-ratio", "2", "--out-dir", str(out))
-    assert r.returncode == 0, r.stderr
+    E.main(["--model", str(model_dir), "--dataset", str(tmp_path / "corpus.txt"), "--loss", "local",
+            "--layer", "1", "--n-samples", "32", "--batch-size", "4", "--n-ctx", "16", "--eval-samples", "6",
+            "--dict-ratio", "2", "--out-dir", str(out)])
     trained = check_output_folder(out, "local", 3, 1)
-    assert trained["n_eval_tokens"] == 6 * 16
+    assert trained["n_eval_tokens"] == 6 * 16 and "final:" in capsys.readouterr().out
 
-    r = run_cli("--eval-only", "--sae", str(out), "--out-dir", str(tmp_path / "eval"))
-    assert r.returncode == 0, r.stderr
+    E.main(["--eval-only", "--sae", str(out), "--out-dir", str(tmp_path / "eval")])
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(evaluated) == METRIC_KEYS
+    assert set(evaluated) == METRIC_KEYS and f"wrote {tmp_path / 'eval'}/metrics.json" in capsys.readouterr().out
     for k in METRIC_KEYS - {"downstream_mse"}:
         assert evaluated[k] == pytest.approx(trained[k], rel=1e-4, abs=1e-6), k
 
@@ -941,15 +944,21 @@ def assert_same_run(a: Path, b: Path):
     assert train_lines(a) == train_lines(b)
 
 
-def test_sigterm_checkpoints_and_resume_ends_bitwise_equal(tmp_path):
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """run_args's run on random tokens, left alone: what each interrupted and resumed run must end as."""
+    out = tmp_path_factory.mktemp("alone") / "run"
+    E.train(E.parse_config(run_args(out, "random")))
+    return out
+
+
+def test_sigterm_checkpoints_and_resume_ends_bitwise_equal(tmp_path, alone):
     """A real signal from outside: SIGTERM to a subprocess once its first checkpoint exists (step 12 of
-    96), then --resume, compared with the same run left alone. The data are streamed (random tokens
+    48), then --resume, compared with the same run left alone. The data are streamed (random tokens
     through the shuffle buffer)."""
-    args = lambda out: run_args(out, "random", "--n-samples", "768")
-    E.train(E.parse_config(args(tmp_path / "alone")))
     out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "e2e_sae.py", *args(out)], cwd=HERE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "e2e_sae.py", *run_args(out, "random")], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (out / "checkpoint.json").exists() and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
@@ -959,9 +968,9 @@ def test_sigterm_checkpoints_and_resume_ends_bitwise_equal(tmp_path):
     assert last_line.startswith("stopped: SIGTERM after step") and "Traceback" not in stderr
     assert last_line.endswith(f"checkpoint written to {out}; continue with: python e2e_sae.py --resume {out}")
     step = json.loads((out / "checkpoint.json").read_text())["step"]
-    assert 12 <= step < 96 and not (out / "sae.safetensors").exists()
+    assert 12 <= step < 48 and not (out / "sae.safetensors").exists()
     E.train(E.parse_config(["--resume", str(out)]))
-    assert_same_run(tmp_path / "alone", out)
+    assert_same_run(alone, out)
 
 
 def signal_on_call(monkeypatch, name: str, n: int, signum=signal.SIGINT):
@@ -984,10 +993,11 @@ def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
 
 
 @pytest.mark.parametrize("data", ["random", "jsonl"])
-def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, monkeypatch, data):
+def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, monkeypatch, alone, data):
     if data == "jsonl":  # a local dataset: held in memory, reshuffled every epoch (384 samples = 2.4 epochs)
         data = write_sources(tmp_path, torch.randint(512, (168, 16), generator=torch.Generator().manual_seed(3)).tolist())[1]
-    E.train(E.parse_config(run_args(tmp_path / "alone", data)))
+        alone = tmp_path / "alone"
+        E.train(E.parse_config(run_args(alone, data)))
     out = tmp_path / "stopped"
     with monkeypatch.context() as m:
         interrupt_at(m, 29)  # between the checkpoints of steps 24 and 36, after the warm-up and an evaluation
@@ -996,14 +1006,13 @@ def test_interrupted_and_resumed_run_equals_the_run_left_alone(tmp_path, monkeyp
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 29
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
     E.train(E.parse_config(["--resume", str(out), "--eval-every", "128"]))  # a harmless flag may change
-    assert_same_run(tmp_path / "alone", out)
+    assert_same_run(alone, out)
     assert not (out / "checkpoint.safetensors").exists()  # a finished run keeps only its SAE
 
 
-def test_resume_from_a_periodic_checkpoint_after_a_hard_kill(tmp_path, monkeypatch):
+def test_resume_from_a_periodic_checkpoint_after_a_hard_kill(tmp_path, monkeypatch, alone):
     """No signal handler runs on SIGKILL: the run restarts from its last periodic checkpoint (step 36)
     and rewrites the log lines written after it."""
-    E.train(E.parse_config(run_args(tmp_path / "alone", "random")))
     out = tmp_path / "killed"
 
     def killed(*args, **kwargs):
@@ -1023,7 +1032,7 @@ def test_resume_from_a_periodic_checkpoint_after_a_hard_kill(tmp_path, monkeypat
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 36
     assert max(r["step"] for r in E.read_log(out / "log.jsonl")) == 40  # lines past the checkpoint ...
     E.train(E.parse_config(["--resume", str(out)]))
-    assert_same_run(tmp_path / "alone", out)  # ... are replaced, not repeated
+    assert_same_run(alone, out)  # ... are replaced, not repeated
 
 
 def test_resume_refuses_a_contradicting_config(tmp_path, monkeypatch):
@@ -1230,10 +1239,9 @@ def signal_during_evaluation(monkeypatch, n: int, signum=signal.SIGINT):
     signal_on_call(monkeypatch, "evaluate", n, signum)
 
 
-def test_signals_during_evaluations_lose_nothing(tmp_path, monkeypatch):
+def test_signals_during_evaluations_lose_nothing(tmp_path, monkeypatch, alone):
     """SIGTERM during a periodic evaluation (the checkpoint follows it) and Ctrl-C during the final one
     (the checkpoint of the last step precedes it): each resumed run still ends as the one left alone."""
-    E.train(E.parse_config(run_args(tmp_path / "alone", "random")))
     out = tmp_path / "stopped"
     with monkeypatch.context() as m:
         signal_during_evaluation(m, 1, signal.SIGTERM)  # the evaluation after step 16
@@ -1245,11 +1253,10 @@ def test_signals_during_evaluations_lose_nothing(tmp_path, monkeypatch):
             E.train(E.parse_config(["--resume", str(out)]))
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 48
     E.train(E.parse_config(["--resume", str(out)]))
-    assert_same_run(tmp_path / "alone", out)
+    assert_same_run(alone, out)
 
 
-def test_a_run_stopped_before_a_periodic_evaluation_resumes_with_it(tmp_path, monkeypatch):
-    E.train(E.parse_config(run_args(tmp_path / "alone", "random")))
+def test_a_run_stopped_before_a_periodic_evaluation_resumes_with_it(tmp_path, monkeypatch, alone):
     out = tmp_path / "stopped"
     with monkeypatch.context() as m:
         interrupt_at(m, 16)  # step 16 ends at an evaluation point: the checkpoint comes first
@@ -1257,7 +1264,7 @@ def test_a_run_stopped_before_a_periodic_evaluation_resumes_with_it(tmp_path, mo
             E.train(E.parse_config(run_args(out, "random")))
     assert not any("eval/kl" in r for r in E.read_log(out / "log.jsonl"))
     E.train(E.parse_config(["--resume", str(out)]))
-    assert_same_run(tmp_path / "alone", out)
+    assert_same_run(alone, out)
 
 
 def test_resume_keeps_the_device_and_dtype_of_the_checkpoint(tmp_path, monkeypatch):
@@ -1272,14 +1279,20 @@ def test_resume_keeps_the_device_and_dtype_of_the_checkpoint(tmp_path, monkeypat
     assert E.Config(resume=str(out), model="tiny").out_dir == str(out)  # in Python too
 
 
-def test_bad_datasets_give_one_line_without_library_noise(tmp_path):
+def test_bad_datasets_give_one_line_without_library_noise(tmp_path, monkeypatch, capfd):
+    """capfd sees what the libraries print too (progress bars, C-level writes), and their log handlers,
+    made when they were imported, are pointed at the stderr of this test."""
+    for handler in logging.getLogger("datasets").handlers:
+        monkeypatch.setattr(handler, "stream", sys.stderr)
     (tmp_path / "broken.jsonl").write_text('{"input_ids": [1, 2\n')
     (tmp_path / "empty.jsonl").write_text("")
     for name, message in [("broken.jsonl", "cannot read dataset .*broken.jsonl.*: JSON parse error"),
                           ("empty.jsonl", "--dataset .*empty.jsonl is an empty file")]:
-        r = run_cli("--model", "tiny", "--dataset", str(tmp_path / name), "--out-dir", str(tmp_path / "out"))
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert re.match("error: " + message, r.stderr), r.stderr
+        with pytest.raises(SystemExit) as e:
+            E.main(["--model", "tiny", "--dataset", str(tmp_path / name), "--out-dir", str(tmp_path / "out")])
+        err = capfd.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+        assert re.match("error: " + message, err), err
 
 
 # ----------------------------------------------------------------------------------------------------
