@@ -85,11 +85,6 @@ class UserError(Exception):
     """A problem the user can fix (a flag, a path, the network): main() prints it as one sentence."""
 
 
-class ProcessError(UserError):
-    """A UserError of one process alone (its GPU, say). Under torchrun, rank 0 says the errors that every
-    process meets, and each process says its own."""
-
-
 def arg(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -191,8 +186,13 @@ class Config:
              f"--n-samples {self.n_samples} is less than one optimiser step "
              f"(--batch-size × --grad-accum = {self.batch_size * self.grad_accum})")
         need(self.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, not {self.dtype!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            need(False, f"--device must name a device such as cpu, cuda or cuda:1, not {self.device!r}")
         need(self.sae is not None or not (self.eval_only or self.inspect), "--eval-only and --inspect need --sae DIR")
-        need(self.top_features > 0 and (self.inspect_samples or 1) > 0, "--top-features and --inspect-samples must be > 0")
+        need(self.top_features > 0, f"--top-features must be > 0, not {self.top_features}")
+        need(self.inspect_samples is None or self.inspect_samples > 0, f"--inspect-samples must be > 0, not {self.inspect_samples}")
 
     @property
     def samples_per_step(self):
@@ -884,10 +884,16 @@ def join_processes(cfg: Config):
         try:
             torch.cuda.set_device(device)
         except (RuntimeError, AssertionError, AttributeError) as e:
-            raise ProcessError(f"rank {os.environ['RANK']}: --device {device} is not usable here "
-                               f"({first_line(e)}); are there fewer GPUs than processes?") from None
+            raise UserError(f"--device {device} is not usable here ({first_line(e)}); are there fewer GPUs "
+                            "than processes?") from None
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None)
+
+
+def leave_processes():
+    """Leave the process group, all processes together (at the end of the run, or after an agreed stop)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def process_device(cfg: Config) -> torch.device:
@@ -996,7 +1002,8 @@ def evaluate(model, blocks, sae: SAE, eval_tokens: torch.Tensor, layer: int, bat
     s = {"ce_orig": zeros(()), "ce_sae": zeros(()), "kl": zeros(()), "agree": zeros(()), "sse": zeros(()),
          "sum_sq_a": zeros(()), "sum_a": zeros(D), "fires": zeros(F_), "sse_ds": zeros(len(downstream)),
          "tokens": zeros(()), "predictions": zeros(())}
-    for tokens in eval_tokens.tensor_split(world_size())[rank()].split(batch_size):
+    share = eval_tokens.tensor_split(world_size())[rank()]  # (≈E/N, T): this process's contiguous share
+    for tokens in share.split(batch_size) if len(share) else []:  # a share can be empty when N > E
         tokens = tokens.to(device)  # (B, T)
         with autocast(), record_resid(blocks, downstream) as resid_orig:
             logits_orig = run_model(model, tokens)  # (B, T, V)
@@ -1221,13 +1228,19 @@ def compile_forwards(*modules: nn.Module):
         module.forward = torch.compile(module.forward)
 
 
-def setup(cfg: Config):
-    """Device, precision, model and blocks: what training and --eval-only share."""
+def usable_device(cfg: Config) -> torch.device:
+    """The device this process computes on, checked by putting a tensor on it."""
     try:
         device = process_device(cfg)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise ProcessError(f"--device {cfg.device} is not usable here ({first_line(e)})") from None
+        raise UserError(f"--device {cfg.device} is not usable here ({first_line(e)})") from None
+    return device
+
+
+def setup(cfg: Config):
+    """Device, precision, model and blocks: what training and --eval-only share."""
+    device = usable_device(cfg)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -1330,7 +1343,10 @@ def train(cfg: Config) -> dict:
         atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(run_info, indent=2) + "\n"))
         kept = [json.dumps(r) + "\n" for r in read_log(out / "log.jsonl") if r["step"] <= start_step] if start_step else []
         atomic_write(out / "log.jsonl", lambda tmp: tmp.write_text("".join(kept)))  # a resumed run keeps its past
-        log_file = open(out / "log.jsonl", "a")
+        try:
+            log_file = open(out / "log.jsonl", "a")
+        except OSError as e:
+            raise UserError(f"cannot write {out / 'log.jsonl'} ({first_line(e)})") from None
 
     on_rank_0(prepare_out_dir)
 
@@ -1613,7 +1629,7 @@ def inspect(cfg: Config) -> dict:
     sae, _ = load_sae(cfg.sae)
     F_, L, n, W = sae.encoder.out_features, cfg.layer, cfg.inspect_samples or cfg.eval_samples, CONTEXT_TOKENS
     try:
-        chosen = [int(f) for f in cfg.features.split(",")] if cfg.features else None
+        chosen = [int(f) for f in cfg.features.split(",")] if cfg.features is not None else None
     except ValueError:
         raise UserError(f"--features takes comma-separated numbers, not {cfg.features!r}") from None
     if chosen and not all(0 <= f < F_ for f in chosen):
@@ -1707,13 +1723,14 @@ def compare(cfg: Config) -> dict:
     Each element of A gets its largest cosine similarity with any element of B (cross-SAE: is it in B
     too?) and with any other element of A (within-SAE: how spread out is A?)."""
     (a, _), (b, _) = load_sae(cfg.compare[0]), load_sae(cfg.compare[1])
-    device = torch.device(cfg.device)
+    device = usable_device(cfg)
     A, B = a.dictionary.T.to(device), b.dictionary.T.to(device)  # (F_A, D), (F_B, D): unit-norm rows
     if A.shape[1] != B.shape[1]:
         raise UserError(f"the SAEs read different widths ({A.shape[1]} and {B.shape[1]}): they cannot be compared")
     result = {"a": cfg.compare[0], "b": cfg.compare[1]}
     edges = [i / 20 for i in range(21)]  # [0, 1] in bins of 0.05; a maximum below 0 is counted apart
-    for name, values in (("cross", max_cosine(A, B)), ("within", max_cosine(A, A, exclude_self=len(A) > 1))):
+    pairs = [("cross", max_cosine(A, B))] + ([("within", max_cosine(A, A, exclude_self=True))] if len(A) > 1 else [])
+    for name, values in pairs:  # (a dictionary of one element has no "within")
         v = values.double().clamp(-1, 1).cpu()  # rounding can take a cosine of 1 just above it
         q1, median, q3 = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
         result[name] = {"mean": v.mean().item(), "q1": q1, "median": median, "q3": q3, "min": v.min().item(),
@@ -1768,6 +1785,11 @@ def save_saelens(out: Path, run_info: dict):
 def main(argv=None):
     try:
         cfg = parse_config(argv)
+    except UserError as e:  # a mistake in the flags, which every process under torchrun was given alike
+        if first_process():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
         if launched_by_torchrun():
             join_processes(cfg)
         if (cfg.inspect or cfg.compare) and world_size() > 1:
@@ -1782,13 +1804,15 @@ def main(argv=None):
             evaluate_saved(cfg)
         else:
             train(cfg)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_processes()
     except UserError as e:
-        if first_process() or isinstance(e, ProcessError):  # under torchrun: said once, not by every process
-            print(f"error: {e}", file=sys.stderr)
+        # Under torchrun every process that meets an error says it, with its rank: the error may be its
+        # own alone (its GPU, its view of the network or of the files).
+        who = "" if first_process() else f" (rank {os.environ['RANK']})"
+        print(f"error{who}: {e}", file=sys.stderr)
         sys.exit(2)
-    except Interrupted as e:
+    except Interrupted as e:  # every process stopped after the same step; rank 0 wrote the checkpoint
+        leave_processes()
         if first_process():
             print(f"stopped: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)

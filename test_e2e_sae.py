@@ -760,9 +760,10 @@ def test_model_dependent_checks(tmp_path):
             E.setup(E.Config(model="tiny", dataset="random", device="cpu", **kw))
     with pytest.raises(E.UserError, match="no such folder"):
         E.load_model(str(tmp_path / "nothing_here"), torch.device("cpu"))
-    for device in ("cuda:99", "gpu"):
-        with pytest.raises(E.UserError, match=f"--device {device} is not usable here"):
-            E.setup(E.Config(model="tiny", dataset="random", device=device))
+    with pytest.raises(E.UserError, match="--device cuda:99 is not usable here"):
+        E.setup(E.Config(model="tiny", dataset="random", device="cuda:99"))
+    with pytest.raises(E.UserError, match="--device must name a device such as cpu, cuda or cuda:1, not 'gpu'"):
+        E.Config(model="tiny", dataset="random", device="gpu")
 
 
 def test_soft_capped_logits_are_refused(monkeypatch):
@@ -1202,6 +1203,13 @@ def sae_dir(folder: Path, d_model: int, dict_size: int) -> str:
     (lambda p: ["--compare", sae_dir(p, 64, 8), str(p / "nowhere")], "nowhere holds no sae.safetensors"),
     (lambda p: ["--compare", sae_dir(p / "a", 64, 8), sae_dir(p / "b", 32, 8)],
      "the SAEs read different widths \\(64 and 32\\): they cannot be compared"),
+    (lambda p: ["--compare", sae_dir(p / "a", 64, 8), sae_dir(p / "b", 64, 8), "--device", "cuda:99"],
+     "--device cuda:99 is not usable here"),
+    (lambda p: ["--device", "cdua"], "--device must name a device such as cpu, cuda or cuda:1, not 'cdua'"),
+    (lambda p: ["--inspect", "--sae", sae_dir(p, 64, 8), "--layer", "3", "--inspect-samples", "0"],
+     "--inspect-samples must be > 0, not 0"),
+    (lambda p: ["--inspect", "--sae", sae_dir(p, 64, 8), "--layer", "3", "--features", ""],
+     "--features takes comma-separated numbers, not ''"),
 ])
 def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, capsys, make_args, message):
     args = make_args(tmp_path)
@@ -1422,6 +1430,45 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step(tmp_path, plain_r
     assert_close_runs(plain_run, out, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny, monkeypatch, n):
+    """n processes simulated in this one: each evaluates its share of 5 sequences (with n = 7, some
+    shares are empty), all_reduce adds up their sums, and the metrics equal one process's evaluation."""
+    model, blocks = tiny
+    torch.manual_seed(0)
+    sae, tokens = E.SAE(64, 128), tokens_for(model, B=5, T=12)
+    one = E.evaluate(model, blocks, sae, tokens, layer=4, batch_size=2)
+    shares = []
+    monkeypatch.setattr(E, "world_size", lambda: n)
+    monkeypatch.setattr(E, "all_reduce", lambda sums: shares.append(sums) or sums)
+    for r in range(n):  # first pass: every process's own sums
+        monkeypatch.setattr(E, "rank", lambda: r)
+        E.evaluate(model, blocks, sae, tokens, layer=4, batch_size=2)
+    total = {k: sum(share[k] for share in shares) for k in shares[0]}
+    assert [int(share["tokens"]) for share in shares] == [len(t) * 12 for t in tokens.tensor_split(n)]
+    monkeypatch.setattr(E, "all_reduce", lambda sums: total)  # second pass: what the collective returns
+    pooled = E.evaluate(model, blocks, sae, tokens, layer=4, batch_size=2)
+    assert pooled["n_eval_tokens"] == one["n_eval_tokens"] == 5 * 12
+    for k in METRIC_KEYS - {"downstream_mse"}:
+        assert pooled[k] == pytest.approx(one[k], rel=1e-6, abs=1e-7), k
+    assert pooled["downstream_mse"] == pytest.approx(one["downstream_mse"], rel=1e-6)
+
+
+def test_under_torchrun_flag_errors_are_said_once_and_others_by_each_process(monkeypatch, capsys):
+    """As rank 1 of 2 (the process group itself left out): a mistake in the flags is rank 0's to say; an
+    error met later is said by this process too, with its rank."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setattr(E, "join_processes", lambda cfg: None)
+    for argv, said in [(["--loss", "l2"], ""),
+                       (["--layer", "12"], "error (rank 1): --layer 12 is outside the model's blocks 0 … 11\n")]:
+        with pytest.raises(SystemExit) as e:
+            E.main(["--model", "tiny", "--device", "cpu", *argv])
+        assert e.value.code == 2 and capsys.readouterr().err == said
+
+
 def test_the_batch_must_split_evenly_over_the_processes(monkeypatch):
     monkeypatch.setattr(E, "world_size", lambda: 3)
     assert E.local_batch_size(cfg_for("e2e", 6, batch_size=6)) == 2
@@ -1541,6 +1588,11 @@ def test_compare_dictionaries(tmp_path, capsys):
     cross = json.loads((tmp_path / "cc" / "compare.json").read_text())["cross"]
     assert cross["values"] == pytest.approx([1.0] * 40, abs=1e-6) and max(cross["values"]) <= 1.0
     assert cross["counts"][-1] + cross["below_0"] == 40  # every element counted, in the last bin [0.95, 1]
+    # A dictionary of one element: its cross-SAE value, and no within-SAE one (it has no other element).
+    one = sae_with_dictionary(tmp_path / "one", torch.tensor([[1.0], [0.0]]))
+    E.main(["--compare", str(one), str(A), "--device", "cpu"])
+    result = json.loads((one / "compare.json").read_text())
+    assert result["cross"]["values"] == pytest.approx([1.0]) and "within" not in result
 
 
 def test_chunked_max_cosine_equals_the_full_matrix():
