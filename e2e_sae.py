@@ -1190,6 +1190,33 @@ def make_out_dir(path: str) -> Path:
     return Path(path)
 
 
+# The files SAELens's `SAE.load_from_disk(folder)` reads, in the format of its version 6 (architecture
+# "standard": relu(x @ W_enc + b_enc) @ W_dec + b_dec, which is our SAE). They are written with
+# every run rather than by an export command, so that every output folder loads in SAELens as it is;
+# and since SAELens names and lays out the four tensors exactly as sae.safetensors does, its weights
+# file is a second name (a hard link) for sae.safetensors: the tensors are on disk once.
+def save_saelens(out: Path, run_info: dict):
+    metadata = {"sae_lens_version": "6.0.0", "model_name": run_info["model"],
+                "hook_name": f"blocks.{run_info['layer']}.hook_resid_pre", "hook_head_index": None,
+                "context_size": run_info["n_ctx"], "prepend_bos": False, "dataset_path": run_info["dataset"],
+                # The SAE read Hugging Face's residual stream. TransformerLens by default centres the
+                # weights that write into it, which changes hook_resid_pre; this makes SAELens say so.
+                "model_from_pretrained_kwargs": {"center_writing_weights": False}}
+    cfg = {"architecture": "standard", "d_in": run_info["d_model"], "d_sae": run_info["dict_size"],
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
+           "reshape_activations": "none", "metadata": metadata,
+           "sae_lens_version": "6.0.0"}  # read here by some 6.x releases, in metadata by others
+
+    def link_or_copy(tmp):
+        try:
+            os.link(out / "sae.safetensors", tmp)
+        except OSError:  # a filesystem without hard links
+            tmp.write_bytes((out / "sae.safetensors").read_bytes())
+
+    atomic_write(out / "sae_weights.safetensors", link_or_copy)
+    atomic_write(out / "cfg.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
+
+
 # -----------------------------------------------------------------------------
 # Training
 
@@ -1596,7 +1623,7 @@ def benchmark(cfg: Config) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# Looking inside: feature contexts, feature density, dictionary geometry, and SAELens's file format
+# Looking inside: feature contexts, feature density, dictionary geometry
 
 TOP_CONTEXTS, CONTEXT_TOKENS = 5, 8  # --inspect: contexts per element, and tokens shown on each side of the max
 
@@ -1746,36 +1773,6 @@ def compare(cfg: Config) -> dict:
     atomic_write(out / "compare.json", lambda tmp: tmp.write_text(json.dumps(result) + "\n"))
     print(f"wrote {out}/compare.json")
     return result
-
-
-# The files SAELens's `SAE.load_from_disk(folder)` reads, in the format of its version 6 (architecture
-# "standard": relu(x @ W_enc + b_enc) @ W_dec + b_dec, which is the SAE above). They are written with
-# every run rather than by an export command, so that every output folder loads in SAELens as it is;
-# and since SAELens names and lays out the four tensors exactly as sae.safetensors does, its weights
-# file is a second name (a hard link) for sae.safetensors: the tensors are on disk once.
-SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
-
-
-def save_saelens(out: Path, run_info: dict):
-    metadata = {"sae_lens_version": "6.0.0", "model_name": run_info["model"],
-                "hook_name": f"blocks.{run_info['layer']}.hook_resid_pre", "hook_head_index": None,
-                "context_size": run_info["n_ctx"], "prepend_bos": False, "dataset_path": run_info["dataset"],
-                # The SAE read Hugging Face's residual stream. TransformerLens by default centres the
-                # weights that write into it, which changes hook_resid_pre; this makes SAELens say so.
-                "model_from_pretrained_kwargs": {"center_writing_weights": False}}
-    cfg = {"architecture": "standard", "d_in": run_info["d_model"], "d_sae": run_info["dict_size"],
-           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "normalize_activations": "none",
-           "reshape_activations": "none", "metadata": metadata,
-           "sae_lens_version": "6.0.0"}  # read here by some 6.x releases, in metadata by others
-
-    def link_or_copy(tmp):
-        try:
-            os.link(out / "sae.safetensors", tmp)
-        except OSError:  # a filesystem without hard links
-            tmp.write_bytes((out / "sae.safetensors").read_bytes())
-
-    atomic_write(out / "sae_weights.safetensors", link_or_copy)
-    atomic_write(out / "cfg.json", lambda tmp: tmp.write_text(json.dumps(cfg, indent=2) + "\n"))
 
 
 # -----------------------------------------------------------------------------
