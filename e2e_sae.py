@@ -1190,12 +1190,12 @@ def make_out_dir(path: str) -> Path:
     return Path(path)
 
 
-# The files SAELens's `SAE.load_from_disk(folder)` reads, in the format of its version 6 (architecture
-# "standard": relu(x @ W_enc + b_enc) @ W_dec + b_dec, which is our SAE). They are written with
-# every run rather than by an export command, so that every output folder loads in SAELens as it is;
-# and since SAELens names and lays out the four tensors exactly as sae.safetensors does, its weights
-# file is a second name (a hard link) for sae.safetensors: the tensors are on disk once.
 def save_saelens(out: Path, run_info: dict):
+    """cfg.json and sae_weights.safetensors, the files SAELens's `SAE.load_from_disk(folder)` reads, in the
+    format of its version 6 (architecture "standard": relu(x @ W_enc + b_enc) @ W_dec + b_dec, our SAE).
+    They are written with every run rather than by an export command, so that every output folder loads
+    in SAELens as it is; and since SAELens names and lays out the four tensors exactly as sae.safetensors
+    does, its weights file is a second name (a hard link) for sae.safetensors: the tensors are on disk once."""
     metadata = {"sae_lens_version": "6.0.0", "model_name": run_info["model"],
                 "hook_name": f"blocks.{run_info['layer']}.hook_resid_pre", "hook_head_index": None,
                 "context_size": run_info["n_ctx"], "prepend_bos": False, "dataset_path": run_info["dataset"],
