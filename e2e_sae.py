@@ -189,7 +189,7 @@ class Config:
         try:
             torch.device(self.device)
         except RuntimeError:
-            need(False, f"--device must name a device such as cpu, cuda or cuda:1, not {self.device!r}")
+            raise UserError(f"--device must name a device such as cpu, cuda or cuda:1, not {self.device!r}") from None
         need(self.sae is not None or not (self.eval_only or self.inspect), "--eval-only and --inspect need --sae DIR")
         need(self.top_features > 0, f"--top-features must be > 0, not {self.top_features}")
         need(self.inspect_samples is None or self.inspect_samples > 0, f"--inspect-samples must be > 0, not {self.inspect_samples}")
@@ -952,7 +952,7 @@ def on_rank_0(work):
         except UserError as e:
             failed = e
     if dist.is_initialized() and all_reduce({"f": torch.tensor(float(failed is not None))}, dist.ReduceOp.MAX)["f"]:
-        raise failed or UserError("rank 0 stopped with the error above")  # said by rank 0 alone
+        raise failed or UserError("rank 0 stopped with the error above")  # rank 0 says its own error
     if failed:
         raise failed
 
