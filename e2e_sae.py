@@ -11,9 +11,9 @@ writes back a sparse reconstruction `â`:
 
 This file trains it with any of the paper's three losses, where φ = λ / D:
 
-    local    MSE(â, a)                                   + φ‖c‖₁   (reconstruct the activations)
-    e2e      KL(P_orig ‖ P_sae)                          + φ‖c‖₁   (keep the model's output the same)
-    e2e_ds   0.5·KL + (β/N) Σ_k MSE(a_k^sae, a_k^orig)   + φ‖c‖₁   (... and the later layers too)
+    local    MSE(â, a)                                  + φ‖c‖₁   (reconstruct the activations)
+    e2e      KL(P_orig ‖ P_sae)                         + φ‖c‖₁   (keep the model's output)
+    e2e_ds   0.5·KL + (β/N) Σ_k MSE(a_k^sae, a_k^orig)  + φ‖c‖₁   (... and the later layers too)
 
 Run it:
 
@@ -32,9 +32,10 @@ tutorial.md walks through it. Dimension letters in shape comments:
     E evaluation sequences   N downstream layers (the blocks after L)
 """
 
-import argparse, io, itertools, json, math, os, random, signal, socket, sys, time, typing, urllib.parse
+import argparse, io, itertools, json, math, os, random, re, signal, socket, sys, time, typing
+import urllib.parse
 from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -86,71 +87,60 @@ def explain(what):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{what} ({(str(e).strip() or type(e).__name__).splitlines()[0]})") from None
-
-
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+        first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise UserError(f"{what} ({first_line})") from None
 
 
 @dataclass
-class Config:
+class Config:  # every field is a flag (n_samples: --n-samples); its comment is the flag's --help
     # what to train
-    model: str = arg("gpt2", "HF hub id or save_pretrained folder; 'gpt2-random' (GPT-2 small, "
-                     "random weights) and 'tiny' (a small random GPT-2, see TINY_RUN) need no download")
-    dataset: str = arg(PAPER_DATASET, "HF hub id (streamed), .txt file or folder, .jsonl, .parquet, "
-                       "datasets.save_to_disk folder, or 'random' (uniform token ids)")
-    loss: str = arg("e2e", "local | e2e | e2e_ds")
-    layer: int = arg(6, "L: the SAE reads and replaces the residual stream entering block L")
-    dict_ratio: float = arg(60.0, "F / D: dictionary size as a multiple of the model width")
-    sparsity_coeff: float | None = arg(None, "λ, with φ = λ / D (default: the paper's layer-6 λ "
-                                       "for --loss: local 4, e2e 3, e2e_ds 50)")
-    kl_coeff: float | None = arg(None, "weight of the KL term (default: 1 for e2e, 0.5 for e2e_ds)")
-    downstream_coeff: float = arg(2.5, "β: weight of the downstream reconstruction term of e2e_ds")
+    model: str = "gpt2"  # HF hub id or save_pretrained folder; 'gpt2-random' and 'tiny' are random
+    dataset: str = PAPER_DATASET  # hub id (streamed), .txt file or folder, .jsonl, .parquet, random
+    loss: str = "e2e"  # local | e2e | e2e_ds
+    layer: int = 6  # L: the SAE reads and replaces the residual stream entering block L
+    dict_ratio: float = 60.0  # F / D: the dictionary size as a multiple of the model width
+    sparsity_coeff: float | None = None  # λ, φ = λ / D (default: the paper's layer-6 λ for --loss)
+    kl_coeff: float | None = None  # weight of the KL term (default: 1 for e2e, 0.5 for e2e_ds)
+    downstream_coeff: float = 2.5  # β: weight of the downstream reconstruction term of e2e_ds
     # data and optimisation (sample counts are in sequences of n_ctx tokens)
-    n_samples: int = arg(400_000, "training sequences in total")
-    batch_size: int = arg(8, "sequences per micro-batch (of all processes together, under torchrun)")
-    grad_accum: int = arg(2, "micro-batches per optimiser step")
-    n_ctx: int = arg(1024, "tokens per sequence")
-    lr: float = arg(5e-4, "Adam learning rate after warm-up")
-    lr_min_ratio: float = arg(0.1, "the cosine schedule decays the learning rate to this fraction")
-    warmup_samples: int = arg(20_000, "linear learning-rate warm-up, in sequences")
-    grad_clip: float = arg(10.0, "maximum gradient norm")
-    shuffle_buffer: int = arg(1000, "hub datasets are shuffled through a buffer of this many "
-                              "sequences (local datasets are held in memory and shuffled whole)")
-    seed: int = arg(0, "seed of the SAE's initialisation and of the training order")
+    n_samples: int = 400_000  # training sequences in total
+    batch_size: int = 8  # sequences per micro-batch (of all processes together, under torchrun)
+    grad_accum: int = 2  # micro-batches per optimiser step
+    n_ctx: int = 1024  # tokens per sequence
+    lr: float = 5e-4  # Adam's learning rate after the warm-up
+    lr_min_ratio: float = 0.1  # the cosine schedule decays the learning rate to this fraction
+    warmup_samples: int = 20_000  # linear learning-rate warm-up, in sequences
+    grad_clip: float = 10.0  # maximum gradient norm
+    shuffle_buffer: int = 1000  # hub datasets are shuffled through a buffer of this many sequences
+    seed: int = 0  # seed of the SAE's initialisation and of the training order
     # evaluation and output
-    eval_samples: int = arg(500, "the dataset's first this-many sequences: held out, never trained on")
-    eval_every: int = arg(20_000, "evaluate every this-many training sequences (0: only at the end)")
-    log_every: int = arg(10, "write a training line to log.jsonl every this-many optimiser steps")
-    out_dir: str | None = arg(None, "output folder (default: out/<loss>_layer<L>)")
-    save_every: int = arg(20_000, "write a checkpoint every this-many training sequences (0: only "
-                          "when interrupted by SIGINT or SIGTERM)")
-    resume: str | None = arg(None, "continue the run in this output folder from its checkpoint")
-    overwrite: bool = arg(False, "replace the run already in --out-dir")
+    eval_samples: int = 500  # the dataset's first this-many sequences, held out: never trained on
+    eval_every: int = 20_000  # evaluate every this-many training sequences (0: only at the end)
+    log_every: int = 10  # write a training line to log.jsonl every this-many optimiser steps
+    out_dir: str | None = None  # output folder (default: out/<loss>_layer<L>)
+    save_every: int = 20_000  # checkpoint every this-many training sequences (0: only on signals)
+    resume: str | None = None  # continue the run in this output folder from its checkpoint
+    overwrite: bool = False  # replace the run already in --out-dir
     # hardware
-    device: str | None = arg(None, "cuda, cpu, cuda:1, ... (default: cuda if available)")
-    dtype: str | None = arg(None, "autocast dtype, bf16 or fp32 (default: bf16 on CUDA, else fp32)")
-    compile: bool = arg(False, "torch.compile the blocks and the SAE (slower start, faster steps)")
+    device: str | None = None  # cuda, cpu, cuda:1, ... (default: cuda if there is one)
+    dtype: str | None = None  # autocast dtype: bf16 or fp32 (default: bf16 on CUDA, fp32 on a CPU)
+    compile: bool = False  # torch.compile the blocks and the SAE (a slower start, faster steps)
     # measuring speed
-    benchmark: bool = arg(False, "time training steps on random tokens and print tokens/s, MFU and "
-                          "peak memory (see BENCHMARK_RUN for the defaults); writes nothing")
-    bench_warmup: int = arg(3, "--benchmark: untimed steps first (compilation, allocator, kernels)")
-    bench_steps: int = arg(10, "--benchmark: timed optimiser steps")
+    benchmark: bool = False  # time training steps on random tokens (see BENCHMARK_RUN); no files
+    bench_warmup: int = 3  # --benchmark: untimed steps first (compilation, allocator, kernels)
+    bench_steps: int = 10  # --benchmark: timed optimiser steps
     # evaluating and looking inside a saved SAE
-    eval_only: bool = arg(False, "evaluate the SAE in --sae instead of training one")
-    sae: str | None = arg(None, "folder of sae.safetensors (and config.json): --eval-only, --inspect")
-    inspect: bool = arg(False, "print the contexts that make elements of the SAE in --sae fire, and "
-                        "how often its elements fire (also written to inspect.json)")
-    features: str | None = arg(None, "--inspect: comma-separated dictionary elements, e.g. 12,345")
-    top_features: int = arg(10, "--inspect without --features: the this-many most often firing")
-    inspect_samples: int | None = arg(None, "--inspect: the dataset's first this-many sequences "
-                                      "(default: the run's --eval-samples, which it never trained on)")
-    compare: list[str] | None = arg(None, "DIR_A DIR_B: each element of A's largest cosine "
-                                    "similarity with B's and with A's other elements (compare.json)")
+    eval_only: bool = False  # evaluate the SAE in --sae instead of training one
+    sae: str | None = None  # --eval-only, --inspect: a folder of sae.safetensors (and config.json)
+    inspect: bool = False  # show the contexts where the elements of --sae fire, and how often
+    features: str | None = None  # --inspect: comma-separated dictionary elements, e.g. 12,345
+    top_features: int = 10  # --inspect without --features: the this-many most often firing
+    inspect_samples: int | None = None  # --inspect: the first this-many sequences (default: E)
+    compare: list[str] | None = None  # DIR_A DIR_B: each element of A's largest cosine with B, A
 
     def __post_init__(self):  # the defaults that depend on other fields, then the checks
-        need(self.loss in PAPER_KL_COEFF, f"--loss must be one of local, e2e, e2e_ds, not {self.loss!r}")
+        need(self.loss in PAPER_KL_COEFF,
+             f"--loss must be one of local, e2e, e2e_ds, not {self.loss!r}")
         if self.sparsity_coeff is None:
             self.sparsity_coeff = PAPER_SPARSITY_COEFF[self.loss]
         if self.kl_coeff is None:
@@ -158,30 +148,34 @@ class Config:
         self.out_dir = self.resume or self.out_dir or f"out/{self.loss}_layer{self.layer}"
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
-        positive = {"n_samples", "batch_size", "grad_accum", "n_ctx", "lr", "dict_ratio", "log_every",
-                    "shuffle_buffer", "eval_samples", "bench_steps", "top_features", "inspect_samples"}
+        positive = {"n_samples", "batch_size", "grad_accum", "n_ctx", "lr", "dict_ratio",
+                    "log_every", "shuffle_buffer", "eval_samples", "bench_steps", "top_features",
+                    "inspect_samples"}
         for name, value in asdict(self).items():
             flag = "--" + name.replace("_", "-")
             if type(value) in (int, float):
-                need(math.isfinite(value) and value >= 0, f"{flag} must be a finite number ≥ 0, not {value}")
+                need(math.isfinite(value) and value >= 0,
+                     f"{flag} must be a finite number ≥ 0, not {value}")
                 need(value > 0 or name not in positive, f"{flag} must be > 0, not {value}")
-        need(self.n_ctx >= 2, "--n-ctx must be at least 2 (a next-token prediction needs two tokens)")
+        need(self.n_ctx >= 2, "--n-ctx must be at least 2 (a prediction needs two tokens)")
         need(self.lr_min_ratio <= 1, "--lr-min-ratio must be between 0 and 1")
-        need(self.eval_only or self.inspect or self.n_samples >= self.samples_per_step, f"--n-samples "
-             f"{self.n_samples} is less than one optimiser step (--batch-size × --grad-accum)")
+        need(self.eval_only or self.inspect or self.n_samples >= self.samples_per_step,
+             f"--n-samples {self.n_samples} is less than one optimiser step "
+             "(--batch-size × --grad-accum)")
         need(self.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, not {self.dtype!r}")
-        with explain(f"--device must name a device such as cpu, cuda or cuda:1, not {self.device!r}"):
+        with explain(f"--device must be a device such as cpu, cuda or cuda:1, not {self.device!r}"):
             torch.device(self.device)
-        need(self.sae or not (self.eval_only or self.inspect), "--eval-only and --inspect need --sae DIR")
+        need(self.sae or not (self.eval_only or self.inspect),
+             "--eval-only and --inspect need --sae DIR")
 
     @property
     def samples_per_step(self):
         return self.batch_size * self.grad_accum
 
 
-# =====================================================================================================
+# ==================================================================================================
 # The method: the SAE, the hook that splices it into the model, the losses, evaluation
-# =====================================================================================================
+# ==================================================================================================
 
 # -----------------------------------------------------------------------------
 # The SAE
@@ -225,7 +219,7 @@ def save_sae(sae, path):
 
 
 def load_sae(folder):
-    """(the SAE in folder/sae.safetensors, the run's Config if folder/config.json exists, or None)."""
+    """(the SAE in folder/sae.safetensors, and the run's Config from folder/config.json or None)."""
     path = Path(folder) / "sae.safetensors"
     need(path.is_file(), f"{folder} holds no sae.safetensors")
     with explain(f"{path} is not a valid SAE file"):
@@ -251,7 +245,7 @@ def decoder_blocks(model):
 
 
 class StopForward(Exception):
-    """Raised by the splice hook to end the forward pass at block L: the local loss needs no more."""
+    """Raised by the splice hook to end the forward pass at block L: local losses need no more."""
 
 
 @contextmanager
@@ -281,7 +275,8 @@ def run_model(model: nn.Module, tokens: torch.Tensor, hidden_states: bool = Fals
     final norm, and with hidden_states, .hidden_states[k] (B, T, D), the input of block k (in a
     spliced run, as â made it from block L + 1 on). None if the splice hook stopped the pass."""
     try:
-        return model.base_model(input_ids=tokens, use_cache=False, output_hidden_states=hidden_states)
+        return model.base_model(input_ids=tokens, output_hidden_states=hidden_states,
+                                use_cache=False)
     except StopForward:
         return None
 
@@ -291,7 +286,7 @@ def unembed(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
     fp32 outside autocast: GPT-2's logits lie tens of units below zero, where neighbouring bf16
     numbers are 0.125–0.5 apart, so a bf16 KL would measure rounding."""
     with torch.autocast(h.device.type, enabled=False):
-        return head(h.float())
+        return F.linear(h.float(), head.weight, head.bias)
 
 
 # -----------------------------------------------------------------------------
@@ -299,8 +294,8 @@ def unembed(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 def sparsity(c: torch.Tensor, phi: float) -> torch.Tensor:
-    """φ · mean_tokens ‖c‖₁, with φ = λ / D so that one λ works across model widths. c comes out of a
-    ReLU, so ‖c‖₁ is the plain sum over F, accumulated in fp32 without an fp32 copy of c."""
+    """φ · mean_tokens ‖c‖₁, with φ = λ / D so that one λ works across model widths. c comes out of
+    a ReLU, so ‖c‖₁ is the plain sum over F, accumulated in fp32 without an fp32 copy of c."""
     return phi * c.sum(-1, dtype=torch.float32).mean()
 
 
@@ -320,10 +315,10 @@ def kl_div(logits_orig: torch.Tensor, logits_sae: torch.Tensor) -> torch.Tensor:
 
 
 class UnembedKL(torch.autograd.Function):
-    """kl_div of the logits of final hidden states h_orig and h_sae (B, T, D), without ever holding a
-    (B, T, V) tensor: the N = B·T positions go through the unembedding a chunk of rows at a time, and
-    each chunk's gradient is computed on the spot, so nothing of size V is kept for backward. With
-    z = unembed(h), p = softmax(z_orig) and q = softmax(z_sae):
+    """kl_div of the logits of final hidden states h_orig and h_sae (B, T, D), without ever making a
+    (B, T, V) tensor: the N = B·T positions go through the unembedding a chunk of rows at a time,
+    and each chunk's gradient is computed on the spot, so nothing of size V is kept for backward.
+    With z = unembed(h), p = softmax(z_orig) and q = softmax(z_sae):
 
         KL = (1/N) Σ_positions Σ_v p(v) (log p(v) − log q(v))
         ∂KL/∂z_sae = (q − p) / N        ∂KL/∂h_sae = (q − p) W_U / N
@@ -334,7 +329,7 @@ class UnembedKL(torch.autograd.Function):
     def forward(ctx, h_orig, h_sae, head, chunk_rows):
         h_o, h_s = h_orig.flatten(0, -2), h_sae.flatten(0, -2)  # (N, D)
         kl = torch.zeros((), device=h_s.device)
-        grad = torch.empty(h_s.shape, device=h_s.device) if ctx.needs_input_grad[1] else None  # (N, D)
+        grad = torch.empty_like(h_s, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         with torch.autocast(h_s.device.type, enabled=False):  # all in fp32: see unembed()
             for i in range(0, len(h_s), chunk_rows):
                 log_p = F.log_softmax(unembed(head, h_o[i:i + chunk_rows]), dim=-1)  # (rows, V)
@@ -342,7 +337,7 @@ class UnembedKL(torch.autograd.Function):
                 p = log_p.exp()  # (rows, V)
                 kl += (p * (log_p - log_q)).sum()
                 if grad is not None:
-                    grad[i:i + chunk_rows] = (log_q.exp() - p) @ head.weight  # (rows, D): (q − p) W_U
+                    grad[i:i + chunk_rows] = (log_q.exp() - p) @ head.weight  # (rows, D): (q−p) W_U
         ctx.save_for_backward(grad)
         ctx.shape, ctx.dtype = h_sae.shape, h_sae.dtype
         return kl / len(h_s)
@@ -355,8 +350,8 @@ class UnembedKL(torch.autograd.Function):
 
 
 def unembed_kl(h_orig: torch.Tensor, h_sae: torch.Tensor, head: nn.Module, chunk_rows=None):
-    """KL(P_orig ‖ P_sae) from two runs' final hidden states (B, T, D), by default 2²⁵ logits (128 MiB
-    in fp32) at a time."""
+    """KL(P_orig ‖ P_sae) from two runs' final hidden states (B, T, D), by default 2²⁵ logits
+    (128 MiB in fp32) at a time."""
     return UnembedKL.apply(h_orig, h_sae, head, chunk_rows or max(1, 2**25 // len(head.weight)))
 
 
@@ -373,14 +368,15 @@ def e2e_loss(kl, c, phi, kl_coeff=1.0):
 
 
 def e2e_ds_loss(kl, c, resid_orig, resid_sae, phi, beta, kl_coeff=0.5):
-    """L_e2e+ds = 0.5·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)   (0.5: kl_coeff)
+    """L_e2e+ds = 0.5·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)  (0.5: kl_coeff)
     resid_orig, resid_sae: the N residual streams (B, T, D) entering blocks L+1 … n_layer−1."""
     loss, terms = e2e_loss(kl, c, phi, kl_coeff)
     terms["downstream"] = sum(mse(s, o) for s, o in zip(resid_sae, resid_orig)) / len(resid_orig)
     return loss + beta * terms["downstream"], terms
 
 
-def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tensor, kl_chunk_rows=None):
+def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tensor,
+                 kl_chunk_rows=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """One micro-batch of tokens (B, T) → (loss, its terms, c); sae is the SAE or its DDP wrapper.
     The SAE enters block L through splice_sae's hook; for local the forward pass ends there. The e2e
     losses run the model twice, clean (without gradients) and spliced, and take the KL from the two
@@ -391,21 +387,18 @@ def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tenso
     if cfg.loss == "local":
         with splice_sae(blocks[L], sae, stop=True) as seen:
             run_model(model, tokens)  # blocks 0 … L−1, then the SAE on their output a
-        loss, terms = local_loss(seen.a, seen.a_hat, seen.c, phi)
-        return loss, terms, seen.c
+        return *local_loss(seen.a, seen.a_hat, seen.c, phi), seen.c
     with torch.no_grad():
         orig = run_model(model, tokens, hidden_states=ds)  # the clean run
     with splice_sae(blocks[L], sae) as seen:
         spliced = run_model(model, tokens, hidden_states=ds)  # the run with â in place of a
-    kl = unembed_kl(orig.last_hidden_state, spliced.last_hidden_state, model.get_output_embeddings(),
-                    kl_chunk_rows)
+    head = model.get_output_embeddings()  # W_U
+    kl = unembed_kl(orig.last_hidden_state, spliced.last_hidden_state, head, kl_chunk_rows)
     if not ds:
-        loss, terms = e2e_loss(kl, seen.c, phi, cfg.kl_coeff)
-    else:
-        after = slice(L + 1, len(blocks))  # the inputs of blocks L+1 … n_layer−1
-        loss, terms = e2e_ds_loss(kl, seen.c, orig.hidden_states[after], spliced.hidden_states[after],
-                                  phi, cfg.downstream_coeff, cfg.kl_coeff)
-    return loss, terms, seen.c
+        return *e2e_loss(kl, seen.c, phi, cfg.kl_coeff), seen.c
+    after = slice(L + 1, len(blocks))  # the inputs of blocks L+1 … n_layer−1
+    return *e2e_ds_loss(kl, seen.c, orig.hidden_states[after], spliced.hidden_states[after], phi,
+                        cfg.downstream_coeff, cfg.kl_coeff), seen.c
 
 
 # -----------------------------------------------------------------------------
@@ -427,12 +420,11 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullco
       downstream_mse              {k: mean over elements of (a_k^sae − a_k^orig)²} for blocks k > L
       n_eval_tokens               E·T
     Under torchrun each process takes a contiguous share of eval_tokens; the sums are added up."""
-    device, T, head = next(sae.parameters()).device, eval_tokens.shape[1], model.get_output_embeddings()
-    after = range(layer + 1, len(blocks))
-    zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums stay on the device
-    s = {k: zeros(()) for k in ("ce_orig", "ce_sae", "kl", "agree", "sse", "sum_sq_a", "tokens")}
-    s.update(sum_a=zeros(sae.encoder.in_features), fires=zeros(sae.encoder.out_features),
-             sse_ds=zeros(len(after)))  # (D,), (F,), (N,)
+    head, after = model.get_output_embeddings(), range(layer + 1, len(blocks))
+    device, D, F_ = sae.decoder.bias.device, sae.encoder.in_features, sae.encoder.out_features
+    zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums on the device: no waits
+    ce_orig, ce_sae, kl, agree, sse, sum_sq_a = (zeros(()) for _ in range(6))
+    sum_a, fires, sse_ds = zeros(D), zeros(F_), zeros(len(after))  # (D,), (F,), (N,)
     share = eval_tokens.tensor_split(WORLD_SIZE)[RANK]  # (≈E/N, T); empty when N > E
     for tokens in share.split(batch_size) if len(share) else []:
         tokens = tokens.to(device)  # (B, T)
@@ -443,34 +435,33 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullco
         logits_orig = unembed(head, orig.last_hidden_state)  # (B, T, V)
         logits_sae = unembed(head, spliced.last_hidden_state)  # (B, T, V)
         a, a_hat, targets = seen.a.double(), seen.a_hat.double(), tokens[:, 1:].flatten()
-        s["ce_orig"] += F.cross_entropy(logits_orig[:, :-1].flatten(0, 1), targets, reduction="sum")
-        s["ce_sae"] += F.cross_entropy(logits_sae[:, :-1].flatten(0, 1), targets, reduction="sum")
-        s["kl"] += kl_div(logits_orig, logits_sae) * tokens.numel()
-        s["agree"] += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
-        s["fires"] += (seen.c > 0).flatten(0, 1).sum(0)  # (F,): on how many tokens each fired
-        s["sse"] += (a - a_hat).pow(2).sum()
-        s["sum_sq_a"] += a.pow(2).sum()
-        s["sum_a"] += a.sum((0, 1))  # (D,)
+        ce_orig += F.cross_entropy(logits_orig[:, :-1].flatten(0, 1), targets, reduction="sum")
+        ce_sae += F.cross_entropy(logits_sae[:, :-1].flatten(0, 1), targets, reduction="sum")
+        kl += kl_div(logits_orig, logits_sae) * tokens.numel()
+        agree += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
+        fires += (seen.c > 0).flatten(0, 1).sum(0)  # (F,): on how many tokens each element fired
+        sse += (a - a_hat).pow(2).sum()
+        sum_sq_a += a.pow(2).sum()
+        sum_a += a.sum((0, 1))  # (D,)
         for i, k in enumerate(after):
             d = spliced.hidden_states[k].double() - orig.hidden_states[k].double()  # (B, T, D)
-            s["sse_ds"][i] += d.pow(2).sum()
-        s["tokens"] += tokens.numel()
-    s = {k: v.cpu() for k, v in all_reduce(s).items()}  # under torchrun: summed over the processes
-    n, n_elements, n_predictions = s["tokens"], s["tokens"] * len(s["sum_a"]), s["tokens"] * (T - 1) / T
-    metrics = {
-        "ce_loss_orig": s["ce_orig"] / n_predictions,
-        "ce_loss_sae": s["ce_sae"] / n_predictions,
-        "ce_loss_increase": (s["ce_sae"] - s["ce_orig"]) / n_predictions,
-        "kl": s["kl"] / n,
-        "l0": s["fires"].sum() / n,
-        "alive_dict_elements": (s["fires"] > 0).sum(),
-        "explained_variance": 1 - s["sse"] / (s["sum_sq_a"] - s["sum_a"].pow(2).sum() / n),  # Σ‖a − ā‖²
-        "mse": s["sse"] / n_elements,
-        "top1_agreement": s["agree"] / n,
-        "downstream_mse": {k: (s["sse_ds"][i] / n_elements).item() for i, k in enumerate(after)},
-        "n_eval_tokens": int(n),
+            sse_ds[i] += d.pow(2).sum()
+    all_reduce([ce_orig, ce_sae, kl, agree, sse, sum_sq_a, sum_a, fires, sse_ds])  # under torchrun
+    n = eval_tokens.numel()  # E·T positions
+    n_predictions, n_elements = n - len(eval_tokens), n * D  # E·(T−1), E·T·D
+    return {
+        "ce_loss_orig": ce_orig.item() / n_predictions,
+        "ce_loss_sae": ce_sae.item() / n_predictions,
+        "ce_loss_increase": (ce_sae - ce_orig).item() / n_predictions,
+        "kl": kl.item() / n,
+        "l0": fires.sum().item() / n,
+        "alive_dict_elements": (fires > 0).sum().item(),
+        "explained_variance": 1 - (sse / (sum_sq_a - sum_a.pow(2).sum() / n)).item(),  # Σ‖a − ā‖²
+        "mse": sse.item() / n_elements,
+        "top1_agreement": agree.item() / n,
+        "downstream_mse": {k: x / n_elements for k, x in zip(after, sse_ds.tolist())},
+        "n_eval_tokens": n,
     }
-    return {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
 
 
 def format_metrics(m):
@@ -480,9 +471,9 @@ def format_metrics(m):
     return " | ".join(parts + [f"downstream_mse {ds}"] * bool(ds))
 
 
-# =====================================================================================================
+# ==================================================================================================
 # Engineering: what serves the method above, and is not part of it
-# =====================================================================================================
+# ==================================================================================================
 
 # -----------------------------------------------------------------------------
 # Models and data
@@ -490,7 +481,7 @@ def format_metrics(m):
 
 @torch.no_grad()
 def random_gpt2(config):
-    """A GPT-2 with random weights, the same ones every time, with PyTorch's fused attention (SDPA)."""
+    """A GPT-2 with random weights, the same every time, and PyTorch's fused attention (SDPA)."""
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -506,9 +497,9 @@ def tiny_gpt2():
 
 
 RANDOM_MODELS = {"tiny": tiny_gpt2, "gpt2-random": lambda: random_gpt2(GPT2Config())}  # GPT-2 small
-OFFLINE = "the Hugging Face hub is unreachable; offline, use --model tiny --dataset random, or a " \
-          "local model folder and dataset file"
-DATA_FILES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+OFFLINE = ("the Hugging Face hub is unreachable; offline, use --model tiny --dataset random, or a "
+           "local model folder and dataset file")
+FILES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def hub_reachable(timeout=5.0):
@@ -526,31 +517,31 @@ def hub_reachable(timeout=5.0):
 
 
 def looks_like_path(name):
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).suffix in DATA_FILES
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).suffix in FILES
 
 
 def load_model(name, device):
     """A frozen causal LM in eval mode and its tokenizer (None where it has none). Weights are fp32
     (autocast picks the compute dtype), and attention is PyTorch's fused SDPA (FlashAttention on
     recent GPUs), which never holds the (T, T) attention matrix in memory."""
-    if name in RANDOM_MODELS:
-        return RANDOM_MODELS[name]().to(device).eval().requires_grad_(False), None
-    local = Path(name).expanduser().is_dir()
-    need(local or not looks_like_path(name), f"--model {name}: no such folder")
-    offline = not local and not hub_reachable()  # a copy in the HF cache still loads then
-    with explain(f"cannot download model {name!r}: {OFFLINE}" if offline else f"cannot load model {name!r}"):
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, attn_implementation="sdpa",
-                                                     local_files_only=offline)
-    tokenizer = None
-    with suppress(OSError, ValueError, TypeError):  # no tokenizer: fine for pre-tokenised data
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
-    if tokenizer is not None and len(tokenizer) < 2:
-        tokenizer = None  # a folder without tokenizer files gives an empty one
+    model, tokenizer = RANDOM_MODELS[name]() if name in RANDOM_MODELS else None, None
+    if model is None:
+        local = Path(name).expanduser().is_dir()
+        need(local or not looks_like_path(name), f"--model {name}: no such folder")
+        offline = not local and not hub_reachable()  # a copy in the HF cache still loads then
+        why = f"cannot download model {name!r}: {OFFLINE}" if offline else f"cannot load {name!r}"
+        with explain(why):
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
+                                                         local_files_only=offline,
+                                                         attn_implementation="sdpa")
+        with suppress(OSError, ValueError, TypeError):  # no tokenizer: fine for pre-tokenised data
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+    tokenizer = tokenizer if tokenizer and len(tokenizer) > 1 else None  # (or an empty one)
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
 def open_rows(dataset):
-    """An iterator over the dataset's rows (dicts), in its stored order. Hub datasets are streamed."""
+    """An iterator over the dataset's rows (dicts), in their stored order; hub datasets stream."""
     path = Path(dataset).expanduser()
     if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
@@ -559,28 +550,29 @@ def open_rows(dataset):
         return iter(ds)
     if path.is_dir():
         files, builder = sorted(path.rglob("*.txt")), "text"
-        need(files, f"--dataset {dataset}: the folder holds no .txt files and no save_to_disk dataset")
+        need(files, f"--dataset {dataset}: the folder holds no .txt files and no saved dataset")
     elif path.is_file():
-        files, builder = [path], DATA_FILES.get(path.suffix)
+        files, builder = [path], FILES.get(path.suffix)
         need(path.stat().st_size, f"--dataset {dataset} is an empty file")
-        need(builder, f"--dataset {dataset}: unknown file type (use {', '.join(DATA_FILES)})")
+        need(builder, f"--dataset {dataset}: unknown file type (use {', '.join(FILES)})")
     else:
         need(not looks_like_path(dataset), f"--dataset {dataset}: no such file or folder")
         need(hub_reachable(), f"cannot stream dataset {dataset!r}: {OFFLINE}")
         return iter(datasets.load_dataset(dataset, split="train", streaming=True))
     # A .txt file is one document: the EOS token goes between files, not between lines.
+    documents = {"sample_by": "document"} if builder == "text" else {}
     return iter(datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                      streaming=True, **{"sample_by": "document"} * (builder == "text")))
+                                      streaming=True, **documents))
 
 
 def read_rows(dataset):
-    with explain(f"cannot read dataset {dataset!r}"):  # datasets and pyarrow raise many kinds, lazily
+    with explain(f"cannot read dataset {dataset!r}"):  # datasets and pyarrow raise many kinds
         yield from open_rows(dataset)
 
 
 def sequences(cfg, tokenizer, vocab_size):
-    """The dataset as a stream of (T,) token sequences, from its first. Rows with input_ids are cut to
-    T tokens (shorter ones are skipped); text rows are tokenised and packed, with EOS between them;
+    """The dataset as a stream of (T,) token sequences, from its first. Rows with input_ids are cut
+    to T tokens (shorter ones are skipped); text rows are tokenised and packed, with EOS between;
     `random` gives uniform ids, seeded with a constant, not --seed, so that every run has the same
     evaluation set. Every id is checked: on a GPU, one beyond the vocabulary would surface as an
     opaque device-side assert."""
@@ -591,17 +583,17 @@ def sequences(cfg, tokenizer, vocab_size):
         elif "input_ids" in row:
             seqs = [torch.tensor(row["input_ids"][:T])] * (len(row["input_ids"]) >= T)
         else:
-            need("text" in row, f"dataset rows need an 'input_ids' or a 'text' column; these have "
-                 f"{sorted(row)}")
-            need(tokenizer is not None and tokenizer.eos_token_id is not None,
+            need("text" in row,
+                 f"dataset rows need an 'input_ids' or a 'text' column; these have {sorted(row)}")
+            need(tokenizer and tokenizer.eos_token_id is not None,
                  "this dataset holds text, and the model has no tokenizer with an EOS token")
             packed += tokenizer(row["text"], add_special_tokens=False, verbose=False)["input_ids"]
             packed.append(tokenizer.eos_token_id)
             seqs = [torch.tensor(packed[i:i + T]) for i in range(0, len(packed) - T + 1, T)]
             del packed[:len(seqs) * T]
         for seq in seqs:  # (T,)
-            need(seq.max() < vocab_size, f"the dataset has token id {seq.max()}, beyond the model's "
-                 f"vocabulary of {vocab_size}")
+            need(seq.max() < vocab_size, f"the dataset has token id {seq.max()}, beyond the "
+                 f"model's vocabulary of {vocab_size}")
             yield seq
 
 
@@ -651,11 +643,11 @@ def load_data(cfg, tokenizer, vocab_size):
 
 
 # -----------------------------------------------------------------------------
-# Many processes. `torchrun --nproc_per_node=N e2e_sae.py ...` starts N copies of this file, each told
-# its RANK (0 … N−1), LOCAL_RANK (its GPU) and the WORLD_SIZE N. Together they train one SAE: each
-# micro-batch of --batch-size sequences is split N ways, DDP averages the SAE's gradients, all_reduce
-# adds up the logged terms and the evaluation sums, and rank 0 alone prints and writes. A plain
-# `python e2e_sae.py` is rank 0 of 1, and none of this acts.
+# Many processes. `torchrun --nproc_per_node=N e2e_sae.py ...` starts N copies of this file, each
+# told its RANK (0 … N−1), LOCAL_RANK (its GPU) and the WORLD_SIZE N. They train one SAE together:
+# each micro-batch of --batch-size sequences is split N ways, DDP averages the SAE's gradients,
+# all_reduce adds up the logged terms and the evaluation sums, and rank 0 alone prints and writes.
+# A plain `python e2e_sae.py` is rank 0 of 1, and none of this acts.
 
 TORCHRUN = all(v in os.environ for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 RANK, WORLD_SIZE = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if TORCHRUN else (0, 1)
@@ -668,33 +660,38 @@ def print0(*args, **kwargs):
 
 
 def process_device(cfg):
-    """--device, checked by putting a tensor on it; under torchrun "cuda" is the GPU of LOCAL_RANK."""
+    """--device, checked by putting a tensor on it. Under torchrun, "cuda" is the GPU of LOCAL_RANK,
+    and the process joins the others: NCCL between GPUs, gloo on the CPU."""
     device = torch.device(cfg.device)
     if TORCHRUN and device.type == "cuda":
         need(device.index is None or WORLD_SIZE == 1, f"--device {cfg.device}: under torchrun each "
              "process takes the GPU of its LOCAL_RANK; pass --device cuda")
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if device.index is None else device.index)
+        device = torch.device("cuda", device.index or int(os.environ["LOCAL_RANK"]))
     with explain(f"--device {device} is not usable here"):
         torch.empty(0, device=device)
+    if TORCHRUN and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
 
 
 def all_reduce(tensors):
-    """Each tensor of the dict summed over the processes, in one collective and in float64 (sums of
-    counts stay exact). In a plain run, the tensors are their own sums."""
-    if not dist.is_initialized():
-        return tensors
-    flat = torch.cat([t.double().flatten() for t in tensors.values()])
-    dist.all_reduce(flat)
-    parts = flat.split([t.numel() for t in tensors.values()])
-    return {k: part.view(t.shape) for (k, t), part in zip(tensors.items(), parts)}
+    """Sums each tensor of the list over the processes, in place, in one collective and in float64
+    (sums of counts stay exact). In a plain run the tensors are their own sums."""
+    if dist.is_initialized():
+        flat = torch.cat([t.double().flatten() for t in tensors])
+        dist.all_reduce(flat)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view(t.shape))
+    return tensors
 
 
 # -----------------------------------------------------------------------------
 # The output folder and checkpoints
 
-RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "checkpoint.pt", "cfg.json",
-             "sae_weights.safetensors")
+RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "checkpoint.pt",
+             "cfg.json", "sae_weights.safetensors")
 
 
 def atomic_write(path, data):
@@ -736,10 +733,10 @@ def check_out_dir(cfg):
     """Refuse to start a run over another one (finished or not), unless --overwrite says so."""
     out = Path(cfg.out_dir)
     found = [name for name in RUN_FILES if (out / name).exists()]
-    need(not found or cfg.overwrite or cfg.resume, f"{out} already holds "
-         f"{'a finished' if 'metrics.json' in found else 'an unfinished'} run ({', '.join(found)}): "
-         f"pass --overwrite to replace it{f', --resume {out} to continue it' * ('checkpoint.pt' in found)}"
-         ", or another --out-dir")
+    run = "a finished" if "metrics.json" in found else "an unfinished"
+    resume = f", --resume {out} to continue it" if "checkpoint.pt" in found else ""
+    need(not found or cfg.overwrite or cfg.resume, f"{out} already holds {run} run "
+         f"({', '.join(found)}): pass --overwrite to replace it{resume}, or another --out-dir")
 
 
 def open_out_dir(cfg, run_info, step):
@@ -757,10 +754,10 @@ def open_out_dir(cfg, run_info, step):
 
 
 def save_checkpoint(out, run, step, train_seconds, eval_due=False):
-    """checkpoint.pt, written by rank 0 while every process waits: what makes a resumed run end as the
-    run left alone would. That is the SAE, Adam's state and the RNG state, with the step (the data
-    position is step × --batch-size × --grad-accum sequences) and whether the evaluation due at it is
-    still to come."""
+    """checkpoint.pt, written by rank 0 while every process waits: what makes a resumed run end as
+    the run left alone would. That is the SAE, Adam's state and the RNG state, with the step (the
+    data position is step × --batch-size × --grad-accum sequences) and whether the evaluation due
+    at that step is still to come."""
     if MAIN_PROCESS:
         buffer = io.BytesIO()
         torch.save({"step": step, "train_seconds": train_seconds, "eval_due": eval_due,
@@ -773,7 +770,7 @@ def save_checkpoint(out, run, step, train_seconds, eval_due=False):
 
 def load_checkpoint(out, run):
     """Restores the SAE, Adam and the RNG from out/checkpoint.pt, and returns the rest. With
-    weights_only=True, loading builds tensors and plain values only, and runs no code from the file."""
+    weights_only=True, loading builds tensors and plain values only: no code from the file runs."""
     path = out / "checkpoint.pt"
     need(path.is_file(), f"{out} holds no checkpoint.pt to resume from")
     with explain(f"{path} is not a valid checkpoint for this run"):
@@ -785,11 +782,11 @@ def load_checkpoint(out, run):
 
 
 def save_saelens(out, run_info):
-    """cfg.json and sae_weights.safetensors: what SAELens's `SAE.load_from_disk(folder)` reads, in its
-    version 6 format (architecture "standard": relu(x @ W_enc + b_enc) @ W_dec + b_dec, our SAE).
-    Every run writes them, so that every output folder loads in SAELens as it is; and since SAELens
-    names and lays out the four tensors as sae.safetensors does, its weights file is a second name (a
-    hard link) for sae.safetensors: the tensors are on disk once."""
+    """cfg.json and sae_weights.safetensors: what SAELens's `SAE.load_from_disk(folder)` reads, in
+    its version 6 format (architecture "standard": relu(x @ W_enc + b_enc) @ W_dec + b_dec, our
+    SAE). Every run writes them, so that every output folder loads in SAELens as it is; and since
+    SAELens names and lays out the four tensors as sae.safetensors does, its weights file is a
+    second name (a hard link) for sae.safetensors: the tensors are on disk once."""
     meta = {"sae_lens_version": "6.0.0", "model_name": run_info["model"], "hook_head_index": None,
             "hook_name": f"blocks.{run_info['layer']}.hook_resid_pre", "prepend_bos": False,
             "context_size": run_info["n_ctx"], "dataset_path": run_info["dataset"],
@@ -821,7 +818,8 @@ def setup(cfg, sae=None):
     model, tokenizer = load_model(cfg.model, device)
     blocks, D = decoder_blocks(model), model.config.hidden_size
     max_ctx = getattr(model.config, "max_position_embeddings", None)
-    need(cfg.layer < len(blocks), f"--layer {cfg.layer} is outside the model's blocks 0 … {len(blocks) - 1}")
+    need(cfg.layer < len(blocks),
+         f"--layer {cfg.layer} is outside the model's blocks 0 … {len(blocks) - 1}")
     need(cfg.loss != "e2e_ds" or cfg.layer < len(blocks) - 1 or cfg.eval_only or cfg.inspect,
          f"--loss e2e_ds needs a block after --layer; {cfg.layer} is the model's last")
     need(max_ctx is None or cfg.n_ctx <= max_ctx,
@@ -831,23 +829,24 @@ def setup(cfg, sae=None):
     need(cfg.batch_size % WORLD_SIZE == 0,
          f"--batch-size {cfg.batch_size} does not split evenly over {WORLD_SIZE} processes")
     if sae is None:
-        need(round(cfg.dict_ratio * D), f"--dict-ratio {cfg.dict_ratio} × width {D} leaves no "
-             "dictionary element")
-        torch.manual_seed(cfg.seed)
+        need(round(cfg.dict_ratio * D),
+             f"--dict-ratio {cfg.dict_ratio} × width {D} leaves no dictionary element")
+        torch.manual_seed(cfg.seed)  # the SAE's initialisation
         sae = SAE(D, round(cfg.dict_ratio * D))
     need(sae.encoder.in_features == D,
          f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has {D}")
     sae = sae.to(device)
     if cfg.compile:
-        # Each block's and the SAE's forward() is replaced by a compiled one; the hooks, which run
-        # in __call__ around forward(), stay outside it. A debugger then steps into torch's compiler.
+        # Each block's and the SAE's forward() is replaced by a compiled one; the hooks, which
+        # run in __call__ around forward(), stay outside it. A debugger steps into the compiler.
         for module in [sae, *blocks]:
             module.forward = torch.compile(module.forward)
     return SimpleNamespace(
         device=device, model=model, tokenizer=tokenizer, blocks=blocks, sae=sae,
-        step_sae=DDP(sae, [device.index] if device.index is not None else None) if dist.is_initialized() else sae,
-        optimizer=torch.optim.Adam(sae.parameters(), lr=cfg.lr), batch_size=cfg.batch_size // WORLD_SIZE,
-        autocast=partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"),
+        step_sae=DDP(sae) if dist.is_initialized() else sae,
+        optimizer=torch.optim.Adam(sae.parameters(), lr=cfg.lr),
+        batch_size=cfg.batch_size // WORLD_SIZE,  # this process's share of each micro-batch
+        autocast=partial(torch.autocast, device.type, torch.bfloat16, enabled=cfg.dtype == "bf16"),
         flops=flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx),
         peak=peak_flops(device, cfg.dtype))
 
@@ -855,17 +854,18 @@ def setup(cfg, sae=None):
 def lr_factor(step, warmup_steps, total_steps, min_ratio):
     """The learning rate of step 0 … total_steps−1 as a fraction of --lr: a linear warm-up to 1,
     then a cosine decay that reaches min_ratio at the last step."""
-    warmup_steps = max(0, min(warmup_steps, total_steps - 2))  # a run shorter than its warm-up decays
+    warmup_steps = max(0, min(warmup_steps, total_steps - 2))  # so that a short run still decays
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_step(cfg, run, micro_batches, signalled=False):
+def train_step(cfg, run, micro_batches, stop=None):
     """One optimiser step on a list of micro-batches (B, T) → the loss terms, L0 and the gradient
     norm before clipping, averaged over the micro-batches and the processes (tensors on the device),
-    and "stop" > 0 if any process got a signal: every process takes the same step, and stops after."""
+    and "stop" > 0 if any process got a signal (stop, a StopSignal): all processes take the same
+    step, and stop after it."""
     terms = {}
     for i, tokens in enumerate(micro_batches):
         if isinstance(run.step_sae, DDP):  # DDP averages the gradients after the last micro-batch
@@ -873,35 +873,38 @@ def train_step(cfg, run, micro_batches, signalled=False):
         with run.autocast():
             loss, loss_terms, c = compute_loss(cfg, run.model, run.blocks, run.step_sae, tokens)
         (loss / len(micro_batches)).backward()
-        l0 = (c > 0).sum(-1).float().mean()  # count per token first: no fp32 copy of the (B, T, F) mask
+        l0 = (c > 0).sum(-1).float().mean()  # counts per token first: no fp32 copy of the mask
         for k, v in {"loss": loss, **loss_terms, "l0": l0}.items():
             terms[k] = terms.get(k, 0.0) + v.detach() / len(micro_batches)
     terms["grad_norm"] = nn.utils.clip_grad_norm_(run.sae.parameters(), cfg.grad_clip)
-    terms["stop"] = torch.tensor(float(signalled), device=run.device)  # rides on the step's reduction
-    terms = {k: v / WORLD_SIZE for k, v in all_reduce(terms).items()}
-    need(math.isfinite(terms["loss"] + terms["grad_norm"]),  # one GPU wait a step: no NaN in the weights
-         f"the loss or its gradient is not finite ({', '.join(f'{k} {v:.4g}' for k, v in terms.items())})"
-         "; the step stopped before the update, so any checkpoint in --out-dir is intact, but resuming "
-         "would repeat the same steps: start again with a lower --lr (and --overwrite)")
+    signalled = float(stop is not None and stop.signum is not None)  # rides on the reduction:
+    terms["stop"] = torch.tensor(signalled, device=run.device)  # no collective of its own
+    terms = {k: v / WORLD_SIZE for k, v in zip(terms, all_reduce(list(terms.values())))}
+    values = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())  # one wait for the GPU per step
+    need(math.isfinite(terms["loss"] + terms["grad_norm"]), f"the loss or its gradient is not "
+         f"finite ({values}); the step stopped before the update, so any checkpoint in --out-dir "
+         "is intact, but resuming would repeat the same steps: start again with a lower --lr (and "
+         "--overwrite)")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return terms
 
 
 class StopSignal:
-    """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) only set .signum, so that
-    the loop finishes its step and writes a checkpoint. In a plain run a second signal acts as usual;
-    under torchrun, which passes a signal on to every process (and a scheduler may signal them all
-    too), the handler stays, and torchrun's --shutdown-timeout (30 s) is the hard stop."""
+    """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) only set .signum, so
+    that the loop finishes its step and writes a checkpoint. In a plain run a second signal acts as
+    usual; under torchrun, which passes a signal on to every process (and a scheduler may signal
+    them all too), the handler stays, and torchrun's --shutdown-timeout (30 s) is the hard stop."""
 
     def __enter__(self):
-        self.signum, self.old = None, {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.signum = None
+        self.old = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def handler(self, signum, frame):
         if self.signum is None:
-            print0(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint",
-                   file=sys.stderr)
+            name = signal.Signals(signum).name
+            print0(f"\n{name}: finishing the step, then writing a checkpoint", file=sys.stderr)
         self.signum = signum
         if not TORCHRUN:
             self.__exit__()
@@ -916,79 +919,83 @@ class Interrupted(Exception):
 
 
 def due(every, step, cfg):
-    """Did optimiser step `step` (counted from 1) pass a multiple of `every` training sequences?"""
-    return every > 0 and (step * cfg.samples_per_step) % every < cfg.samples_per_step
+    """Did optimiser step `step` (from 1) pass a multiple of `every` training sequences? The last
+    step is never due: the final evaluation and checkpoint come after the loop."""
+    S = cfg.samples_per_step
+    return every > 0 and step < cfg.n_samples // S and step * S % every < S
 
 
 def train(cfg):
     """Train an SAE as cfg says (or continue the run in cfg.resume), write the output folder, and
-    return the final metrics. Under torchrun every process runs this; rank 0 alone writes and prints."""
-    out = Path(cfg.out_dir)
+    return the final metrics. Under torchrun every process runs this; rank 0 alone writes."""
+    out, S = Path(cfg.out_dir), cfg.samples_per_step  # S: sequences per optimiser step
     if cfg.resume and (out / "metrics.json").exists() and not (out / "checkpoint.pt").exists():
         print0(f"{out} holds a finished run: nothing to resume")
         return json.loads((out / "metrics.json").read_text())
     check_out_dir(cfg)
     run = setup(cfg)
-    n_steps, warmup_steps = cfg.n_samples // cfg.samples_per_step, cfg.warmup_samples // cfg.samples_per_step
-    state = load_checkpoint(out, run) if cfg.resume else {"step": 0, "train_seconds": 0.0, "eval_due": 0}
+    n_steps, warmup_steps = cfg.n_samples // S, cfg.warmup_samples // S
+    state = load_checkpoint(out, run) if cfg.resume else dict(step=0, train_seconds=0.0, eval_due=0)
     start, train_seconds = state["step"], state["train_seconds"]
     eval_tokens, train_seqs = load_data(cfg, run.tokenizer, run.model.config.vocab_size)
     # The data position is the number of training sequences read: the same --seed gives the same
     # order, so a resumed run skips them. Reading the next one now makes a dataset without training
-    # rows fail before anything is written, and keeps a local dataset's one-time read out of the timing.
-    train_seqs = itertools.islice(train_seqs, start * cfg.samples_per_step, None)
+    # rows fail before anything is written, and keeps a local dataset's one-time read untimed.
+    train_seqs = itertools.islice(train_seqs, start * S, None)
     train_seqs = itertools.chain([next(train_seqs)], train_seqs)
     run_info = {**asdict(cfg), "d_model": run.model.config.hidden_size, "n_layers": len(run.blocks),
                 "dict_size": run.sae.encoder.out_features, "n_processes": WORLD_SIZE}
     log_file = open_out_dir(cfg, run_info, start) if MAIN_PROCESS else None
     if state["eval_due"]:  # the run stopped just before this evaluation
         evaluate_and_log(cfg, run, eval_tokens, log_file, start)
-    print0(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={run_info['d_model']} F="
-           f"{run_info['dict_size']} λ={cfg.sparsity_coeff:g} | {n_steps} steps of {cfg.samples_per_step} × "
-           f"{cfg.n_ctx} tokens | {run.device} {cfg.dtype}"
-           f"{f' | {WORLD_SIZE} processes of {run.batch_size} sequences per micro-batch' * TORCHRUN} → {out}")
-    share = slice(RANK * run.batch_size, (RANK + 1) * run.batch_size)  # every process reads them all
-    bar = tqdm(range(start, n_steps), "train", initial=start, total=n_steps, disable=not MAIN_PROCESS)
+    processes = f" | {WORLD_SIZE} processes of {run.batch_size} sequences per micro-batch"
+    print0(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={run_info['d_model']} "
+           f"F={run_info['dict_size']} λ={cfg.sparsity_coeff:g} | {n_steps} steps of {S} × "
+           f"{cfg.n_ctx} tokens | {run.device} {cfg.dtype}{processes * TORCHRUN} → {out}")
+    bar = tqdm(range(start, n_steps), "train", n_steps, initial=start, disable=not MAIN_PROCESS)
     window, t0 = [], time.perf_counter()  # the steps since the last log line, and when they began
     with StopSignal() as stop:
         for step in bar:
-            for group in run.optimizer.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, warmup_steps, n_steps, cfg.lr_min_ratio)
-            micro_batches = [torch.stack([next(train_seqs) for _ in range(cfg.batch_size)][share])
-                             .to(run.device) for _ in range(cfg.grad_accum)]  # each (B / N, T)
-            terms = train_step(cfg, run, micro_batches, stop.signum is not None)
+            lr = cfg.lr * lr_factor(step, warmup_steps, n_steps, cfg.lr_min_ratio)
+            run.optimizer.param_groups[0]["lr"] = lr
+            # Every process reads the same --batch-size sequences and trains on its share of them.
+            micro_batches = [torch.stack([next(train_seqs) for _ in range(cfg.batch_size)])
+                             .tensor_split(WORLD_SIZE)[RANK].to(run.device)  # (B, T) → (B / N, T)
+                             for _ in range(cfg.grad_accum)]
+            terms = train_step(cfg, run, micro_batches, stop)
             window.append(terms)
-            # ---- diagnostics: log, stop on a signal, evaluate, checkpoint --------------------------
+            # ---- diagnostics: log, stop on a signal, evaluate, checkpoint ------------------------
             done, t_pause = step + 1, time.perf_counter()
             if done % cfg.log_every == 0 or done == n_steps:
                 train_seconds += t_pause - t0
                 record = train_record(cfg, run, window, t_pause - t0)
                 log_line(log_file, cfg, done, record)
-                bar.set_postfix_str(" ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in record.items()))
+                bar.set_postfix_str(" ".join(f"{k[6:] or k} {v:.3g}" for k, v in record.items()))
                 window, t0 = [], time.perf_counter()
             if terms["stop"] > 0:
-                save_checkpoint(out, run, done, train_seconds, due(cfg.eval_every, done, cfg) and done < n_steps)
-                name = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
-                raise Interrupted(stop.signum or signal.SIGTERM, f"{name} after step {done} of {n_steps}: "
-                                  f"checkpoint written to {out}; continue with: python e2e_sae.py --resume {out}")
-            if due(cfg.eval_every, done, cfg) and done < n_steps:  # the last one comes after the loop
+                save_checkpoint(out, run, done, train_seconds, due(cfg.eval_every, done, cfg))
+                name = signal.Signals(stop.signum).name if stop.signum else "a signal to a process"
+                raise Interrupted(stop.signum or signal.SIGTERM, f"{name} after step {done} of "
+                                  f"{n_steps}: checkpoint written to {out}; continue with: "
+                                  f"python e2e_sae.py --resume {out}")
+            if due(cfg.eval_every, done, cfg):
                 evaluate_and_log(cfg, run, eval_tokens, log_file, done)
-            if due(cfg.save_every, done, cfg) and done < n_steps:
+            if due(cfg.save_every, done, cfg):
                 save_checkpoint(out, run, done, train_seconds)
             t0 += time.perf_counter() - t_pause  # evaluations and checkpoints are not training time
     if start < n_steps:  # the final evaluation can take minutes: a run stopped in it resumes here
         save_checkpoint(out, run, n_steps, train_seconds)
     metrics = evaluate_and_log(cfg, run, eval_tokens, log_file, n_steps, final=True)
     if MAIN_PROCESS:
-        finish_out_dir(out, run, metrics, run_info, train_seconds, n_steps * cfg.samples_per_step * cfg.n_ctx)
+        finish_out_dir(out, run, metrics, run_info, train_seconds, n_steps * S * cfg.n_ctx)
     return metrics
 
 
 def train_record(cfg, run, window, seconds):
     """A training line of log.jsonl: each term averaged over the window's steps (float() waits for
     the GPU), the learning rate, tokens/s, and on a GPU of known peak the model FLOP utilisation."""
-    record = {f"train/{k}": sum(float(terms[k]) for terms in window) / len(window) for k in window[0]
-              if k != "stop"}
+    record = {f"train/{k}": sum(float(terms[k]) for terms in window) / len(window)
+              for k in window[0] if k != "stop"}
     record["train/lr"] = run.optimizer.param_groups[0]["lr"]
     record["tokens_per_s"] = len(window) * cfg.samples_per_step * cfg.n_ctx / seconds
     if run.peak:  # the FLOPs the method needs per second, over the GPUs' peak
@@ -998,13 +1005,15 @@ def train_record(cfg, run, window, seconds):
 
 def log_line(log_file, cfg, step, record):
     if log_file:  # rank 0's
-        log_file.write(json.dumps({"step": step, "samples": step * cfg.samples_per_step, **record}) + "\n")
+        record = {"step": step, "samples": step * cfg.samples_per_step, **record}
+        log_file.write(json.dumps(record) + "\n")
         log_file.flush()
 
 
 def evaluate_and_log(cfg, run, eval_tokens, log_file, step, final=False):
-    """evaluate(), logged as eval/… at `step`, and printed unless final (train() prints that one)."""
-    metrics = evaluate(run.model, run.blocks, run.sae, eval_tokens, cfg.layer, run.batch_size, run.autocast)
+    """evaluate(), logged as eval/… at `step`, and printed unless final (train() prints that)."""
+    metrics = evaluate(run.model, run.blocks, run.sae, eval_tokens, cfg.layer, run.batch_size,
+                       run.autocast)
     log_line(log_file, cfg, step, {f"eval/{k}": v for k, v in metrics.items()})
     if not final and MAIN_PROCESS:
         tqdm.write(f"eval @ {step * cfg.samples_per_step} samples: {format_metrics(metrics)}")
@@ -1017,9 +1026,10 @@ def finish_out_dir(out, run, metrics, run_info, train_seconds, n_tokens):
     save_saelens(out, run_info)
     write_json(out / "metrics.json", metrics)
     (out / "checkpoint.pt").unlink(missing_ok=True)
-    mfu = f", MFU {n_tokens / train_seconds * run.flops / run.peak:.1%}" if run.peak else ""
-    print(f"trained on {n_tokens:,} tokens in {train_seconds:.1f} s ({n_tokens / train_seconds:,.0f} "
-          f"tokens/s{mfu}, evaluation excluded)")  # over all sessions of a resumed run
+    tokens_per_s = n_tokens / train_seconds  # over all sessions of a resumed run
+    mfu = f", MFU {tokens_per_s * run.flops / run.peak:.1%}" if run.peak else ""
+    print(f"trained on {n_tokens:,} tokens in {train_seconds:.1f} s ({tokens_per_s:,.0f} tokens/s"
+          f"{mfu}, evaluation excluded)")
     print(f"final: {format_metrics(metrics)}")
     if run.device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB")
@@ -1031,7 +1041,7 @@ def evaluate_saved(cfg):
     """--eval-only: evaluate the SAE in cfg.sae, and write metrics.json into cfg.out_dir."""
     run = setup(cfg, load_sae(cfg.sae)[0])
     eval_tokens = load_data(cfg, run.tokenizer, run.model.config.vocab_size)[0]
-    metrics = evaluate(run.model, run.blocks, run.sae, eval_tokens, cfg.layer, run.batch_size, run.autocast)
+    metrics = evaluate_and_log(cfg, run, eval_tokens, None, 0, final=True)
     print0(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
     if MAIN_PROCESS:
         write_output(cfg, "metrics.json", metrics)
@@ -1043,20 +1053,21 @@ def evaluate_saved(cfg):
 
 
 def flops_per_token(model, blocks, sae, loss, layer, n_ctx):
-    """Matrix-multiply FLOPs of one training token (2 per multiply-add), from the shapes, for the work
-    compute_loss does; elementwise work (norms, softmax, GELU) is left out, as is usual for MFU. Per
-    token, with P the weights of one block's matmuls, n blocks, and T = n_ctx:
+    """Matrix-multiply FLOPs of one training token (2 per multiply-add), from the shapes, for the
+    work compute_loss does; elementwise work (norms, softmax, GELU) is left out, as is usual for
+    MFU. Per token, with P the weights of one block's matmuls, n blocks, and T = n_ctx:
       block forward      2P + 4TD    (4TD: QKᵀ and the attention-weighted sum over all T keys; the
                                       full square, not the causal half, as PaLM's MFU counts it)
       block backward     2P + 8TD    (input gradients only: the model is frozen)
       unembedding        2DV
-      SAE                4DF + 6DF   (forward: encoder and decoder; backward: W_e's gradient, and the
-                                      decoder's for c and for D_n; a is a constant)
+      SAE                4DF + 6DF   (forward: encoder and decoder; backward: W_e's gradient, and
+                                      the decoder's for c and for D_n; a is a constant)
       local    L blocks forward, the SAE
-      e2e(ds)  the clean run (n blocks); the spliced run (n blocks, and the backward of the n − L from
-               block L on); the SAE; three unembeddings in unembed_kl (both runs' logits, and the
-               gradient (q − p) W_U). The downstream MSE adds no matmul."""
-    D, F_, n, V = sae.encoder.in_features, sae.encoder.out_features, len(blocks), model.config.vocab_size
+      e2e(ds)  the clean run (n blocks); the spliced run (n blocks, and the backward of the n − L
+               from block L on); the SAE; three unembeddings in unembed_kl (both runs' logits, and
+               the gradient (q − p) W_U). The downstream MSE adds no matmul."""
+    D, F_ = sae.encoder.in_features, sae.encoder.out_features
+    n, V = len(blocks), model.config.vocab_size
     P = sum(p.numel() for p in blocks[0].parameters() if p.ndim == 2)
     block_fwd, block_bwd, sae_flops = 2 * P + 4 * n_ctx * D, 2 * P + 8 * n_ctx * D, 10 * D * F_
     if loss == "local":
@@ -1080,57 +1091,64 @@ def peak_flops(device, dtype):
 
 def benchmark(cfg):
     """--benchmark: optimiser steps exactly as train() takes them, on random tokens. Prints and
-    returns tokens/s, FLOPs per token, achieved FLOP/s, MFU (on a GPU of known peak), peak memory."""
+    returns tokens/s, FLOPs per token, achieved FLOP/s, MFU (on a GPU of known peak), memory."""
     run, cuda = setup(cfg), cfg.device.startswith("cuda")
     g = torch.Generator().manual_seed(cfg.seed + RANK)
-    print0(f"benchmark: {cfg.loss} at layer {cfg.layer} of {cfg.model} (D={run.sae.encoder.in_features}, "
-           f"F={run.sae.encoder.out_features}) | {cfg.grad_accum} × {cfg.batch_size} × {cfg.n_ctx} tokens "
-           f"per step | {run.device} {cfg.dtype}{' compiled' * cfg.compile} | {cfg.bench_warmup} warm-up "
-           f"+ {cfg.bench_steps} timed steps{f' | {WORLD_SIZE} processes' * TORCHRUN}")
-    for i in range(cfg.bench_warmup + cfg.bench_steps + 1):
-        if i == cfg.bench_warmup and cuda:  # compilation, allocator pools and kernel choices are done
-            torch.cuda.reset_peak_memory_stats(run.device)  # the steady state: Adam's moments exist
-        if i >= cfg.bench_warmup and cuda:
-            torch.cuda.synchronize(run.device)  # the GPU runs ahead of Python: wait for it to finish
-        if i == cfg.bench_warmup:
+    print0(f"benchmark: {cfg.loss} at layer {cfg.layer} of {cfg.model} (D="
+           f"{run.sae.encoder.in_features}, F={run.sae.encoder.out_features}) | {cfg.grad_accum} × "
+           f"{cfg.batch_size} × {cfg.n_ctx} tokens per step | {run.device} {cfg.dtype}"
+           f"{' compiled' * cfg.compile} | {cfg.bench_warmup} warm-up + {cfg.bench_steps} timed "
+           f"steps{f' | {WORLD_SIZE} processes' * TORCHRUN}")
+    for i in range(cfg.bench_warmup + cfg.bench_steps):
+        if i == cfg.bench_warmup:  # compilation, the allocator's pools and kernel choices are done
+            if cuda:  # the GPU runs ahead of Python: wait for it; from now on Adam's moments exist
+                torch.cuda.synchronize(run.device)
+                torch.cuda.reset_peak_memory_stats(run.device)
             t0 = time.perf_counter()
-        if i < cfg.bench_warmup + cfg.bench_steps:
-            train_step(cfg, run, [torch.randint(run.model.config.vocab_size, (run.batch_size, cfg.n_ctx),
-                                                generator=g).to(run.device) for _ in range(cfg.grad_accum)])
+        shape = (cfg.grad_accum, run.batch_size, cfg.n_ctx)  # micro-batches of (B / N, T)
+        tokens = torch.randint(run.model.config.vocab_size, shape, generator=g)
+        train_step(cfg, run, list(tokens.to(run.device)))
+    if cuda:
+        torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - t0
-    tokens_per_s = cfg.bench_steps * cfg.samples_per_step * cfg.n_ctx / seconds  # over all processes
+    tokens_per_s = cfg.bench_steps * cfg.samples_per_step * cfg.n_ctx / seconds  # all processes'
     memory = [f(run.device) / 2**30 if cuda else None
               for f in (torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved)]
-    result = {"tokens_per_s": tokens_per_s, "step_s": seconds / cfg.bench_steps, "flops_per_token": run.flops,
-              "tflops_per_s": tokens_per_s * run.flops / 1e12, "peak_memory_gib": memory[0],
-              "peak_reserved_gib": memory[1], "mfu": run.peak and tokens_per_s * run.flops / run.peak}
+    result = {"tokens_per_s": tokens_per_s, "step_s": seconds / cfg.bench_steps,
+              "flops_per_token": run.flops, "tflops_per_s": tokens_per_s * run.flops / 1e12,
+              "peak_memory_gib": memory[0], "peak_reserved_gib": memory[1],
+              "mfu": run.peak and tokens_per_s * run.flops / run.peak}
     print0(f"tokens/s {tokens_per_s:,.0f} | {result['step_s'] * 1e3:.1f} ms per step | "
-           f"{run.flops / 1e9:.3f} GFLOP per token (see flops_per_token) → {result['tflops_per_s']:.2f} TFLOP/s")
-    print0(f"MFU {result['mfu']:.1%} of {run.peak / 1e12:.0f} TFLOP/s ({WORLD_SIZE} × the bf16 peak of "
-           f"{torch.cuda.get_device_name(run.device)})" if run.peak else
+           f"{run.flops / 1e9:.3f} GFLOP per token (see flops_per_token) → "
+           f"{result['tflops_per_s']:.2f} TFLOP/s")
+    print0(f"MFU {result['mfu']:.1%} of {run.peak / 1e12:.0f} TFLOP/s ({WORLD_SIZE} × the bf16 "
+           f"peak of {torch.cuda.get_device_name(run.device)})" if run.peak else
            "MFU: n/a (needs a GPU of known bf16 peak, see PEAK_BF16_FLOPS, and --dtype bf16)")
-    print0(f"peak GPU memory {memory[0]:.2f} GiB allocated, {memory[1]:.2f} GiB reserved by PyTorch's "
-           f"allocator (timed steps{', rank 0' * TORCHRUN})" if cuda else "peak GPU memory: n/a on the CPU")
+    print0(f"peak GPU memory {memory[0]:.2f} GiB allocated, {memory[1]:.2f} GiB reserved by "
+           f"PyTorch's allocator (timed steps{', rank 0' * TORCHRUN})" if cuda else
+           "peak GPU memory: n/a on the CPU")
     return result
 
 
 # -----------------------------------------------------------------------------
 # Looking inside: feature contexts, feature density, dictionary geometry
 
-TOP_CONTEXTS, CONTEXT_TOKENS = 5, 8  # --inspect: contexts per element, tokens on each side of the max
+TOP_CONTEXTS, CONTEXT_TOKENS = 5, 8  # --inspect: contexts per element; tokens each side of the max
 
 
 def text_histogram(edges, counts, label):
-    """A line per bin, from the first non-empty one to the last, with a bar scaled to the largest."""
+    """A line per bin, from the first non-empty one to the last, a bar scaled to the largest."""
     full = [i for i, n in enumerate(counts) if n] or [0]
-    return "\n".join(f"  {label(edges[i], edges[i + 1]):>18} {'█' * round(40 * counts[i] / max(counts + [1])):<40}"
-                     f" {counts[i]}" for i in range(full[0], full[-1] + 1))
+    bar = lambda n: "█" * round(40 * n / max(counts + [1]))
+    return "\n".join(f"  {label(edges[i], edges[i + 1]):>18} {bar(counts[i]):<40} {counts[i]}"
+                     for i in range(full[0], full[-1] + 1))
 
 
 def density(fires, n_tokens):
     """Histogram of log10 firing frequency over the dictionary (F,), in bins of 0.5 from
-    log10(1/n_tokens), the rarest possible, up to 0; elements that never fired are counted as dead."""
-    edges = torch.arange(math.floor(2 * math.log10(1 / n_tokens)) / 2, 0.25, 0.5, dtype=torch.float64)
+    log10(1/n_tokens), the rarest possible, up to 0; elements that never fired are counted dead."""
+    lowest = math.floor(2 * math.log10(1 / n_tokens)) / 2
+    edges = torch.arange(lowest, 0.25, 0.5, dtype=torch.float64)
     log_freq = (fires[fires > 0].double() / n_tokens).log10()
     counts = torch.histogram(log_freq, edges).hist.long().tolist() if len(edges) > 1 else []
     return {"log10_freq_edges": edges.tolist(), "counts": counts, "dead": int((fires == 0).sum())}
@@ -1138,22 +1156,24 @@ def density(fires, n_tokens):
 
 @torch.no_grad()
 def inspect(cfg):
-    """--inspect: the SAE in cfg.sae over the dataset's first N sequences, a batch at a time, keeping
-    for each dictionary element a running top-TOP_CONTEXTS of its largest activation in a sequence,
-    and where it was: memory is (TOP_CONTEXTS + B) × F × 2 numbers, whatever N is. A second pass over
-    the tokens takes the CONTEXT_TOKENS on each side. Prints the chosen elements' frequency, mean
-    activation when active and top contexts (the max token «marked»), and the density histogram, and
-    writes all of it to inspect.json."""
+    """--inspect: the SAE in cfg.sae over the dataset's first N sequences, a batch at a time,
+    keeping for each dictionary element a running top-TOP_CONTEXTS of its largest activation in a
+    sequence, and where it was: memory is (TOP_CONTEXTS + B) × F × 2 numbers, whatever N is. A
+    second pass over the tokens takes the CONTEXT_TOKENS on each side. It prints the chosen
+    elements' frequency, mean activation when active and top contexts (the max token «marked»),
+    and the density histogram, and writes all of it to inspect.json."""
     sae, k, W, T = load_sae(cfg.sae)[0], TOP_CONTEXTS, CONTEXT_TOKENS, cfg.n_ctx
     F_, n = sae.encoder.out_features, cfg.inspect_samples or cfg.eval_samples
     with explain(f"--features takes comma-separated numbers, not {cfg.features!r}"):
         chosen = [int(f) for f in cfg.features.split(",")] if cfg.features is not None else None
-    need(all(0 <= f < F_ for f in chosen or []), f"--features {cfg.features}: the dictionary has "
-         f"elements 0 … {F_ - 1}")
+    need(all(0 <= f < F_ for f in chosen or []),
+         f"--features {cfg.features}: the dictionary has elements 0 … {F_ - 1}")
     run = setup(cfg, sae)
-    first_n = lambda: itertools.islice(sequences(cfg, run.tokenizer, run.model.config.vocab_size), n)
+    vocab_size = run.model.config.vocab_size
+    first_n = lambda: itertools.islice(sequences(cfg, run.tokenizer, vocab_size), n)  # (T,) each
     fires, act_sum = torch.zeros(F_, dtype=torch.long), torch.zeros(F_, dtype=torch.float64)  # (F,)
-    top, top_at = torch.full((k, F_), -1.0), torch.zeros((k, F_), dtype=torch.long)  # at: seq·T + pos
+    top = torch.full((k, F_), -1.0)  # (k, F): each element's best activations so far, and where:
+    top_at = torch.zeros((k, F_), dtype=torch.long)  # sequence × T + position
     stream, n_seqs = first_n(), 0
     while batch := list(itertools.islice(stream, cfg.batch_size)):
         with run.autocast(), splice_sae(run.blocks[cfg.layer], run.sae, stop=True) as seen:
@@ -1161,10 +1181,10 @@ def inspect(cfg):
         c = seen.c.float().cpu()  # (B, T, F)
         fires += (c > 0).sum((0, 1))
         act_sum += c.sum((0, 1))
-        best, pos = c.max(1)  # (B, F): each sequence's largest activation of each element, and where
-        top, keep = torch.cat([top, best]).topk(k, dim=0)  # (k, F): the best of the old top-k and B
-        top_at = torch.cat([top_at, pos + T * torch.arange(n_seqs, n_seqs + len(batch))[:, None]])
-        top_at = top_at.gather(0, keep)
+        best, pos = c.max(1)  # (B, F): each sequence's largest activation of each element, where
+        at = pos + T * torch.arange(n_seqs, n_seqs + len(batch))[:, None]  # (B, F)
+        top, keep = torch.cat([top, best]).topk(k, dim=0)  # (k, F): the best of the old top and B
+        top_at = torch.cat([top_at, at]).gather(0, keep)
         n_seqs += len(batch)
     need(n_seqs, f"--dataset {cfg.dataset} holds no sequence of {T} tokens")
     chosen = chosen or fires.topk(min(cfg.top_features, F_)).indices.tolist()  # the most frequent
@@ -1181,10 +1201,10 @@ def inspect(cfg):
             window = tokens[s][t - mark:t + W + 1]
             pieces = [run.tokenizer.decode([i]).replace("\n", "⏎") if run.tokenizer else f" {i}"
                       for i in window]
-            word = pieces[mark].lstrip() or pieces[mark]  # the mark goes after a leading space: " «fox»"
-            pieces[mark] = f"{pieces[mark][:len(pieces[mark]) - len(word)]}«{word}»"
-            contexts.append({"activation": activation, "sequence": s, "position": t, "tokens": window,
-                             "marked": mark, "text": "".join(pieces)})
+            word = pieces[mark].lstrip() or pieces[mark]  # the mark goes after a leading space
+            pieces[mark] = f"{pieces[mark][:len(pieces[mark]) - len(word)]}«{word}»"  # " «fox»"
+            contexts.append({"activation": activation, "sequence": s, "position": t,
+                             "tokens": window, "marked": mark, "text": "".join(pieces)})
         result["features"].append({"feature": f, "frequency": fires[f].item() / (n_seqs * T),
                                    "mean_activation": (act_sum[f] / max(fires[f], 1)).item(),
                                    "contexts": contexts})
@@ -1195,9 +1215,10 @@ def inspect(cfg):
 
 def print_inspection(cfg, result, n):
     n_seqs, d = result["n_sequences"], result["density"]
+    short = f"; the dataset has no more than {n_seqs}" * (n_seqs < n)
+    trained = "; beyond --eval-samples they include training data" * (n_seqs > cfg.eval_samples)
     print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}, over the first {n_seqs} sequences "
-          f"({result['n_tokens']:,} tokens){f'; the dataset has no more than {n_seqs}' * (n_seqs < n)}"
-          f"{'; beyond --eval-samples they include training data' * (n_seqs > cfg.eval_samples)}")
+          f"({result['n_tokens']:,} tokens){short}{trained}")
     for r in result["features"]:
         print(f"\nfeature {r['feature']}: fires on {r['frequency']:.3%} of tokens, mean activation "
               f"when active {r['mean_activation']:.3g}")
@@ -1205,7 +1226,8 @@ def print_inspection(cfg, result, n):
             print(f"  {context['activation']:8.3f}  {context['text']}")
     print(f"\nfiring frequency of the {d['dead'] + sum(d['counts'])} dictionary elements "
           f"({d['dead']} dead, never firing):")
-    print(text_histogram(d["log10_freq_edges"], d["counts"], lambda lo, hi: f"10^{lo:.1f} … 10^{hi:.1f}"))
+    label = lambda lo, hi: f"10^{lo:.1f} … 10^{hi:.1f}"
+    print(text_histogram(d["log10_freq_edges"], d["counts"], label))
 
 
 def write_output(cfg, name, result):
@@ -1218,16 +1240,11 @@ def write_output(cfg, name, result):
 
 def max_cosine(A, B, exclude_self=False, chunk_elements=2**25):
     """For each unit-norm row of A (F_A, D), its largest cosine similarity with a row of B (F_B, D):
-    (F_A,). With exclude_self (B is A), an element is not compared with itself. The (F_A, F_B)
-    matrix is made chunk_elements at a time: 128 MiB in fp32, where all of it is 8 GiB at F = 46,080."""
-    out, rows = torch.empty(len(A), device=A.device), max(1, chunk_elements // len(B))
-    for i in range(0, len(A), rows):
-        sims = A[i:i + rows] @ B.T  # (rows, F_B)
-        if exclude_self:
-            r = torch.arange(len(sims), device=A.device)
-            sims[r, r + i] = -2.0  # below any cosine
-        out[i:i + rows] = sims.max(1).values
-    return out
+    (F_A,). With exclude_self (B is A) an element is not compared with itself: its own cosine, 1,
+    is the largest, and the second largest is taken. The (F_A, F_B) matrix is made chunk_elements
+    at a time: 128 MiB in fp32, where all of it is 8 GiB at F = 46,080."""
+    rows = max(1, chunk_elements // len(B))
+    return torch.cat([(a @ B.T).topk(1 + exclude_self).values[:, -1] for a in A.split(rows)])
 
 
 @torch.no_grad()
@@ -1235,22 +1252,24 @@ def compare(cfg):
     """--compare DIR_A DIR_B: the geometry of two dictionaries (the paper compares e2e with local
     SAEs). Each element of A gets its largest cosine similarity with any element of B (cross-SAE: is
     it in B too?) and with any other element of A (within-SAE: how spread out is A?)."""
-    (a, _), (b, _), device = load_sae(cfg.compare[0]), load_sae(cfg.compare[1]), process_device(cfg)
-    A, B = a.dictionary.T.to(device), b.dictionary.T.to(device)  # (F_A, D), (F_B, D): unit-norm rows
+    (a, _), (b, _) = load_sae(cfg.compare[0]), load_sae(cfg.compare[1])
+    device = process_device(cfg)
+    A, B = a.dictionary.T.to(device), b.dictionary.T.to(device)  # (F_A, D), (F_B, D): unit norm
     need(A.shape[1] == B.shape[1],
          f"the SAEs read different widths ({A.shape[1]} and {B.shape[1]}): they cannot be compared")
     result, edges = {"a": cfg.compare[0], "b": cfg.compare[1]}, [i / 20 for i in range(21)]
-    for name, values in [("cross", max_cosine(A, B))] + [("within", max_cosine(A, A, True))] * (len(A) > 1):
+    pairs = [("cross", max_cosine(A, B))] + ([("within", max_cosine(A, A, True))] if len(A) > 1 else [])
+    for name, values in pairs:  # (a dictionary of one element has no "within")
         v = values.double().clamp(-1, 1).cpu()  # rounding can take a cosine of 1 just above it
-        q = torch.quantile(v, torch.tensor([0, 0.25, 0.5, 0.75, 1]).double()).tolist()
-        r = result[name] = {"mean": v.mean().item(), **dict(zip(("min", "q1", "median", "q3", "max"), q)),
-                            "below_0": int((v < 0).sum()), "edges": edges,  # below 0: counted apart
-                            "counts": torch.histogram(v[v >= 0], torch.tensor(edges).double()).hist.long().tolist(),
-                            "values": v.tolist()}
+        q = torch.quantile(v, torch.linspace(0, 1, 5, dtype=torch.float64)).tolist()
+        counts = torch.histogram(v[v >= 0], torch.tensor(edges).double()).hist.long().tolist()
+        r = result[name] = {"mean": v.mean().item(), **dict(zip(("min", "q1", "median", "q3", "max"),
+                            q)), "below_0": int((v < 0).sum()), "edges": edges, "counts": counts,
+                            "values": v.tolist()}  # a largest cosine below 0 is counted apart
         print(f"{name}-SAE max cosine similarity of A's {len(A)} elements with "
-              f"{'any of B' if name == 'cross' else 'another of A'}'s: mean {r['mean']:.3f} | quartiles "
-              f"{q[1]:.3f} {q[2]:.3f} {q[3]:.3f} | min {q[0]:.3f} max {q[4]:.3f}")
-        print(text_histogram(edges, r["counts"], lambda lo, hi: f"{lo:.2f} … {hi:.2f}"))
+              f"{'any of B' if name == 'cross' else 'another of A'}'s: mean {r['mean']:.3f} | "
+              f"quartiles {q[1]:.3f} {q[2]:.3f} {q[3]:.3f} | min {q[0]:.3f} max {q[4]:.3f}")
+        print(text_histogram(edges, counts, lambda lo, hi: f"{lo:.2f} … {hi:.2f}"))
     write_output(cfg, "compare.json", result)
     return result
 
@@ -1259,12 +1278,14 @@ def compare(cfg):
 # The command line
 
 # What a saved run's configuration does not pass on: what to do now, and where.
-NOT_INHERITED = {"eval_only", "sae", "benchmark", "resume", "overwrite", "out_dir", "device", "dtype",
-                 "compile", "inspect", "features", "top_features", "inspect_samples", "compare"}
-# What may differ from the run's own configuration when resuming. The first three change neither the
-# SAE nor the data; another device, dtype or --compile changes the arithmetic, and the result is then
-# no longer bitwise the run left alone. Unless given, the last three too are the run's.
-RESUMABLE = {"eval_every", "log_every", "save_every", "device", "dtype", "compile"}
+NOT_INHERITED = {"eval_only", "sae", "benchmark", "resume", "overwrite", "out_dir", "device",
+                 "dtype", "compile", "inspect", "features", "top_features", "inspect_samples",
+                 "compare"}
+# What may differ from the run's own configuration when resuming. --eval-every, --log-every and
+# --save-every change neither the SAE nor the data; another device, dtype or --compile changes the
+# arithmetic, and the result is no longer bitwise the run left alone. Unless given, they are the
+# run's own.
+RESUMABLE = {"resume", "eval_every", "log_every", "save_every", "device", "dtype", "compile"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1273,64 +1294,63 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser():
-    """One --flag per Config field: Config.n_samples becomes --n-samples, with the field's help."""
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """One --flag per Config field: Config.n_samples becomes --n-samples; the field's comment is its
+    help."""
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = Path(__file__).read_text()
     for f in fields(Config):
-        kind = next(t for t in typing.get_args(f.type) or [f.type] if t is not type(None))  # float | None
-        how = (dict(action="store_true") if kind is bool else dict(nargs=2, metavar=("DIR_A", "DIR_B"))
+        kind = next(t for t in typing.get_args(f.type) or [f.type] if t is not type(None))  # T|None
+        how = (dict(action="store_true") if kind is bool else dict(nargs=2, metavar=("A", "B"))
                if kind == list[str] else dict(type=kind, metavar=kind.__name__.upper()))
-        # No defaults here: the flags given are then known, and override saved configurations.
-        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, **how,
-                            help=f.metadata["help"] + f" (default: {f.default})" * (f.default is not None))
+        help = re.search(rf"\n    {f.name}: .*  # (.*)", source)[1]
+        help += f" (default: {f.default})" * (f.default is not None)
+        # No defaults here: then the flags given are known, and override saved configurations.
+        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=help,
+                            **how)
     return parser
 
 
 def parse_config(argv=None):
     """The run's Config, from one merge: defaults < presets (--model tiny, --benchmark) < a saved
-    run's config.json (--eval-only, --inspect, --resume) < the flags given now. With --resume, a flag
-    given must equal the run's own, except those in RESUMABLE."""
+    run's config.json (--eval-only, --inspect, --resume) < the flags given now. With --resume, a
+    flag given must equal the run's own, except those in RESUMABLE."""
     given, saved = vars(build_parser().parse_args(argv)), {}
-    folder = given.get("resume") or (given.get("eval_only") or given.get("inspect")) and given.get("sae")
+    resume, looking = given.get("resume"), given.get("eval_only") or given.get("inspect")
+    folder = resume or looking and given.get("sae")
     if folder and (Path(folder) / "config.json").exists():
-        keep = RESUMABLE if "resume" in given else set()
-        saved = {k: v for k, v in read_config(folder).items() if k in keep or k not in NOT_INHERITED}
-    if "resume" in given:
-        folder = given["resume"] = os.path.normpath(folder)
+        saved = {k: v for k, v in read_config(folder).items()
+                 if k not in NOT_INHERITED or resume and k in RESUMABLE}
+    if resume:
+        folder = given["resume"] = saved["out_dir"] = os.path.normpath(folder)
         need((Path(folder) / "checkpoint.pt").exists() or (Path(folder) / "metrics.json").exists(),
              f"{folder} holds no checkpoint.pt to resume from")
         for key, value in given.items():
-            flag, own = "--" + key.replace("_", "-"), saved.get(key, folder if key == "out_dir" else None)
-            need(key in RESUMABLE | {"resume"} or value == own or key == "out_dir" and os.path.normpath(value) == own,
-                 f"{flag} {value} contradicts the run in {folder} ({flag} {own}); only --eval-every, "
-                 "--log-every, --save-every, --device, --dtype and --compile may change when resuming")
-    elif folder or given.get("eval_only") or given.get("inspect"):
+            flag, own = "--" + key.replace("_", "-"), saved.get(key)
+            same = value == own or key == "out_dir" and os.path.normpath(value) == own
+            need(key in RESUMABLE or same, f"{flag} {value} contradicts the run in {folder} "
+                 f"({flag} {own}); only --eval-every, --log-every, --save-every, --device, --dtype "
+                 "and --compile may change when resuming")
+    elif looking:
         need(saved or not folder or {"model", "layer"} <= set(given),
              f"{folder} has no config.json: pass --model and --layer with --eval-only or --inspect")
-        saved["out_dir"] = folder  # metrics.json and inspect.json go beside the SAE, unless --out-dir
+        saved["out_dir"] = folder  # metrics.json and inspect.json go beside the SAE by default
     elif "compare" in given:
         saved["out_dir"] = given["compare"][0]  # compare.json goes beside A's files
-    preset = {}
-    if given.get("model", saved.get("model", "gpt2-random" if given.get("benchmark") else "")) == "tiny":
-        preset = dict(TINY_RUN)
+    preset = dict(TINY_RUN) if given.get("model", saved.get("model")) == "tiny" else {}
     if given.get("benchmark"):
-        on_gpu = given.get("device", "cuda" if torch.cuda.is_available() else "cpu").startswith("cuda")
-        preset.update(BENCHMARK_RUN, **({} if on_gpu else BENCHMARK_RUN_CPU))
+        device = given.get("device", "cuda" if torch.cuda.is_available() else "cpu")
+        preset.update(BENCHMARK_RUN, **({} if device.startswith("cuda") else BENCHMARK_RUN_CPU))
     return Config(**{**preset, **saved, **given})
 
 
 def main(argv=None):
     transformers.logging.set_verbosity_error()  # the terminal is for our own output, and the
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # libraries' errors reach the user as
-    datasets.disable_progress_bars()  # one sentence
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # libraries' errors reach the user
+    datasets.disable_progress_bars()  # as one sentence
     cfg = None
     try:
         cfg = parse_config(argv)
-        if TORCHRUN:  # NCCL between GPUs, gloo on the CPU
-            device = process_device(cfg)
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    device_id=device if device.type == "cuda" else None)
         need(WORLD_SIZE == 1 or not (cfg.inspect or cfg.compare),
              "--inspect and --compare run in one process: start them with python, not torchrun")
         if cfg.compare:
@@ -1349,7 +1369,7 @@ def main(argv=None):
         if MAIN_PROCESS or cfg is not None:
             print(f"error{'' if MAIN_PROCESS else f' (rank {RANK})'}: {e}", file=sys.stderr)
         sys.exit(2)
-    except Interrupted as e:  # every process stopped after the same step; rank 0 wrote the checkpoint
+    except Interrupted as e:  # all processes stopped after the same step; rank 0 wrote checkpoint.pt
         signum, message = e.args
         print0(f"stopped: {message}", file=sys.stderr)
         sys.exit(128 + signum)
