@@ -99,7 +99,7 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
     loss: str = "e2e"  # local | e2e | e2e_ds
     layer: int = 6  # L: the SAE reads and replaces the residual stream entering block L
     dict_ratio: float = 60.0  # F / D: the dictionary size as a multiple of the model width
-    sparsity_coeff: float | None = None  # λ, φ = λ / D (default: the paper's layer-6 λ for --loss)
+    sparsity_coeff: float | None = None  # λ, φ = λ/D (default: local 4, e2e 3, e2e_ds 50, the paper's)
     kl_coeff: float | None = None  # weight of the KL term (default: 1 for e2e, 0.5 for e2e_ds)
     downstream_coeff: float = 2.5  # β: weight of the downstream reconstruction term of e2e_ds
     # data and optimisation (sample counts are in sequences of n_ctx tokens)
@@ -135,8 +135,8 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
     inspect: bool = False  # show the contexts where the elements of --sae fire, and how often
     features: str | None = None  # --inspect: comma-separated dictionary elements, e.g. 12,345
     top_features: int = 10  # --inspect without --features: the this-many most often firing
-    inspect_samples: int | None = None  # --inspect: the first this-many sequences (default: E)
-    compare: list[str] | None = None  # DIR_A DIR_B: each element of A's largest cosine with B, A
+    inspect_samples: int | None = None  # --inspect: the first this-many sequences (--eval-samples)
+    compare: list[str] | None = None  # each element of SAE A's largest cosine with B's, and A's
 
     def __post_init__(self):  # the defaults that depend on other fields, then the checks
         need(self.loss in PAPER_KL_COEFF,
@@ -329,15 +329,14 @@ class UnembedKL(torch.autograd.Function):
     def forward(ctx, h_orig, h_sae, head, chunk_rows):
         h_o, h_s = h_orig.flatten(0, -2), h_sae.flatten(0, -2)  # (N, D)
         kl = torch.zeros((), device=h_s.device)
-        grad = torch.empty_like(h_s, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad = torch.empty_like(h_s, dtype=torch.float32)  # (N, D): ∂KL/∂h_sae, row by row
         with torch.autocast(h_s.device.type, enabled=False):  # all in fp32: see unembed()
             for i in range(0, len(h_s), chunk_rows):
                 log_p = F.log_softmax(unembed(head, h_o[i:i + chunk_rows]), dim=-1)  # (rows, V)
                 log_q = F.log_softmax(unembed(head, h_s[i:i + chunk_rows]), dim=-1)  # (rows, V)
                 p = log_p.exp()  # (rows, V)
                 kl += (p * (log_p - log_q)).sum()
-                if grad is not None:
-                    grad[i:i + chunk_rows] = (log_q.exp() - p) @ head.weight  # (rows, D): (q−p) W_U
+                grad[i:i + chunk_rows] = (log_q.exp() - p) @ head.weight  # (rows, D): (q − p) W_U
         ctx.save_for_backward(grad)
         ctx.shape, ctx.dtype = h_sae.shape, h_sae.dtype
         return kl / len(h_s)
@@ -1258,14 +1257,15 @@ def compare(cfg):
     need(A.shape[1] == B.shape[1],
          f"the SAEs read different widths ({A.shape[1]} and {B.shape[1]}): they cannot be compared")
     result, edges = {"a": cfg.compare[0], "b": cfg.compare[1]}, [i / 20 for i in range(21)]
-    pairs = [("cross", max_cosine(A, B))] + ([("within", max_cosine(A, A, True))] if len(A) > 1 else [])
-    for name, values in pairs:  # (a dictionary of one element has no "within")
+    pairs = [("cross", max_cosine(A, B))]
+    pairs += [("within", max_cosine(A, A, True))] if len(A) > 1 else []  # one element: no "within"
+    for name, values in pairs:
         v = values.double().clamp(-1, 1).cpu()  # rounding can take a cosine of 1 just above it
         q = torch.quantile(v, torch.linspace(0, 1, 5, dtype=torch.float64)).tolist()
         counts = torch.histogram(v[v >= 0], torch.tensor(edges).double()).hist.long().tolist()
-        r = result[name] = {"mean": v.mean().item(), **dict(zip(("min", "q1", "median", "q3", "max"),
-                            q)), "below_0": int((v < 0).sum()), "edges": edges, "counts": counts,
-                            "values": v.tolist()}  # a largest cosine below 0 is counted apart
+        stats = dict(zip(("min", "q1", "median", "q3", "max"), q))
+        r = result[name] = {"mean": v.mean().item(), **stats, "below_0": int((v < 0).sum()),
+                            "edges": edges, "counts": counts, "values": v.tolist()}  # below 0: apart
         print(f"{name}-SAE max cosine similarity of A's {len(A)} elements with "
               f"{'any of B' if name == 'cross' else 'another of A'}'s: mean {r['mean']:.3f} | "
               f"quartiles {q[1]:.3f} {q[2]:.3f} {q[3]:.3f} | min {q[0]:.3f} max {q[4]:.3f}")
@@ -1301,8 +1301,9 @@ def build_parser():
     source = Path(__file__).read_text()
     for f in fields(Config):
         kind = next(t for t in typing.get_args(f.type) or [f.type] if t is not type(None))  # T|None
-        how = (dict(action="store_true") if kind is bool else dict(nargs=2, metavar=("A", "B"))
-               if kind == list[str] else dict(type=kind, metavar=kind.__name__.upper()))
+        how = (dict(action="store_true") if kind is bool else
+               dict(nargs=2, metavar=("DIR_A", "DIR_B")) if kind == list[str] else
+               dict(type=kind, metavar=kind.__name__.upper()))
         help = re.search(rf"\n    {f.name}: .*  # (.*)", source)[1]
         help += f" (default: {f.default})" * (f.default is not None)
         # No defaults here: then the flags given are known, and override saved configurations.
@@ -1369,7 +1370,7 @@ def main(argv=None):
         if MAIN_PROCESS or cfg is not None:
             print(f"error{'' if MAIN_PROCESS else f' (rank {RANK})'}: {e}", file=sys.stderr)
         sys.exit(2)
-    except Interrupted as e:  # all processes stopped after the same step; rank 0 wrote checkpoint.pt
+    except Interrupted as e:  # all processes stopped after the same step; rank 0 checkpointed
         signum, message = e.args
         print0(f"stopped: {message}", file=sys.stderr)
         sys.exit(128 + signum)
