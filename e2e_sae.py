@@ -272,8 +272,9 @@ def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
 
 def run_model(model: nn.Module, tokens: torch.Tensor, hidden_states: bool = False):
     """The model on tokens (B, T) without its unembedding: .last_hidden_state (B, T, D), after the
-    final norm, and with hidden_states, .hidden_states[k] (B, T, D), the input of block k (in a
-    spliced run, as â made it from block L + 1 on). None if the splice hook stopped the pass."""
+    final norm, and with hidden_states, .hidden_states[k] (B, T, D), the input of block k < n_layer
+    (in a spliced run, as â made it from block L + 1 on; the last entry is .last_hidden_state).
+    None if the splice hook stopped the pass."""
     try:
         return model.base_model(input_ids=tokens, output_hidden_states=hidden_states,
                                 use_cache=False)
