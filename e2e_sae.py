@@ -9,7 +9,8 @@ writes back a sparse reconstruction `â`:
 
     c = ReLU(W_e a + b_e)     â = D_n c + b_d     (D_n: the decoder with unit-norm columns)
 
-This file trains it with any of the paper's three losses, where φ = λ / D:
+As the paper's SAEs do, it reads a in TransformerLens's basis: the stream minus its mean over D
+(see in_basis). This file trains it with any of the paper's three losses, where φ = λ / D:
 
     local    MSE(â, a)                                  + φ‖c‖₁   (reconstruct the activations)
     e2e      KL(P_orig ‖ P_sae)                         + φ‖c‖₁   (keep the model's output)
@@ -42,6 +43,7 @@ from types import SimpleNamespace
 
 import datasets
 import huggingface_hub
+import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -56,9 +58,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 # Configuration
 
 PAPER_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
-# λ of the paper's layer-6 GPT-2 runs with similar CE loss increase (appendix table), and the weight
-# of the KL term: e2e_ds halves it, since the downstream MSE also pulls towards the original model.
-PAPER_SPARSITY_COEFF = {"local": 4.0, "e2e": 3.0, "e2e_ds": 50.0}
+# λ and β of the paper's GPT-2 small runs with similar CE loss increase at layers 2, 6 and 10
+# (appendix table). Other layers interpolate geometrically (the coefficients are scales) and take
+# the nearest end's value beyond. The weight of the KL term: e2e_ds halves it, since the downstream
+# MSE also pulls towards the original model.
+PAPER_LAYERS = (2, 6, 10)
+PAPER_SPARSITY_COEFF = {"local": (0.8, 4.0, 6.0), "e2e": (0.5, 3.0, 1.5), "e2e_ds": (10.0, 50.0, 1.75)}
+PAPER_DOWNSTREAM_COEFF = (2.5, 2.5, 0.05)
 PAPER_KL_COEFF = {"local": 0.0, "e2e": 1.0, "e2e_ds": 0.5}
 # Presets: defaults that a flag changes (the flags given still win). `--model tiny` makes a run of
 # seconds; `--benchmark` takes GPT-2 small's shapes, random weights and tokens, 1 × 128 on a CPU.
@@ -99,9 +105,10 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
     loss: str = "e2e"  # local | e2e | e2e_ds
     layer: int = 6  # L: the SAE reads and replaces the residual stream entering block L
     dict_ratio: float = 60.0  # F / D: the dictionary size as a multiple of the model width
-    sparsity_coeff: float | None = None  # λ, φ = λ/D (default: local 4, e2e 3, e2e_ds 50, the paper's)
+    sparsity_coeff: float | None = None  # λ, φ = λ/D (default: the paper's at layers 2/6/10, local 0.8/4/6, e2e 0.5/3/1.5, e2e_ds 10/50/1.75; interpolated between)
     kl_coeff: float | None = None  # weight of the KL term (default: 1 for e2e, 0.5 for e2e_ds)
-    downstream_coeff: float = 2.5  # β: weight of the downstream reconstruction term of e2e_ds
+    downstream_coeff: float | None = None  # β: weight of e2e_ds's downstream MSE (default: the paper's, 2.5/2.5/0.05 at layers 2/6/10)
+    center: bool = True  # the SAE reads the stream minus its mean over D, TransformerLens's basis (LayerNorm models)
     # data and optimisation (sample counts are in sequences of n_ctx tokens)
     n_samples: int = 400_000  # training sequences in total
     batch_size: int = 8  # sequences per micro-batch (of all processes together, under torchrun)
@@ -141,8 +148,11 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
     def __post_init__(self):  # the defaults that depend on other fields, then the checks
         need(self.loss in PAPER_KL_COEFF,
              f"--loss must be one of local, e2e, e2e_ds, not {self.loss!r}")
+        paper = lambda v: float(f"{np.exp(np.interp(self.layer, PAPER_LAYERS, np.log(v))):.4g}")
         if self.sparsity_coeff is None:
-            self.sparsity_coeff = PAPER_SPARSITY_COEFF[self.loss]
+            self.sparsity_coeff = paper(PAPER_SPARSITY_COEFF[self.loss])
+        if self.downstream_coeff is None:
+            self.downstream_coeff = paper(PAPER_DOWNSTREAM_COEFF)
         if self.kl_coeff is None:
             self.kl_coeff = PAPER_KL_COEFF[self.loss]
         self.out_dir = self.resume or self.out_dir or f"out/{self.loss}_layer{self.layer}"
@@ -248,19 +258,33 @@ class StopForward(Exception):
     """Raised by the splice hook to end the forward pass at block L: local losses need no more."""
 
 
+def in_basis(h: torch.Tensor, center: bool, a_hat: torch.Tensor | None = None) -> torch.Tensor:
+    """A residual stream h (…, D) in the basis the SAE reads. The paper's library runs GPT-2 in
+    TransformerLens, which centres every weight that writes into the stream, so its stream is HF's
+    h − mean_D(h). In a run that â entered, the stream there is â plus centred writes: it keeps
+    mean_D(â), which is HF's h − mean_D(h) + mean_D(â). Without center, h is the basis."""
+    if not center:
+        return h
+    return h - h.mean(-1, keepdim=True) + (0 if a_hat is None else a_hat.mean(-1, keepdim=True))
+
+
 @contextmanager
-def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
+def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False, center: bool = False):
     """Within the block, the input a of `block` is replaced by the SAE's reconstruction â: this hook
     is how training and evaluation alike put the SAE into the model. The namespace it yields holds
-    a, â and c of the latest forward pass. With stop, the pass ends once the SAE has run."""
+    a (in the SAE's basis, see in_basis), â and c of the latest forward pass. With stop, the pass
+    ends once the SAE has run."""
     seen = SimpleNamespace()
 
     def hook(module, args, kwargs):
-        seen.a = args[0] if args else kwargs["hidden_states"]  # (B, T, D), positional or keyword
+        a = args[0] if args else kwargs["hidden_states"]  # (B, T, D), positional or keyword
+        seen.a = in_basis(a, center)  # (B, T, D)
         seen.a_hat, seen.c = sae(seen.a)  # (B, T, D), (B, T, F)
         if stop:
             raise StopForward
-        a_hat = seen.a_hat.to(seen.a.dtype)  # autocast may make â bf16; the stream keeps its dtype
+        # â goes in place of a as it is. With center this is exact for LayerNorm models: every
+        # reader of the stream is a LayerNorm, LN(x + k·1) = LN(x), and a − a_c = mean_D(a)·1.
+        a_hat = seen.a_hat.to(a.dtype)  # autocast may make â bf16; the stream keeps its dtype
         return ((a_hat, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": a_hat})
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
@@ -385,20 +409,22 @@ def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tenso
     L, ds = cfg.layer, cfg.loss == "e2e_ds"
     phi = cfg.sparsity_coeff / model.config.hidden_size  # φ = λ / D
     if cfg.loss == "local":
-        with splice_sae(blocks[L], sae, stop=True) as seen:
+        with splice_sae(blocks[L], sae, stop=True, center=cfg.center) as seen:
             run_model(model, tokens)  # blocks 0 … L−1, then the SAE on their output a
         return *local_loss(seen.a, seen.a_hat, seen.c, phi), seen.c
     with torch.no_grad():
         orig = run_model(model, tokens, hidden_states=ds)  # the clean run
-    with splice_sae(blocks[L], sae) as seen:
+    with splice_sae(blocks[L], sae, center=cfg.center) as seen:
         spliced = run_model(model, tokens, hidden_states=ds)  # the run with â in place of a
     head = model.get_output_embeddings()  # W_U
     kl = unembed_kl(orig.last_hidden_state, spliced.last_hidden_state, head, kl_chunk_rows)
     if not ds:
         return *e2e_loss(kl, seen.c, phi, cfg.kl_coeff), seen.c
-    after = slice(L + 1, len(blocks))  # the inputs of blocks L+1 … n_layer−1
-    return *e2e_ds_loss(kl, seen.c, orig.hidden_states[after], spliced.hidden_states[after], phi,
-                        cfg.downstream_coeff, cfg.kl_coeff), seen.c
+    after = slice(L + 1, len(blocks))  # the inputs of blocks L+1 … n_layer−1, in the SAE's basis
+    resid_orig = [in_basis(h, cfg.center) for h in orig.hidden_states[after]]
+    resid_sae = [in_basis(h, cfg.center, seen.a_hat) for h in spliced.hidden_states[after]]
+    return *e2e_ds_loss(kl, seen.c, resid_orig, resid_sae, phi, cfg.downstream_coeff,
+                        cfg.kl_coeff), seen.c
 
 
 # -----------------------------------------------------------------------------
@@ -406,12 +432,16 @@ def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullcontext):
-    """The SAE spliced in at `layer` against the clean model, on eval_tokens (E, T). Every metric
-    pools sums over all evaluation tokens (no means of per-batch means):
+def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullcontext, center=False):
+    """The SAE spliced in at `layer` against the clean model, on eval_tokens (E, T); a and â are in
+    the SAE's basis (see in_basis). "zero" is the model with the stream entering block L replaced by
+    zeros. Every metric pools sums over all evaluation tokens (no means of per-batch means):
       ce_loss_orig, ce_loss_sae   mean next-token cross-entropy over the E·(T−1) predictions
       ce_loss_increase            ce_loss_sae − ce_loss_orig
       kl                          KL(P_orig ‖ P_sae), as in the loss, over all E·T positions
+      ce_loss_zero, kl_zero       the same for the zero model
+      ce_loss_score               (ce_loss_zero − ce_loss_sae) / (ce_loss_zero − ce_loss_orig)
+      kl_score                    (kl_zero − kl) / kl_zero      (SAELens's and SAEBench's scores)
       l0                          mean number of c > 0 per token
       alive_dict_elements         elements with c > 0 on at least one evaluation token
       explained_variance          1 − Σ‖a − â‖² / Σ‖a − ā‖², ā the mean of a over the tokens
@@ -423,30 +453,36 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullco
     head, after = model.get_output_embeddings(), range(layer + 1, len(blocks))
     device, D, F_ = sae.decoder.bias.device, sae.encoder.in_features, sae.encoder.out_features
     zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums on the device: no waits
-    ce_orig, ce_sae, kl, agree, sse, sum_sq_a = (zeros(()) for _ in range(6))
+    ce_orig, ce_sae, ce_zero, kl, kl_zero, agree, sse, sum_sq_a = (zeros(()) for _ in range(8))
     sum_a, fires, sse_ds = zeros(D), zeros(F_), zeros(len(after))  # (D,), (F,), (N,)
     share = eval_tokens.tensor_split(WORLD_SIZE)[RANK]  # (≈E/N, T); empty when N > E
     for tokens in share.split(batch_size) if len(share) else []:
         tokens = tokens.to(device)  # (B, T)
         with autocast():
             orig = run_model(model, tokens, hidden_states=True)
-            with splice_sae(blocks[layer], sae) as seen:
+            with splice_sae(blocks[layer], sae, center=center) as seen:
                 spliced = run_model(model, tokens, hidden_states=True)
-        logits_orig = unembed(head, orig.last_hidden_state)  # (B, T, V)
-        logits_sae = unembed(head, spliced.last_hidden_state)  # (B, T, V)
+            with splice_sae(blocks[layer], lambda a: (torch.zeros_like(a), None)):
+                zero = run_model(model, tokens)
+        logits_orig, logits_sae, logits_zero = (unembed(head, run.last_hidden_state)  # (B, T, V)
+                                                for run in (orig, spliced, zero))
         a, a_hat, targets = seen.a.double(), seen.a_hat.double(), tokens[:, 1:].flatten()
-        ce_orig += F.cross_entropy(logits_orig[:, :-1].flatten(0, 1), targets, reduction="sum")
-        ce_sae += F.cross_entropy(logits_sae[:, :-1].flatten(0, 1), targets, reduction="sum")
+        ce = lambda logits: F.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="sum")
+        ce_orig += ce(logits_orig)
+        ce_sae += ce(logits_sae)
+        ce_zero += ce(logits_zero)
         kl += kl_div(logits_orig, logits_sae) * tokens.numel()
+        kl_zero += kl_div(logits_orig, logits_zero) * tokens.numel()
         agree += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
         fires += (seen.c > 0).flatten(0, 1).sum(0)  # (F,): on how many tokens each element fired
         sse += (a - a_hat).pow(2).sum()
         sum_sq_a += a.pow(2).sum()
         sum_a += a.sum((0, 1))  # (D,)
-        for i, k in enumerate(after):
-            d = spliced.hidden_states[k].double() - orig.hidden_states[k].double()  # (B, T, D)
-            sse_ds[i] += d.pow(2).sum()
-    all_reduce([ce_orig, ce_sae, kl, agree, sse, sum_sq_a, sum_a, fires, sse_ds])  # under torchrun
+        for i, k in enumerate(after):  # (B, T, D) each, in the SAE's basis
+            h_sae, h_orig = spliced.hidden_states[k].double(), orig.hidden_states[k].double()
+            sse_ds[i] += (in_basis(h_sae, center, a_hat) - in_basis(h_orig, center)).pow(2).sum()
+    sums = [ce_orig, ce_sae, ce_zero, kl, kl_zero, agree, sse, sum_sq_a, sum_a, fires, sse_ds]
+    all_reduce(sums)  # under torchrun
     n = eval_tokens.numel()  # E·T positions
     n_predictions, n_elements = n - len(eval_tokens), n * D  # E·(T−1), E·T·D
     return {
@@ -454,6 +490,10 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullco
         "ce_loss_sae": ce_sae.item() / n_predictions,
         "ce_loss_increase": (ce_sae - ce_orig).item() / n_predictions,
         "kl": kl.item() / n,
+        "ce_loss_zero": ce_zero.item() / n_predictions,
+        "kl_zero": kl_zero.item() / n,
+        "ce_loss_score": ((ce_zero - ce_sae) / (ce_zero - ce_orig)).item(),  # a 0/0 is NaN
+        "kl_score": ((kl_zero - kl) / kl_zero).item(),
         "l0": fires.sum().item() / n,
         "alive_dict_elements": (fires > 0).sum().item(),
         "explained_variance": 1 - (sse / (sum_sq_a - sum_a.pow(2).sum() / n)).item(),  # Σ‖a − ā‖²
@@ -714,9 +754,10 @@ def write_json(path, obj):
 
 
 def read_config(folder):
-    """The Config fields of folder/config.json (which also says d_model, dict_size, n_layers...)."""
+    """The Config fields of folder/config.json (which also says d_model, dict_size, n_layers...).
+    A configuration from before `center` existed is of an SAE that read the uncentred stream."""
     with explain(f"{Path(folder) / 'config.json'} is not a readable run configuration"):
-        saved = json.loads((Path(folder) / "config.json").read_text())
+        saved = {"center": False, **json.loads((Path(folder) / "config.json").read_text())}
         return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
 
 
@@ -790,9 +831,10 @@ def save_saelens(out, run_info):
     meta = {"sae_lens_version": "6.0.0", "model_name": run_info["model"], "hook_head_index": None,
             "hook_name": f"blocks.{run_info['layer']}.hook_resid_pre", "prepend_bos": False,
             "context_size": run_info["n_ctx"], "dataset_path": run_info["dataset"],
-            # The SAE read Hugging Face's residual stream. TransformerLens by default centres the
-            # weights that write into it, which changes hook_resid_pre; this makes SAELens say so.
-            "model_from_pretrained_kwargs": {"center_writing_weights": False}}
+            # A centred SAE reads TransformerLens's default hook_resid_pre; an uncentred one reads
+            # Hugging Face's stream, which TransformerLens gives when it does not centre weights.
+            "model_from_pretrained_kwargs": {} if run_info["center"] else
+                                            {"center_writing_weights": False}}
     write_json(out / "cfg.json", {
         "architecture": "standard", "d_in": run_info["d_model"], "d_sae": run_info["dict_size"],
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "metadata": meta,
@@ -814,9 +856,13 @@ def setup(cfg, sae=None):
     frozen model and its blocks, the SAE (a new one seeded from --seed, unless given) with Adam, and
     under torchrun its DDP wrapper, which averages the SAE's gradients over the processes."""
     device = process_device(cfg)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls
+    # TF32 for the fp32 matmuls of a bf16 run; --dtype fp32 is fp32 throughout, as the paper ran.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.dtype == "bf16"
     model, tokenizer = load_model(cfg.model, device)
     blocks, D = decoder_blocks(model), model.config.hidden_size
+    # TransformerLens centres LayerNorm models only (GPT-2, GPT-NeoX), not RMSNorm ones (Llama...):
+    # cfg.center, and with it config.json, says the basis the run's SAE reads.
+    cfg.center = cfg.center and any(isinstance(m, nn.LayerNorm) for m in model.modules())
     max_ctx = getattr(model.config, "max_position_embeddings", None)
     need(cfg.layer < len(blocks),
          f"--layer {cfg.layer} is outside the model's blocks 0 … {len(blocks) - 1}")
@@ -949,9 +995,11 @@ def train(cfg):
     if state["eval_due"]:  # the run stopped just before this evaluation
         evaluate_and_log(cfg, run, eval_tokens, log_file, start)
     processes = f" | {WORLD_SIZE} processes of {run.batch_size} sequences per micro-batch"
-    print0(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model}: D={run_info['d_model']} "
-           f"F={run_info['dict_size']} λ={cfg.sparsity_coeff:g} | {n_steps} steps of {S} × "
-           f"{cfg.n_ctx} tokens | {run.device} {cfg.dtype}{processes * TORCHRUN} → {out}")
+    beta, basis = f" β={cfg.downstream_coeff:g}" * (cfg.loss == "e2e_ds"), "un" * (not cfg.center)
+    print0(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model} ({basis}centred stream): D="
+           f"{run_info['d_model']} F={run_info['dict_size']} λ={cfg.sparsity_coeff:g}{beta} | "
+           f"{n_steps} steps of {S} × {cfg.n_ctx} tokens | {run.device} {cfg.dtype}"
+           f"{processes * TORCHRUN} → {out}")
     bar = tqdm(range(start, n_steps), "train", n_steps, initial=start, disable=not MAIN_PROCESS)
     window, t0 = [], time.perf_counter()  # the steps since the last log line, and when they began
     with StopSignal() as stop:
@@ -1013,7 +1061,7 @@ def log_line(log_file, cfg, step, record):
 def evaluate_and_log(cfg, run, eval_tokens, log_file, step, final=False):
     """evaluate(), logged as eval/… at `step`, and printed unless final (train() prints that)."""
     metrics = evaluate(run.model, run.blocks, run.sae, eval_tokens, cfg.layer, run.batch_size,
-                       run.autocast)
+                       run.autocast, cfg.center)
     log_line(log_file, cfg, step, {f"eval/{k}": v for k, v in metrics.items()})
     if not final and MAIN_PROCESS:
         tqdm.write(f"eval @ {step * cfg.samples_per_step} samples: {format_metrics(metrics)}")
@@ -1176,7 +1224,7 @@ def inspect(cfg):
     top_at = torch.zeros((k, F_), dtype=torch.long)  # sequence × T + position
     stream, n_seqs = first_n(), 0
     while batch := list(itertools.islice(stream, cfg.batch_size)):
-        with run.autocast(), splice_sae(run.blocks[cfg.layer], run.sae, stop=True) as seen:
+        with run.autocast(), splice_sae(run.blocks[cfg.layer], run.sae, True, cfg.center) as seen:
             run_model(run.model, torch.stack(batch).to(run.device))  # blocks 0 … L−1, then the SAE
         c = seen.c.float().cpu()  # (B, T, F)
         fires += (c > 0).sum((0, 1))
@@ -1302,7 +1350,7 @@ def build_parser():
     source = Path(__file__).read_text()
     for f in fields(Config):
         kind = next(t for t in typing.get_args(f.type) or [f.type] if t is not type(None))  # T|None
-        how = (dict(action="store_true") if kind is bool else
+        how = (dict(action=argparse.BooleanOptionalAction) if kind is bool else
                dict(nargs=2, metavar=("DIR_A", "DIR_B")) if kind == list[str] else
                dict(type=kind, metavar=kind.__name__.upper()))
         help = re.search(rf"\n    {f.name}: .*  # (.*)", source)[1]

@@ -24,7 +24,8 @@ import e2e_sae as E
 
 torch.set_num_threads(1)
 HERE = Path(__file__).parent
-METRIC_KEYS = {"ce_loss_orig", "ce_loss_sae", "ce_loss_increase", "kl", "l0", "alive_dict_elements",
+METRIC_KEYS = {"ce_loss_orig", "ce_loss_sae", "ce_loss_increase", "kl", "l0", "alive_dict_elements", "ce_loss_zero",
+               "kl_zero", "ce_loss_score", "kl_score",
                "explained_variance", "mse", "top1_agreement", "downstream_mse", "n_eval_tokens"}
 OUTPUT_FILES = {"sae.safetensors", "config.json", "metrics.json", "log.jsonl", "cfg.json", "sae_weights.safetensors"}
 
@@ -66,19 +67,44 @@ def l1_by_hand(c):
 # The method: the SAE spliced into the residual stream, the three losses, evaluation
 # =====================================================================================================
 @pytest.mark.parametrize("layer", [0, 6, 11])
-def test_identity_dictionary_gives_zero_kl(tiny, layer):
-    """â = a: every loss is its sparsity term alone; evaluation sees KL 0, CE increase 0, downstream MSE 0."""
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
+def test_identity_dictionary_gives_zero_kl(tiny, layer, center):
+    """â = a, in either basis: every loss is its sparsity term alone; evaluation sees KL 0, CE increase 0, downstream
+    MSE 0, and scores of 1."""
     model, blocks = tiny
     sae, tokens, phi = identity_sae(64), tokens_for(model), 0.1
     for loss in ("local", "e2e", "e2e_ds")[:3 if layer < 11 else 2]:  # e2e_ds needs a block after L
-        total, terms, c = E.compute_loss(cfg_for(loss, layer, sparsity_coeff=phi * 64), model, blocks, sae, tokens)
+        cfg = cfg_for(loss, layer, sparsity_coeff=phi * 64, center=center)
+        total, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens)
         assert torch.allclose(terms["sparsity"], phi * c.sum(-1).mean())  # = φ · mean ‖a‖₁
         assert torch.allclose(total, terms["sparsity"], atol=1e-6), (loss, terms)
         assert all(abs(v.item()) < 1e-6 for k, v in terms.items() if k != "sparsity"), (loss, terms)
-    m = E.evaluate(model, blocks, sae, tokens_for(model, B=3, seed=1), layer, batch_size=2)
+    m = E.evaluate(model, blocks, sae, tokens_for(model, B=3, seed=1), layer, batch_size=2, center=center)
     assert abs(m["kl"]) < 1e-6 and abs(m["ce_loss_increase"]) < 1e-6 and m["n_eval_tokens"] == 3 * 16
     assert m["top1_agreement"] == 1.0 and m["mse"] == 0.0 and m["explained_variance"] == 1.0
-    assert m["downstream_mse"] == dict.fromkeys(range(layer + 1, 12), 0.0)
+    assert m["kl_score"] == pytest.approx(1) and m["ce_loss_score"] == pytest.approx(1) and m["kl_zero"] > 0.1
+    assert m["downstream_mse"] == pytest.approx(dict.fromkeys(range(layer + 1, 12), 0.0), abs=1e-10)
+
+def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(tiny):
+    """The paper's basis: the SAE reads hidden_states[L] minus its mean over D, and the local loss is measured there;
+    â + k·1 gives the model the same logits, since every reader of the stream is a LayerNorm (RMSNorm models keep the
+    raw stream: test_models_load_frozen_with_fused_attention_and_findable_blocks)."""
+    model, blocks = tiny
+    tokens, sae = tokens_for(model), E.SAE(64, 128)
+    with torch.no_grad():
+        h = model(tokens, output_hidden_states=True).hidden_states[5]
+        a_c = h - h.mean(-1, keepdim=True)
+        with E.splice_sae(blocks[5], sae, center=True) as seen:
+            logits = model(tokens).logits
+        assert torch.allclose(seen.a, a_c, atol=1e-6) and torch.equal(seen.a_hat, sae(seen.a)[0])
+        for k in (-3.0, 0.5, 40.0):
+            with E.splice_sae(blocks[5], lambda a: (sae(a)[0] + k, None), center=True):
+                assert torch.allclose(model(tokens).logits, logits, atol=1e-4), k
+    _, terms, c = E.compute_loss(cfg_for("local", 5, sparsity_coeff=6.4), model, blocks, sae, tokens)
+    assert terms["mse"].item() == pytest.approx(mse_by_hand(sae(a_c)[0], a_c), rel=1e-5)
+    assert terms["sparsity"].item() == pytest.approx(0.1 * l1_by_hand(sae(a_c)[1].detach()), rel=1e-5)
+    raw = E.compute_loss(cfg_for("local", 5, center=False), model, blocks, sae, tokens)[1]["mse"].item()
+    assert raw == pytest.approx(mse_by_hand(sae(h)[0], h), rel=1e-5) and abs(raw - terms["mse"].item()) > 0.1
 
 @pytest.mark.parametrize("layer", [0, 5, 11])
 def test_splice_hook_sees_hf_hidden_states_and_cleans_up(tiny, layer):
@@ -153,30 +179,45 @@ def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
     assert not torch.allclose(norms, torch.full_like(norms, 0.5))
     assert torch.allclose(sae.dictionary.norm(dim=0), torch.ones(256))  # ... and D_n's are unit vectors all the same
 
-def test_evaluate_matches_independent_computations(tiny):
-    """Every metric against HF's own loss, hidden_states and plain sums; the spliced logits against blocks run by hand."""
+def zero_input(module, args, kwargs):
+    """A forward pre-hook: the block's input replaced by zeros."""
+    if args:
+        return (torch.zeros_like(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": torch.zeros_like(kwargs["hidden_states"])}
+
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
+def test_evaluate_matches_independent_computations(tiny, center):
+    """Every metric against HF's own loss, hidden_states and plain sums, in the SAE's basis (TransformerLens's centred
+    one: a − mean_D(a), later streams centred, the spliced ones keeping mean_D(â)); the spliced logits against blocks
+    run by hand; the scores against a zero ablation by a hook of the test's own."""
     model, blocks = tiny
     L, tokens = 3, tokens_for(model, B=5, T=12, seed=3)
     torch.manual_seed(0)
-    sae = identity_sae(64)
+    sae, basis = identity_sae(64), (lambda h: h - h.mean(-1, keepdim=True)) if center else (lambda h: h)
     with torch.no_grad():
         sae.decoder.weight.add_(0.03 * torch.randn(64, 128))  # the output changes, but not beyond recognition
         sae.decoder.bias.add_(0.1 * torch.randn(64))
         sae.encoder.bias[:10] = -100.0  # these elements never fire
         clean = model(tokens, labels=tokens, output_hidden_states=True)
-        a_hat, c = x, _ = sae(clean.hidden_states[L])  # x: the residual stream, from â on
+        a_hat, c = x, _ = sae(basis(clean.hidden_states[L]))  # x: the residual stream, from â on
         for block in blocks[L:]:
             x = block(x)
             x = x[0] if isinstance(x, tuple) else x
-        with E.splice_sae(blocks[L], sae):
+        with E.splice_sae(blocks[L], sae, center=center):
             spliced = model(tokens, labels=tokens, output_hidden_states=True)
+        handle = blocks[L].register_forward_pre_hook(zero_input, with_kwargs=True)  # the zero model
+        zero = model(tokens, labels=tokens)
+        handle.remove()
     assert torch.allclose(spliced.logits, model.lm_head(model.transformer.ln_f(x)), atol=1e-5)
-    m = E.evaluate(model, blocks, sae, tokens, L, batch_size=2)
-    p, q = clean.logits.log_softmax(-1), spliced.logits.log_softmax(-1)
-    a, a_hat = clean.hidden_states[L].double().numpy().reshape(-1, 64), a_hat.double().numpy().reshape(-1, 64)
+    m = E.evaluate(model, blocks, sae, tokens, L, batch_size=2, center=center)
+    p, q, z = clean.logits.log_softmax(-1), spliced.logits.log_softmax(-1), zero.logits.log_softmax(-1)
+    a, a_hat = basis(clean.hidden_states[L]).double().numpy().reshape(-1, 64), a_hat.double().numpy().reshape(-1, 64)
+    kl, kl_zero = (p.exp() * (p - q)).sum(-1).mean().item(), (p.exp() * (p - z)).sum(-1).mean().item()
     expected = {"ce_loss_orig": clean.loss.item(), "ce_loss_sae": spliced.loss.item(),  # HF's: over B·(T−1) predictions
-                "ce_loss_increase": spliced.loss.item() - clean.loss.item(),
-                "kl": (p.exp() * (p - q)).sum(-1).mean().item(), "l0": (c > 0).float().sum(-1).mean().item(),
+                "ce_loss_increase": spliced.loss.item() - clean.loss.item(), "ce_loss_zero": zero.loss.item(),
+                "ce_loss_score": (zero.loss.item() - spliced.loss.item()) / (zero.loss.item() - clean.loss.item()),
+                "kl": kl, "kl_zero": kl_zero, "kl_score": (kl_zero - kl) / kl_zero,
+                "l0": (c > 0).float().sum(-1).mean().item(),
                 "alive_dict_elements": int((c > 0).reshape(-1, 128).any(0).sum()),
                 "explained_variance": 1 - ((a - a_hat) ** 2).sum() / ((a - a.mean(0)) ** 2).sum(),
                 "mse": ((a - a_hat) ** 2).mean(), "n_eval_tokens": 5 * 12,
@@ -185,7 +226,8 @@ def test_evaluate_matches_independent_computations(tiny):
     for k, v in expected.items():
         assert m[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     for k in range(L + 1, 12):
-        d = (spliced.hidden_states[k] - clean.hidden_states[k]).double()
+        shift = torch.from_numpy(a_hat.mean(-1)).view(5, 12, 1) if center else 0  # the mean of â stays in the stream
+        d = (basis(spliced.hidden_states[k]) + shift - basis(clean.hidden_states[k])).double()
         assert m["downstream_mse"][k] == pytest.approx(d.pow(2).mean().item(), rel=1e-4), k
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, 7, 100])
@@ -225,18 +267,20 @@ def block_inputs(blocks, ks):
             h.remove()
 
 def reference_loss(cfg, model, blocks, sae, tokens):
-    """The e2e losses the plain way: whole passes, full (B, T, V) logits, kl_div, downstream streams from hooks."""
+    """The e2e losses the plain way: whole passes, full (B, T, V) logits, kl_div, downstream streams from hooks, centred
+    by hand (the spliced ones keep â's mean)."""
     L, phi = cfg.layer, cfg.sparsity_coeff / sae.encoder.in_features
     ds = range(L + 1, len(blocks)) if cfg.loss == "e2e_ds" else []
     with torch.no_grad(), block_inputs(blocks, ds) as orig:
         logits_orig = model(tokens).logits
-    with E.splice_sae(blocks[L], sae) as seen, block_inputs(blocks, ds) as spliced:
+    with E.splice_sae(blocks[L], sae, center=cfg.center) as seen, block_inputs(blocks, ds) as spliced:
         logits_sae = model(tokens).logits
     kl = E.kl_div(logits_orig, logits_sae)
     if cfg.loss == "e2e":
         return E.e2e_loss(kl, seen.c, phi, cfg.kl_coeff)
-    return E.e2e_ds_loss(kl, seen.c, [*map(orig.get, ds)], [*map(spliced.get, ds)], phi, cfg.downstream_coeff,
-                         cfg.kl_coeff)
+    basis, shift = (lambda h: h - h.mean(-1, keepdim=True) * cfg.center), seen.a_hat.mean(-1, keepdim=True) * cfg.center
+    return E.e2e_ds_loss(kl, seen.c, [basis(orig[k]) for k in ds], [basis(spliced[k]) + shift for k in ds], phi,
+                         cfg.downstream_coeff, cfg.kl_coeff)
 
 @pytest.fixture(scope="module")
 def other_models():
@@ -260,7 +304,8 @@ def test_fast_path_matches_the_plain_computation(tiny, other_models, arch, loss,
     """compute_loss (unembed_kl in ragged chunks, hidden_states, bf16) against reference_loss in fp32: each term and
     gradient within 1e-5 in fp32; under bf16, terms within 1%, ‖g − g_ref‖ / ‖g_ref‖ < 5% (measured 0.1%, 1.6%)."""
     model = tiny[0] if arch == "gpt2" else other_models[arch]
-    blocks, D, cfg = E.decoder_blocks(model), model.config.hidden_size, cfg_for(loss, layer)
+    blocks, D = E.decoder_blocks(model), model.config.hidden_size
+    cfg = cfg_for(loss, layer, center=arch in ("gpt2", "neox"))  # as setup() decides: LayerNorm models
     torch.manual_seed(0)
     sae, tokens = E.SAE(D, 4 * D), tokens_for(model, B=2, T=32)
     with torch.no_grad():
@@ -327,8 +372,9 @@ def test_bf16_autocast_keeps_logits_and_the_residual_stream_fp32(tiny):
     assert 0 <= m["kl"] < 0.05 and m["explained_variance"] > 0.99
 
 # --- Models and data
-def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, monkeypatch, other_models):
-    """Models load frozen, in eval mode, with SDPA; the hook sees Llama's hidden_states[L]; a Llama-style run trains."""
+def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, monkeypatch, capsys, other_models):
+    """Models load frozen, in eval mode, with SDPA; the hook sees Llama's hidden_states[L]; a Llama-style run trains, in
+    the raw stream (RMSNorm), and says its λ and β; GPT-2 and GPT-NeoX read the centred one; --dtype fp32 is no TF32."""
     assert E.load_model("tiny", torch.device("cpu"))[0].config._attn_implementation == "sdpa"
     E.tiny_gpt2().save_pretrained(tmp_path / "gpt2")
     other_models["llama"].save_pretrained(tmp_path / "llama")
@@ -346,8 +392,20 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
         metrics = E.train(E.Config(model=str(tmp_path / "llama"), dataset="random", loss=loss, layer=2, n_samples=16,
                                    batch_size=2, grad_accum=2, n_ctx=16, eval_samples=4, dict_ratio=2, device="cpu",
                                    out_dir=str(tmp_path / loss)))
-        check_output_folder(tmp_path / loss, loss, 4, 2)
+        config = check_output_folder(tmp_path / loss, loss, 4, 2)[1]
         assert set(metrics) == METRIC_KEYS and set(metrics["downstream_mse"]) == {3}
+        assert config["center"] is False  # RMSNorm: TransformerLens does not centre it, nor do we
+    assert f"e2e_ds SAE at layer 2 of {tmp_path}/llama (uncentred stream): D=32 F=64 λ=10 β=2.5 |" in capsys.readouterr().out
+    other_models["neox"].save_pretrained(tmp_path / "neox")
+    for name, centred in (("neox", True), ("llama", False), ("gpt2", True)):
+        cfg = E.Config(model=str(tmp_path / name), dataset="random", device="cpu", layer=1)
+        E.setup(cfg)
+        assert cfg.center is centred, name
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    for dtype in ("fp32", "bf16"):
+        E.setup(cfg_for("e2e", 6, dtype=dtype))  # TF32 only for a bf16 run's fp32 matmuls
+        assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is (dtype == "bf16")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     neox = other_models["neox"]
     assert E.decoder_blocks(neox) is neox.gpt_neox.layers and len(neox.gpt_neox.layers) == 4
     with pytest.raises(E.UserError, match="cannot find the decoder blocks"):
@@ -416,6 +474,15 @@ def test_the_paper_run_needs_no_other_flag_presets_yield_to_flags_and_the_lr_sch
     assert (cfg.sparsity_coeff, cfg.kl_coeff, cfg.out_dir) == (3.0, 1.0, "out/e2e_layer6")
     local, ds = E.parse_config(["--loss", "local"]), E.parse_config(["--loss", "e2e_ds"])
     assert (local.sparsity_coeff, ds.sparsity_coeff, ds.kl_coeff, ds.downstream_coeff) == (4.0, 50.0, 0.5, 2.5)
+    paper = {2: (0.8, 0.5, 10, 2.5), 6: (4, 3, 50, 2.5), 10: (6, 1.5, 1.75, 0.05)}  # λ local, e2e, e2e_ds; β
+    for layer, lam in [(0, paper[2]), (1, paper[2]), *paper.items(), (11, paper[10])]:
+        runs = [E.parse_config(["--loss", loss, "--layer", str(layer)]) for loss in ("local", "e2e", "e2e_ds")]
+        assert (*(r.sparsity_coeff for r in runs), runs[2].downstream_coeff) == lam, layer
+    between = E.parse_config(["--loss", "e2e_ds", "--layer", "8"])  # geometric means of layers 6 and 10
+    assert (between.sparsity_coeff, between.downstream_coeff) == (9.354, 0.3536) == (
+        float(f"{math.sqrt(50 * 1.75):.4g}"), float(f"{math.sqrt(2.5 * 0.05):.4g}"))
+    assert E.parse_config(["--loss", "e2e_ds", "--layer", "8", "--downstream-coeff", "1"]).downstream_coeff == 1.0
+    assert cfg.center and not E.parse_config(["--no-center"]).center  # TransformerLens's basis unless told
     assert E.parse_config(["--loss", "e2e_ds", "--sparsity-coeff", "7", "--kl-coeff", "1"]).sparsity_coeff == 7.0
     tiny = E.parse_config(["--model", "tiny", "--n-ctx", "64"])
     assert {k: getattr(tiny, k) for k in E.TINY_RUN} == {**E.TINY_RUN, "n_ctx": 64}
@@ -575,7 +642,7 @@ def check_output_folder(out: Path, loss: str, n_layers: int, layer: int, dict_ra
     log = E.read_log(out / "log.jsonl")
     assert any("train/loss" in r and r["tokens_per_s"] > 0 for r in log) and any("eval/kl" in r for r in log)
     assert set(load_file(str(out / "sae.safetensors"))) == {"W_enc", "b_enc", "W_dec", "b_dec"}
-    return metrics
+    return metrics, config
 
 def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys):
     """Text (a folder of .txt files, or jsonl rows) is tokenised and packed, EOS between documents, no BOS; a saved
@@ -596,7 +663,7 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
                                eos_token_id=tok.eos_token_id)).save_pretrained(model_dir)
     E.main(["--model", str(model_dir), "--dataset", str(tmp_path / "txt"), "--loss", "local", "--layer", "1", "--n-samples",
             "32", "--batch-size", "4", "--n-ctx", "16", "--eval-samples", "6", "--dict-ratio", "2", "--out-dir", str(out)])
-    trained = check_output_folder(out, "local", 3, 1)
+    trained = check_output_folder(out, "local", 3, 1)[0]
     assert trained["n_eval_tokens"] == 6 * 16 and "final:" in capsys.readouterr().out
     E.main(["--eval-only", "--sae", str(out), "--out-dir", str(tmp_path / "eval")])  # --out-dir still wins
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -609,6 +676,9 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
     m = E.evaluate_saved(cfg)
     assert cfg.out_dir == str(tmp_path / "bare") and abs(m["kl"]) < 1e-6
     assert json.loads((tmp_path / "bare" / "metrics.json").read_text()) == json.loads(json.dumps(m))
+    write(tmp_path, "bare/config.json", json.dumps({"model": "tiny", "layer": 3}))  # from before `center` existed
+    assert not E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare")]).center
+    (tmp_path / "bare" / "config.json").unlink()
     with pytest.raises(E.UserError, match="has no config.json: pass --model and --layer"):
         E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare"), "--layer", "3"])
 
@@ -696,7 +766,8 @@ def test_saved_sae_reproduces_the_module_and_is_what_saelens_reads(tmp_path):
         sae.decoder.weight.mul_(3.0)  # columns no longer unit norm in the raw weight
         sae.decoder.bias.normal_()
     E.save_sae(sae, tmp_path / "sae.safetensors")
-    E.save_saelens(tmp_path, {"model": "tiny", "layer": 6, "n_ctx": 16, "dataset": "random", "d_model": 16, "dict_size": 48})
+    info = {"model": "tiny", "layer": 6, "n_ctx": 16, "dataset": "random", "d_model": 16, "dict_size": 48, "center": False}
+    E.save_saelens(tmp_path, info)
     t, w = load_file(str(tmp_path / "sae.safetensors")), load_file(str(tmp_path / "sae_weights.safetensors"))
     assert {k: (tuple(v.shape), v.dtype) for k, v in w.items()} == {
         "W_enc": ((16, 48), torch.float32), "b_enc": ((48,), torch.float32),
@@ -712,6 +783,8 @@ def test_saved_sae_reproduces_the_module_and_is_what_saelens_reads(tmp_path):
     assert (meta["hook_name"], meta["model_name"], meta["context_size"], meta["prepend_bos"]) == (
         "blocks.6.hook_resid_pre", "tiny", 16, False) and int(meta["sae_lens_version"].split(".")[0]) >= 6
     assert meta["model_from_pretrained_kwargs"] == {"center_writing_weights": False}  # HF's residual stream
+    E.save_saelens(tmp_path, {**info, "center": True})  # TransformerLens's default processing: its hook_resid_pre
+    assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["model_from_pretrained_kwargs"] == {}
     a = torch.randn(3, 5, 16)
     with torch.no_grad():
         (a_hat, c), (loaded, config) = sae(a), E.load_sae(tmp_path)
@@ -735,7 +808,7 @@ def test_sigterm_checkpoints_and_resume_ends_as_the_run_left_alone(tmp_path, alo
     assert 4 < step < 16 and not (out / "sae.safetensors").exists()
     E.train(E.parse_config(["--resume", str(out)]))
     assert json.loads((out / "config.json").read_text())["n_processes"] == 1
-    assert check_output_folder(out, "e2e", 12, 6, dict_ratio=4)["n_eval_tokens"] == 9 * 16
+    assert check_output_folder(out, "e2e", 12, 6, dict_ratio=4)[0]["n_eval_tokens"] == 9 * 16
     assert_same_run(alone, out, tol=1e-5 if n else 0)
 
 def plant_nan(out):  # NaN into the KL term and the loss of compute_loss's result
@@ -888,7 +961,7 @@ def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processe
     assert json.loads((out / "config.json").read_text())["n_processes"] == 2
     assert_same_run(alone, out, tol=1e-5, windows=True)
     cfg = E.parse_config(run_args(out))
-    one = E.evaluate(*tiny, E.load_sae(out)[0], E.load_data(cfg, None, 512)[0], cfg.layer, batch_size=9)
+    one = E.evaluate(*tiny, E.load_sae(out)[0], E.load_data(cfg, None, 512)[0], cfg.layer, 9, center=True)
     pooled = json.loads((out / "metrics.json").read_text())
     assert pooled["n_eval_tokens"] == one["n_eval_tokens"] == 9 * 16
     assert pooled["alive_dict_elements"] == one["alive_dict_elements"]  # counts, pooled exactly
@@ -909,7 +982,8 @@ def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny,
     for r in range(n):  # first pass: every process's own sums, over its own share of the sequences
         monkeypatch.setattr(E, "RANK", r)
         E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
-    assert [sum(b for rank, b in seen if rank == r) for r in range(n)] == [2 * len(t) for t in tokens.tensor_split(n)]
+    # three runs of each sequence: clean, spliced, zero
+    assert [sum(b for rank, b in seen if rank == r) for r in range(n)] == [3 * len(t) for t in tokens.tensor_split(n)]
     monkeypatch.setattr(E, "all_reduce", lambda sums: [t.copy_(sum(s[i] for s in shares)) for i, t in enumerate(sums)])
     pooled = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)  # second pass: the sums the collective gives
     assert pooled["n_eval_tokens"] == one["n_eval_tokens"] == 5 * 12
@@ -1014,7 +1088,8 @@ def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
     result = json.loads((tmp_path / "sae" / "inspect.json").read_text())
     tokens = E.load_data(data_cfg("random", n_ctx=24, eval_samples=10), None, 512)[0]
     with torch.no_grad():
-        c = sae(tiny[0](tokens, output_hidden_states=True).hidden_states[3])[1]  # (10, T, F): all at once
+        h = tiny[0](tokens, output_hidden_states=True).hidden_states[3]
+        c = sae(h - h.mean(-1, keepdim=True))[1]  # (10, T, F): all at once, in the centred basis
     best, where = c.max(1)  # (10, F)
     assert len(result["features"]) == 16
     for r in result["features"]:
