@@ -16,6 +16,10 @@ As the paper's SAEs do, it reads a in TransformerLens's basis: the stream minus 
     e2e      KL(P_orig ‖ P_sae)                         + φ‖c‖₁   (keep the model's output)
     e2e_ds   0.5·KL + (β/N) Σ_k MSE(a_k^sae, a_k^orig)  + φ‖c‖₁   (... and the later layers too)
 
+They are points of one family, α·MSE(â, a) + κ·KL + (β/N) Σ_k MSE(a_k^sae, a_k^orig) + φ‖c‖₁, with
+(α, κ, β) = (1, 0, 0), (0, 1, 0), (0, 0.5, β); e2e with α > 0 (--mse-coeff), started from a local
+SAE (--init-from), is the KL + MSE fine-tuning of Karvonen et al. (2025, arXiv:2503.17272).
+
 Run it:
 
     python e2e_sae.py --loss e2e --layer 6        # the paper's GPT-2 small run (GPU, downloads)
@@ -63,7 +67,8 @@ PAPER_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
 # the nearest end's value beyond. The weight of the KL term: e2e_ds halves it, since the downstream
 # MSE also pulls towards the original model.
 PAPER_LAYERS = (2, 6, 10)
-PAPER_SPARSITY_COEFF = {"local": (0.8, 4.0, 6.0), "e2e": (0.5, 3.0, 1.5), "e2e_ds": (10.0, 50.0, 1.75)}
+PAPER_SPARSITY_COEFF = {"local": (0.8, 4.0, 6.0), "e2e": (0.5, 3.0, 1.5),
+                        "e2e_ds": (10.0, 50.0, 1.75)}
 PAPER_DOWNSTREAM_COEFF = (2.5, 2.5, 0.05)
 PAPER_KL_COEFF = {"local": 0.0, "e2e": 1.0, "e2e_ds": 0.5}
 # Presets: defaults that a flag changes (the flags given still win). `--model tiny` makes a run of
@@ -105,10 +110,12 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
     loss: str = "e2e"  # local | e2e | e2e_ds
     layer: int = 6  # L: the SAE reads and replaces the residual stream entering block L
     dict_ratio: float = 60.0  # F / D: the dictionary size as a multiple of the model width
+    init_from: str | None = None  # start from this saved SAE (any that --sae reads), not a new one
     sparsity_coeff: float | None = None  # λ, φ = λ/D (default: the paper's at layers 2/6/10, local 0.8/4/6, e2e 0.5/3/1.5, e2e_ds 10/50/1.75; interpolated between)
     kl_coeff: float | None = None  # weight of the KL term (default: 1 for e2e, 0.5 for e2e_ds)
+    mse_coeff: float | None = None  # α: weight of MSE(â, a) (default: 1 for local, else 0)
     downstream_coeff: float | None = None  # β: weight of e2e_ds's downstream MSE (default: the paper's, 2.5/2.5/0.05 at layers 2/6/10)
-    center: bool = True  # the SAE reads the stream minus its mean over D, TransformerLens's basis (LayerNorm models)
+    center: bool = True  # read the stream minus its mean over D, as TransformerLens (LayerNorm)
     # data and optimisation (sample counts are in sequences of n_ctx tokens)
     n_samples: int = 400_000  # training sequences in total
     batch_size: int = 8  # sequences per micro-batch (of all processes together, under torchrun)
@@ -155,6 +162,8 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
             self.downstream_coeff = paper(PAPER_DOWNSTREAM_COEFF)
         if self.kl_coeff is None:
             self.kl_coeff = PAPER_KL_COEFF[self.loss]
+        if self.mse_coeff is None:
+            self.mse_coeff = float(self.loss == "local")
         self.out_dir = self.resume or self.out_dir or f"out/{self.loss}_layer{self.layer}"
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
@@ -229,14 +238,11 @@ def save_sae(sae, path):
 
 
 def load_sae(folder):
-    """(the SAE in folder/sae.safetensors, and the run's Config from folder/config.json or None)."""
-    path = Path(folder) / "sae.safetensors"
-    need(path.is_file(), f"{folder} holds no sae.safetensors")
-    with explain(f"{path} is not a valid SAE file"):
-        t = safetensors.torch.load_file(path)
-        sae = SAE(*t["W_enc"].shape)
-        sae.load_state_dict({"encoder.weight": t["W_enc"].T, "encoder.bias": t["b_enc"],
-                             "decoder.weight": t["W_dec"].T, "decoder.bias": t["b_dec"]})
+    """(the SAE saved in folder, see read_sae(), and its run's Config from config.json, or None)."""
+    state = read_sae(folder)[0]
+    with explain(f"{folder} does not hold a valid SAE"):
+        sae = SAE(*state["encoder.weight"].T.shape)
+        sae.load_state_dict(state)
     return sae, Config(**read_config(folder)) if (Path(folder) / "config.json").exists() else None
 
 
@@ -258,7 +264,7 @@ class StopForward(Exception):
     """Raised by the splice hook to end the forward pass at block L: local losses need no more."""
 
 
-def in_basis(h: torch.Tensor, center: bool, a_hat: torch.Tensor | None = None) -> torch.Tensor:
+def in_basis(h, center, a_hat=None):
     """A residual stream h (…, D) in the basis the SAE reads. The paper's library runs GPT-2 in
     TransformerLens, which centres every weight that writes into the stream, so its stream is HF's
     h − mean_D(h). In a run that â entered, the stream there is â plus centred writes: it keeps
@@ -379,10 +385,10 @@ def unembed_kl(h_orig: torch.Tensor, h_sae: torch.Tensor, head: nn.Module, chunk
     return UnembedKL.apply(h_orig, h_sae, head, chunk_rows or max(1, 2**25 // len(head.weight)))
 
 
-def local_loss(a, a_hat, c, phi):
-    """L_local = MSE(â, a) + φ‖c‖₁"""
+def local_loss(a, a_hat, c, phi, alpha=1.0):
+    """L_local = α·MSE(â, a) + φ‖c‖₁   (α = 1 in the paper)"""
     terms = {"mse": mse(a_hat, a), "sparsity": sparsity(c, phi)}
-    return terms["mse"] + terms["sparsity"], terms
+    return alpha * terms["mse"] + terms["sparsity"], terms
 
 
 def e2e_loss(kl, c, phi, kl_coeff=1.0):
@@ -411,20 +417,23 @@ def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tenso
     if cfg.loss == "local":
         with splice_sae(blocks[L], sae, stop=True, center=cfg.center) as seen:
             run_model(model, tokens)  # blocks 0 … L−1, then the SAE on their output a
-        return *local_loss(seen.a, seen.a_hat, seen.c, phi), seen.c
+        return *local_loss(seen.a, seen.a_hat, seen.c, phi, cfg.mse_coeff), seen.c
     with torch.no_grad():
         orig = run_model(model, tokens, hidden_states=ds)  # the clean run
     with splice_sae(blocks[L], sae, center=cfg.center) as seen:
         spliced = run_model(model, tokens, hidden_states=ds)  # the run with â in place of a
     head = model.get_output_embeddings()  # W_U
     kl = unembed_kl(orig.last_hidden_state, spliced.last_hidden_state, head, kl_chunk_rows)
-    if not ds:
-        return *e2e_loss(kl, seen.c, phi, cfg.kl_coeff), seen.c
-    after = slice(L + 1, len(blocks))  # the inputs of blocks L+1 … n_layer−1, in the SAE's basis
-    resid_orig = [in_basis(h, cfg.center) for h in orig.hidden_states[after]]
-    resid_sae = [in_basis(h, cfg.center, seen.a_hat) for h in spliced.hidden_states[after]]
-    return *e2e_ds_loss(kl, seen.c, resid_orig, resid_sae, phi, cfg.downstream_coeff,
-                        cfg.kl_coeff), seen.c
+    if ds:
+        after = slice(L + 1, len(blocks))  # the inputs of blocks L+1 … n_layer−1, in a's basis
+        resid_orig = [in_basis(h, cfg.center) for h in orig.hidden_states[after]]
+        resid_sae = [in_basis(h, cfg.center, seen.a_hat) for h in spliced.hidden_states[after]]
+    loss, terms = (e2e_ds_loss(kl, seen.c, resid_orig, resid_sae, phi, cfg.downstream_coeff,
+                               cfg.kl_coeff) if ds else e2e_loss(kl, seen.c, phi, cfg.kl_coeff))
+    if cfg.mse_coeff:  # + α·MSE(â, a): the family of losses in the docstring at the top
+        terms["mse"] = mse(seen.a_hat, seen.a)
+        loss = loss + cfg.mse_coeff * terms["mse"]
+    return loss, terms, seen.c
 
 
 # -----------------------------------------------------------------------------
@@ -432,7 +441,8 @@ def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullcontext, center=False):
+def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullcontext,
+             center=False):
     """The SAE spliced in at `layer` against the clean model, on eval_tokens (E, T); a and â are in
     the SAE's basis (see in_basis). "zero" is the model with the stream entering block L replaced by
     zeros. Every metric pools sums over all evaluation tokens (no means of per-batch means):
@@ -467,10 +477,8 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullco
         logits_orig, logits_sae, logits_zero = (unembed(head, run.last_hidden_state)  # (B, T, V)
                                                 for run in (orig, spliced, zero))
         a, a_hat, targets = seen.a.double(), seen.a_hat.double(), tokens[:, 1:].flatten()
-        ce = lambda logits: F.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="sum")
-        ce_orig += ce(logits_orig)
-        ce_sae += ce(logits_sae)
-        ce_zero += ce(logits_zero)
+        for ce, logits in (ce_orig, logits_orig), (ce_sae, logits_sae), (ce_zero, logits_zero):
+            ce += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="sum")
         kl += kl_div(logits_orig, logits_sae) * tokens.numel()
         kl_zero += kl_div(logits_orig, logits_zero) * tokens.numel()
         agree += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
@@ -728,7 +736,80 @@ def all_reduce(tensors):
 
 
 # -----------------------------------------------------------------------------
-# The output folder and checkpoints
+# Saved SAEs (this file's, SAELens's, the paper's library's), the output folder and checkpoints
+
+
+def read_sae(path):
+    """The SAE saved at path as (an SAE's state dict, the Config fields its files state): a folder
+    of this file's or SAELens's (a standard SAE, SAELens 6 or older), or a .pt of the paper's
+    library."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        return read_paper_checkpoint(path)
+    if (path / "cfg.json").is_file() and not (path / "sae.safetensors").exists():
+        return read_saelens(path)
+    need((path / "sae.safetensors").is_file(), f"{path} holds no sae.safetensors (nor SAELens's "
+         "cfg.json), and is not a .pt checkpoint of the paper's library")
+    with explain(f"{path / 'sae.safetensors'} is not a valid SAE file"):
+        t = safetensors.torch.load_file(path / "sae.safetensors")  # laid out as save_sae() says
+        state = {"encoder.weight": t["W_enc"].T, "encoder.bias": t["b_enc"],
+                 "decoder.weight": t["W_dec"].T, "decoder.bias": t["b_dec"]}
+    return state, read_config(path) if (path / "config.json").exists() else {}
+
+
+def fold(W_enc, b_enc, W_dec, b_dec, scale=1.0, pre_bias=False):
+    """This file's SAE (its state dict) from one with decoder rows W_i of any norm that computes
+    f = ReLU((s·a − p) W_enc + b_enc), â = (f W_dec + b_dec) / s, with s = scale and p = b_dec if
+    pre_bias else 0. Each fold is exact:
+      ReLU((s·a − p) W_enc + b_enc) = ReLU(a (s·W_enc) + (b_enc − p W_enc))     s, p → the encoder
+      (f W_dec + b_dec) / s = f (W_dec / s) + b_dec / s                          s → the decoder
+      f_i W_i/s = (n_i f_i)(W_i/‖W_i‖) with n_i = ‖W_i‖/s, and n_i f_i = ReLU(n_i · pre_i), as ReLU
+      is positively homogeneous: n → the encoder. Same â; c is f scaled by n, so the same fire."""
+    n = W_dec.norm(dim=1) / scale  # (F,)
+    return {"encoder.weight": (scale * W_enc * n).T,  # (F, D)
+            "encoder.bias": (b_enc - pre_bias * b_dec @ W_enc) * n,  # (F,)
+            "decoder.weight": F.normalize(W_dec, dim=1).T,  # (D, F): unit columns
+            "decoder.bias": b_dec / scale}  # (D,)
+
+
+def read_saelens(path):
+    """A SAELens folder's standard SAE, folded (p: apply_b_dec_to_input; s: activation_scaler.json),
+    in TransformerLens's default (centred) basis unless its model loaded without centring."""
+    with explain(f"{path / 'cfg.json'} is not a readable SAELens configuration"):
+        cfg = json.loads((path / "cfg.json").read_text())
+        meta = {**cfg, **(cfg.get("metadata") or {})}  # SAELens 6 keeps the run's facts apart
+    kind = f"{meta.get('architecture', 'standard')} SAE ({meta.get('activation_fn_str', 'relu')})"
+    need(kind == "standard SAE (relu)", f"{path} holds a SAELens {kind}, which this file's SAE "
+         "cannot represent (it reads standard ReLU SAEs, not TopK, JumpReLU, gated, transcoders)")
+    layer = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", str(meta.get("hook_name")))
+    need(layer, f"{path} holds an SAE of {meta.get('hook_name')}, not of blocks.L.hook_resid_pre")
+    norm, scaler = meta.get("normalize_activations") or "none", path / "activation_scaler.json"
+    need(norm == "none" or norm == "expected_average_only_in" and scaler.is_file(),
+         f"{path} normalises its input by {norm!r} without its factor in activation_scaler.json")
+    need((path / "sae_weights.safetensors").is_file(), f"{path} has no sae_weights.safetensors")
+    with explain(f"{path} is not a valid SAELens standard SAE"):
+        scale = json.loads(scaler.read_text())["scaling_factor"] if norm != "none" else 1.0
+        t = safetensors.torch.load_file(path / "sae_weights.safetensors")
+        state = fold(**{k: v.float() for k, v in t.items()}, scale=scale,
+                     pre_bias=meta.get("apply_b_dec_to_input", True))
+    centred = (meta.get("model_from_pretrained_kwargs") or {}).get("center_writing_weights", True)
+    model = meta.get("model_name") or Config.model  # TransformerLens calls GPT-2 small gpt2-small
+    return state, {"layer": int(layer[1]), "center": centred is not False,
+                   "model": {"gpt2-small": "gpt2"}.get(model, model)}
+
+
+def read_paper_checkpoint(path):
+    """A .pt of the paper's library: its SAEs' state dict (of one SAE, this file's, under keys such
+    as blocks-6-hook_resid_pre.encoder.0.weight), in TransformerLens's default (centred) basis."""
+    with explain(f"{path} is not a checkpoint of the paper's library"):
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # runs no code
+        hooks = {k.split(".")[0] for k in saved}  # e.g. blocks-6-hook_resid_pre
+        state = {k.partition(".")[2].replace(".0.", "."): v.float() for k, v in saved.items()}
+    layer = re.fullmatch(r"blocks-(\d+)-hook_resid_pre", hooks.pop() if len(hooks) == 1 else "")
+    keys = {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}  # this file's SAE's
+    need(layer and state.keys() == keys,
+         f"{path} holds {', '.join(sorted(saved)[:4])}…, not one SAE of the paper's library")
+    return state, {"layer": int(layer[1]), "center": True}
 
 RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "checkpoint.pt",
              "cfg.json", "sae_weights.safetensors")
@@ -860,8 +941,7 @@ def setup(cfg, sae=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.dtype == "bf16"
     model, tokenizer = load_model(cfg.model, device)
     blocks, D = decoder_blocks(model), model.config.hidden_size
-    # TransformerLens centres LayerNorm models only (GPT-2, GPT-NeoX), not RMSNorm ones (Llama...):
-    # cfg.center, and with it config.json, says the basis the run's SAE reads.
+    # TransformerLens centres LayerNorm models only: cfg.center (and config.json) says the basis.
     cfg.center = cfg.center and any(isinstance(m, nn.LayerNorm) for m in model.modules())
     max_ctx = getattr(model.config, "max_position_embeddings", None)
     need(cfg.layer < len(blocks),
@@ -874,13 +954,15 @@ def setup(cfg, sae=None):
          f"{cfg.model} soft-caps its logits, which unembed() does not model")
     need(cfg.batch_size % WORLD_SIZE == 0,
          f"--batch-size {cfg.batch_size} does not split evenly over {WORLD_SIZE} processes")
-    if sae is None:
+    if sae is None and cfg.init_from and not cfg.resume:  # fine-tuning a saved SAE
+        sae = load_sae(cfg.init_from)[0]
+    elif sae is None:
         need(round(cfg.dict_ratio * D),
              f"--dict-ratio {cfg.dict_ratio} × width {D} leaves no dictionary element")
         torch.manual_seed(cfg.seed)  # the SAE's initialisation
         sae = SAE(D, round(cfg.dict_ratio * D))
-    need(sae.encoder.in_features == D,
-         f"the SAE in {cfg.sae} reads width {sae.encoder.in_features}, but {cfg.model} has {D}")
+    need(sae.encoder.in_features == D, f"the SAE in {cfg.sae or cfg.init_from} reads width "
+         f"{sae.encoder.in_features}, but {cfg.model} has {D}")
     sae = sae.to(device)
     if cfg.compile:
         # Each block's and the SAE's forward() is replaced by a compiled one; the hooks, which
@@ -1300,12 +1382,12 @@ def compare(cfg):
     """--compare DIR_A DIR_B: the geometry of two dictionaries (the paper compares e2e with local
     SAEs). Each element of A gets its largest cosine similarity with any element of B (cross-SAE: is
     it in B too?) and with any other element of A (within-SAE: how spread out is A?)."""
-    (a, _), (b, _) = load_sae(cfg.compare[0]), load_sae(cfg.compare[1])
+    a, b = (load_sae(folder)[0] for folder in cfg.compare)
     device = process_device(cfg)
     A, B = a.dictionary.T.to(device), b.dictionary.T.to(device)  # (F_A, D), (F_B, D): unit norm
     need(A.shape[1] == B.shape[1],
          f"the SAEs read different widths ({A.shape[1]} and {B.shape[1]}): they cannot be compared")
-    result, edges = {"a": cfg.compare[0], "b": cfg.compare[1]}, [i / 20 for i in range(21)]
+    result, edges = dict(zip("ab", cfg.compare)), [i / 20 for i in range(21)]
     pairs = [("cross", max_cosine(A, B))]
     pairs += [("within", max_cosine(A, A, True))] if len(A) > 1 else []  # one element: no "within"
     for name, values in pairs:
@@ -1362,17 +1444,24 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """The run's Config, from one merge: defaults < presets (--model tiny, --benchmark) < a saved
-    run's config.json (--eval-only, --inspect, --resume) < the flags given now. With --resume, a
-    flag given must equal the run's own, except those in RESUMABLE."""
+    """The run's Config, from one merge: defaults < presets (--model tiny, --benchmark) < what a
+    saved run or SAE states (--resume, --eval-only, --inspect, --init-from) < the flags given now.
+    A flag given must equal a resumed run's own (but RESUMABLE), and a saved SAE's layer, basis."""
     given, saved = vars(build_parser().parse_args(argv)), {}
     resume, looking = given.get("resume"), given.get("eval_only") or given.get("inspect")
-    folder = resume or looking and given.get("sae")
-    if folder and (Path(folder) / "config.json").exists():
-        saved = {k: v for k, v in read_config(folder).items()
-                 if k not in NOT_INHERITED or resume and k in RESUMABLE}
+    folder = not resume and (looking and given.get("sae") or given.get("init_from"))
+    if resume and (Path(resume) / "config.json").exists():
+        saved = {k: v for k, v in read_config(resume).items()
+                 if k not in NOT_INHERITED or k in RESUMABLE}
+    elif folder:  # the SAE looked at, or started from, and what its files state
+        stated = read_sae(folder)[1]
+        keep = lambda k: k not in NOT_INHERITED if looking else k in ("model", "layer", "center")
+        saved = {k: v for k, v in stated.items() if keep(k)}
+        for k in {"layer", "center"} & set(stated):
+            need(given.get(k, stated[k]) == stated[k], f"--{k} {given.get(k)} does not fit the SAE "
+                 f"in {folder}, saved with --{k} {stated[k]}")
     if resume:
-        folder = given["resume"] = saved["out_dir"] = os.path.normpath(folder)
+        folder = given["resume"] = saved["out_dir"] = os.path.normpath(resume)
         need((Path(folder) / "checkpoint.pt").exists() or (Path(folder) / "metrics.json").exists(),
              f"{folder} holds no checkpoint.pt to resume from")
         for key, value in given.items():
@@ -1381,10 +1470,10 @@ def parse_config(argv=None):
             need(key in RESUMABLE or same, f"{flag} {value} contradicts the run in {folder} "
                  f"({flag} {own}); only --eval-every, --log-every, --save-every, --device, --dtype "
                  "and --compile may change when resuming")
-    elif looking:
+    elif looking:  # metrics.json and inspect.json go beside the SAE (a .pt's folder) by default
         need(saved or not folder or {"model", "layer"} <= set(given),
              f"{folder} has no config.json: pass --model and --layer with --eval-only or --inspect")
-        saved["out_dir"] = folder  # metrics.json and inspect.json go beside the SAE by default
+        saved["out_dir"] = str(Path(folder).parent) if Path(str(folder)).is_file() else folder
     elif "compare" in given:
         saved["out_dir"] = given["compare"][0]  # compare.json goes beside A's files
     preset = dict(TINY_RUN) if given.get("model", saved.get("model")) == "tiny" else {}

@@ -12,7 +12,7 @@ from unittest.mock import MagicMock
 
 import datasets, huggingface_hub, pytest, torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
@@ -90,6 +90,7 @@ def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(
     â + k·1 gives the model the same logits, since every reader of the stream is a LayerNorm (RMSNorm models keep the
     raw stream: test_models_load_frozen_with_fused_attention_and_findable_blocks)."""
     model, blocks = tiny
+    torch.manual_seed(0)
     tokens, sae = tokens_for(model), E.SAE(64, 128)
     with torch.no_grad():
         h = model(tokens, output_hidden_states=True).hidden_states[5]
@@ -104,7 +105,7 @@ def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(
     assert terms["mse"].item() == pytest.approx(mse_by_hand(sae(a_c)[0], a_c), rel=1e-5)
     assert terms["sparsity"].item() == pytest.approx(0.1 * l1_by_hand(sae(a_c)[1].detach()), rel=1e-5)
     raw = E.compute_loss(cfg_for("local", 5, center=False), model, blocks, sae, tokens)[1]["mse"].item()
-    assert raw == pytest.approx(mse_by_hand(sae(h)[0], h), rel=1e-5) and abs(raw - terms["mse"].item()) > 0.1
+    assert raw == pytest.approx(mse_by_hand(sae(h)[0], h), rel=1e-5) and raw != pytest.approx(terms["mse"].item(), rel=1e-3)
 
 @pytest.mark.parametrize("layer", [0, 5, 11])
 def test_splice_hook_sees_hf_hidden_states_and_cleans_up(tiny, layer):
@@ -178,6 +179,24 @@ def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
     norms = sae.decoder.weight.norm(dim=0)  # (F,): the raw weight's columns moved from their √(D/F) = 0.5 ...
     assert not torch.allclose(norms, torch.full_like(norms, 0.5))
     assert torch.allclose(sae.dictionary.norm(dim=0), torch.ones(256))  # ... and D_n's are unit vectors all the same
+
+@pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
+def test_mse_coeff_adds_alpha_mse_and_its_default_changes_no_loss(tiny, loss):
+    """The losses are one family: --mse-coeff α weighs MSE(â, a), by default 1 for local, 0 for the others, which then
+    are bitwise what they were (no MSE term computed); α = 0.7 adds 0.7·MSE(â, a_c) to them, by hand."""
+    model, blocks = tiny
+    torch.manual_seed(0)
+    sae, tokens, default = E.SAE(64, 128), tokens_for(model), float(loss == "local")
+    (base, base_terms, _), (same, same_terms, _) = (E.compute_loss(cfg_for(loss, 5, **kw), model, blocks, sae, tokens)
+                                                    for kw in ({}, {"mse_coeff": default}))
+    assert torch.equal(base, same) and base_terms.keys() == same_terms.keys() and ("mse" in base_terms) == (loss == "local")
+    loss_a, terms, _ = E.compute_loss(cfg_for(loss, 5, mse_coeff=0.7), model, blocks, sae, tokens)
+    with torch.no_grad():
+        h = model(tokens, output_hidden_states=True).hidden_states[5]
+        a_c = h - h.mean(-1, keepdim=True)
+        by_hand = 0.7 * mse_by_hand(sae(a_c)[0], a_c) + base.item() - default * base_terms.get("mse", 0.0)
+    assert terms["mse"].item() == pytest.approx(mse_by_hand(sae(a_c)[0], a_c), rel=1e-5)
+    assert loss_a.item() == pytest.approx(float(by_hand), rel=1e-5)
 
 def zero_input(module, args, kwargs):
     """A forward pre-hook: the block's input replaced by zeros."""
@@ -592,6 +611,24 @@ def exits(argv, capture):
     (lambda p: inspect(p, "--inspect-samples", "0"), "--inspect-samples must be > 0, not 0"),
     (lambda p: inspect(p, width=32), "reads width 32, but tiny has 64"),
     (lambda p: ["--compare", sae_dir(p, 64, 8), str(p / "nowhere")], "nowhere holds no sae.safetensors"),
+    (lambda p: ["--init-from", saelens_dir(p / "s", architecture="topk")[0]],
+     "holds a SAELens topk SAE \\(relu\\), which this file's SAE cannot represent"),
+    (lambda p: ["--eval-only", "--sae", saelens_dir(p / "s", flat=True, activation_fn_str="topk")[0]],
+     "holds a SAELens standard SAE \\(topk\\)"),
+    (lambda p: ["--init-from", saelens_dir(p / "s", normalize_activations="layer_norm")[0]],
+     "normalises its input by 'layer_norm' without its factor in activation_scaler.json"),
+    (lambda p: ["--init-from", without(saelens_dir(p / "s")[0], "sae_weights.safetensors")],
+     "s has no sae_weights.safetensors"),
+    (lambda p: ["--init-from", saelens_dir(p / "s", flat=True, hook_name="blocks.3.hook_mlp_out")[0]],
+     "holds an SAE of blocks.3.hook_mlp_out, not of blocks.L.hook_resid_pre"),
+    (lambda p: ["--init-from", saelens_dir(p / "s")[0], "--layer", "4"],
+     "--layer 4 does not fit the SAE in .*s, saved with --layer 3"),
+    (lambda p: ["--init-from", saelens_dir(p / "s")[0], "--no-center"],
+     "--center False does not fit the SAE in .*s, saved with --center True"),
+    (lambda p: ["--init-from", saelens_dir(p / "s", d_in=32)[0]], "the SAE in .*s reads width 32, but tiny has 64"),
+    (lambda p: ["--eval-only", "--sae", paper_checkpoint(p / "x.pt", ("encoder.0.weight", "pos_embed"))[0]],
+     "x.pt holds blocks-3-hook_resid_pre.encoder.0.weight, blocks-3-hook_resid_pre.pos_embed…, not one SAE of the"),
+    (lambda p: ["--eval-only", "--sae", write(p, "y.pt", "not a checkpoint")], "y.pt is not a checkpoint of the paper's"),
     (lambda p: ["--compare", sae_dir(p / "a", 64, 8), sae_dir(p / "b", 32, 8)],
      "the SAEs read different widths \\(64 and 32\\): they cannot be compared"),
     (lambda p: ["--compare", sae_dir(p / "a", 64, 8), sae_dir(p / "b", 64, 8), "--device", "cuda:99"],
@@ -938,6 +975,83 @@ def test_an_output_folder_with_a_run_is_not_overwritten(tmp_path, monkeypatch, c
     umask = os.umask(0o22)
     os.umask(umask)
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(OUTPUT_FILES, 0o666 & ~umask)
+
+# --- Other tools' SAEs: read exactly, evaluated, fine-tuned
+def saelens_dir(folder: Path, d_in=64, layer=3, flat=False, scale=None, kwargs=None, **cfg):
+    """A SAELens folder of a standard SAE (32 elements) with decoder rows of norms 0.5–3, b_dec applied to the input,
+    with a scale, its activation_scaler.json; SAELens 6's layout or the older flat one; cfg: changed entries."""
+    g = torch.Generator().manual_seed(layer)
+    t = {"W_enc": 0.3 * torch.randn(d_in, 32, generator=g), "b_enc": 0.3 * torch.randn(32, generator=g),
+         "W_dec": F.normalize(torch.randn(32, d_in, generator=g), dim=1) * (0.5 + 2.5 * torch.rand(32, 1, generator=g)),
+         "b_dec": torch.randn(d_in, generator=g)}
+    meta = {"hook_name": f"blocks.{layer}.hook_resid_pre", "model_name": "tiny", "model_from_pretrained_kwargs": kwargs}
+    run = {"d_in": d_in, "d_sae": 32, "dtype": "float32", "apply_b_dec_to_input": True,
+           "normalize_activations": "expected_average_only_in" if scale else "none"}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(folder / "sae_weights.safetensors"))
+    write(folder, "cfg.json", json.dumps({**run, **meta, **cfg} if flat else {**run, "architecture": "standard",
+                                          "metadata": {**meta, "sae_lens_version": "6.5.0"}, **cfg}))
+    scale and write(folder, "activation_scaler.json", json.dumps({"scaling_factor": scale}))
+    def by_hand(a, s=scale or 1.0):  # SAELens's standard SAE: (s·a − b_dec) in, ÷ s out
+        f = torch.relu((s * a - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
+        return (f @ t["W_dec"] + t["b_dec"]) / s, f
+    return str(folder), by_hand
+
+def without(folder: str, name: str) -> str:
+    (Path(folder) / name).unlink()
+    return folder
+
+def paper_checkpoint(path: Path, keys=("encoder.0.weight", "encoder.0.bias", "decoder.weight", "decoder.bias")):
+    """A .pt of the paper's library: the state dict of one SAE at blocks.3.hook_resid_pre, its decoder not unit-norm."""
+    g = torch.Generator().manual_seed(0)
+    w = {"encoder.0.weight": 0.3 * torch.randn(32, 64, generator=g), "encoder.0.bias": 0.3 * torch.randn(32, generator=g),
+         "decoder.weight": 2 * torch.randn(64, 32, generator=g), "decoder.bias": torch.randn(64, generator=g)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({f"blocks-3-hook_resid_pre.{k}": w.get(k, torch.ones(1)) for k in keys}, path)
+    def by_hand(a):  # the library's SAE: c = ReLU(W_e a + b_e), â = D_n c + b_d, D_n with unit columns
+        c = torch.relu(a @ w["encoder.0.weight"].T + w["encoder.0.bias"])
+        return c @ F.normalize(w["decoder.weight"], dim=0).T + w["decoder.bias"], c
+    return str(path), by_hand
+
+@pytest.mark.parametrize("kind", ["saelens-6", "saelens-flat", "saelens-scaled", "paper"])
+def test_saes_of_other_tools_are_read_exactly_and_evaluated_where_they_say(tmp_path, tiny, kind):
+    """A SAELens SAE (b_dec subtracted from the input, decoder rows of norms 0.5–3, an input scale) or the paper's
+    library's, folded: the â of its own formula by hand and the same elements firing; its files give the model, layer 3
+    and the centred basis, and --eval-only on them equals evaluate() of the folded SAE."""
+    path, by_hand = (paper_checkpoint(tmp_path / "p" / "samples_400000.pt") if kind == "paper" else
+                     saelens_dir(tmp_path / "s", flat=kind == "saelens-flat", scale=0.37 * (kind == "saelens-scaled")))
+    a = 3 * torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (a_hat, c), (expected, f) = E.load_sae(path)[0](a), by_hand(a)
+    assert torch.allclose(a_hat, expected, atol=1e-5) and torch.equal(c > 0, f > 0) and 0 < (f > 0).sum() < f.numel()
+    args = ["--eval-only", "--sae", path, "--model", "tiny", "--n-ctx", "16", "--eval-samples", "4", "--device", "cpu"]
+    cfg = E.parse_config(args[:3] if kind != "paper" else args[:5])
+    assert (cfg.model, cfg.layer, cfg.center) == ("tiny", 3, True)
+    E.main(args)
+    metrics = json.loads((Path(path).parent if kind == "paper" else Path(path)) .joinpath("metrics.json").read_text())
+    cfg = E.parse_config(args)
+    m = E.evaluate(*tiny, E.load_sae(path)[0], E.load_data(cfg, None, 512)[0], 3, cfg.batch_size, center=True)
+    expected = json.loads(json.dumps(m))
+    assert metrics.pop("downstream_mse") == pytest.approx(expected.pop("downstream_mse"), rel=1e-6)
+    assert metrics == pytest.approx(expected, rel=1e-6)
+
+def test_init_from_starts_from_the_saved_sae_and_says_so(tmp_path, monkeypatch):
+    """--init-from: the model, layer and basis come from the SAE's files; the first step starts from its weights
+    exactly; config.json records where the run started. TransformerLens's gpt2-small is HF's gpt2, and a SAELens SAE of
+    a model loaded without centring reads the raw stream."""
+    folder, _ = saelens_dir(tmp_path / "s")
+    start, steps, train_step = E.load_sae(folder)[0].state_dict(), [], E.train_step
+    monkeypatch.setattr(E, "train_step", lambda cfg, run, *a: steps.append(
+        {k: v.clone() for k, v in run.sae.state_dict().items()}) or train_step(cfg, run, *a))
+    E.main(["--init-from", folder, "--mse-coeff", "0.5", "--n-samples", "32", "--batch-size", "4", "--grad-accum", "1",
+            "--n-ctx", "16", "--eval-samples", "4", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    assert len(steps) == 8 and all(torch.equal(steps[0][k], v) for k, v in start.items())
+    assert not torch.equal(steps[-1]["encoder.weight"], start["encoder.weight"])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["init_from"], config["model"], config["layer"], config["center"], config["dict_size"]) == (
+        folder, "tiny", 3, True, 32) and (config["loss"], config["mse_coeff"], config["sparsity_coeff"]) == ("e2e", 0.5, 0.7825)
+    raw = saelens_dir(tmp_path / "raw", kwargs={"center_writing_weights": False}, model_name="gpt2-small", flat=True)[0]
+    assert (E.parse_config(["--init-from", raw]).model, E.parse_config(["--init-from", raw]).center) == ("gpt2", False)
 
 # --- Many processes: real torchrun launches (gloo on the CPU, on loopback), and simulated ranks
 @pytest.fixture(scope="module", autouse=True)
