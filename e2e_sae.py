@@ -743,15 +743,15 @@ def read_sae(path):
     """The SAE saved at path as (an SAE's state dict, the Config fields its files state): a folder
     of this file's or SAELens's (a standard SAE, SAELens 6 or older), or a .pt of the paper's
     library."""
-    path = Path(path)
+    path, file = Path(path), Path(path) / "sae.safetensors"
     if path.suffix == ".pt":
         return read_paper_checkpoint(path)
-    if (path / "cfg.json").is_file() and not (path / "sae.safetensors").exists():
+    if (path / "cfg.json").is_file() and not file.exists():
         return read_saelens(path)
-    need((path / "sae.safetensors").is_file(), f"{path} holds no sae.safetensors (nor SAELens's "
-         "cfg.json), and is not a .pt checkpoint of the paper's library")
-    with explain(f"{path / 'sae.safetensors'} is not a valid SAE file"):
-        t = safetensors.torch.load_file(path / "sae.safetensors")  # laid out as save_sae() says
+    need(file.is_file(), f"{path} holds no sae.safetensors (nor SAELens's cfg.json), and is not a "
+         ".pt checkpoint of the paper's library")
+    with explain(f"{file} is not a valid SAE file"):
+        t = safetensors.torch.load_file(file)  # laid out as save_sae() says
         state = {"encoder.weight": t["W_enc"].T, "encoder.bias": t["b_enc"],
                  "decoder.weight": t["W_dec"].T, "decoder.bias": t["b_dec"]}
     return state, read_config(path) if (path / "config.json").exists() else {}
@@ -773,29 +773,33 @@ def fold(W_enc, b_enc, W_dec, b_dec, scale=1.0, pre_bias=False):
 
 
 def read_saelens(path):
-    """A SAELens folder's standard SAE, folded (p: apply_b_dec_to_input; s: activation_scaler.json),
-    in TransformerLens's default (centred) basis unless its model loaded without centring."""
+    """A SAELens folder's standard SAE, folded (p: apply_b_dec_to_input; s: activation_scaler.json).
+    Its basis: SAELens loads models uncentred unless model_from_pretrained_kwargs says
+    center_writing_weights, except before 3.19.2, which centred them and saved no such kwargs."""
     with explain(f"{path / 'cfg.json'} is not a readable SAELens configuration"):
         cfg = json.loads((path / "cfg.json").read_text())
         meta = {**cfg, **(cfg.get("metadata") or {})}  # SAELens 6 keeps the run's facts apart
-    kind = f"{meta.get('architecture', 'standard')} SAE ({meta.get('activation_fn_str', 'relu')})"
+        hook, kwargs = meta.get("hook_name", meta.get("hook_point")), meta.get(
+            "model_from_pretrained_kwargs")  # None: SAELens before 3.19.2, which centred models
+        centred = kwargs is None or kwargs.get("center_writing_weights") is True
+        kind = (f"{meta.get('architecture', 'standard')} SAE "
+                f"({meta.get('activation_fn_str', meta.get('activation_fn', 'relu'))})")
     need(kind == "standard SAE (relu)", f"{path} holds a SAELens {kind}, which this file's SAE "
          "cannot represent (it reads standard ReLU SAEs, not TopK, JumpReLU, gated, transcoders)")
-    layer = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", str(meta.get("hook_name")))
-    need(layer, f"{path} holds an SAE of {meta.get('hook_name')}, not of blocks.L.hook_resid_pre")
+    layer = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", str(hook))
+    need(layer, f"{path} holds an SAE of {hook}, not of blocks.L.hook_resid_pre")
     norm, scaler = meta.get("normalize_activations") or "none", path / "activation_scaler.json"
     need(norm == "none" or norm == "expected_average_only_in" and scaler.is_file(),
          f"{path} normalises its input by {norm!r} without its factor in activation_scaler.json")
     need((path / "sae_weights.safetensors").is_file(), f"{path} has no sae_weights.safetensors")
     with explain(f"{path} is not a valid SAELens standard SAE"):
         scale = json.loads(scaler.read_text())["scaling_factor"] if norm != "none" else 1.0
+        need(scale > 0, f"{scaler}'s scaling factor {scale} is not positive")
         t = safetensors.torch.load_file(path / "sae_weights.safetensors")
         state = fold(**{k: v.float() for k, v in t.items()}, scale=scale,
                      pre_bias=meta.get("apply_b_dec_to_input", True))
-    centred = (meta.get("model_from_pretrained_kwargs") or {}).get("center_writing_weights", True)
-    model = meta.get("model_name") or Config.model  # TransformerLens calls GPT-2 small gpt2-small
-    return state, {"layer": int(layer[1]), "center": centred is not False,
-                   "model": {"gpt2-small": "gpt2"}.get(model, model)}
+    return state, {"layer": int(layer[1]), "center": centred,
+                   "model": meta.get("model_name") or Config.model}
 
 
 def read_paper_checkpoint(path):
@@ -859,6 +863,8 @@ def check_out_dir(cfg):
     resume = f", --resume {out} to continue it" if "checkpoint.pt" in found else ""
     need(not found or cfg.overwrite or cfg.resume, f"{out} already holds {run} run "
          f"({', '.join(found)}): pass --overwrite to replace it{resume}, or another --out-dir")
+    need(out.resolve() != Path(cfg.init_from or "").resolve(), "--out-dir is the folder of the SAE "
+         "in --init-from, which the run would overwrite: pass another --out-dir")
 
 
 def open_out_dir(cfg, run_info, step):
@@ -912,10 +918,9 @@ def save_saelens(out, run_info):
     meta = {"sae_lens_version": "6.0.0", "model_name": run_info["model"], "hook_head_index": None,
             "hook_name": f"blocks.{run_info['layer']}.hook_resid_pre", "prepend_bos": False,
             "context_size": run_info["n_ctx"], "dataset_path": run_info["dataset"],
-            # A centred SAE reads TransformerLens's default hook_resid_pre; an uncentred one reads
-            # Hugging Face's stream, which TransformerLens gives when it does not centre weights.
-            "model_from_pretrained_kwargs": {} if run_info["center"] else
-                                            {"center_writing_weights": False}}
+            # TransformerLens's hook_resid_pre is the centred stream with center_writing_weights,
+            # Hugging Face's without (SAELens passes these to from_pretrained_no_processing).
+            "model_from_pretrained_kwargs": {"center_writing_weights": run_info["center"]}}
     write_json(out / "cfg.json", {
         "architecture": "standard", "d_in": run_info["d_model"], "d_sae": run_info["dict_size"],
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "metadata": meta,
@@ -956,6 +961,7 @@ def setup(cfg, sae=None):
          f"--batch-size {cfg.batch_size} does not split evenly over {WORLD_SIZE} processes")
     if sae is None and cfg.init_from and not cfg.resume:  # fine-tuning a saved SAE
         sae = load_sae(cfg.init_from)[0]
+        cfg.dict_ratio = sae.encoder.out_features / D  # as config.json and a resume need it
     elif sae is None:
         need(round(cfg.dict_ratio * D),
              f"--dict-ratio {cfg.dict_ratio} × width {D} leaves no dictionary element")
@@ -1299,11 +1305,11 @@ def inspect(cfg):
     need(all(0 <= f < F_ for f in chosen or []),
          f"--features {cfg.features}: the dictionary has elements 0 … {F_ - 1}")
     run = setup(cfg, sae)
-    vocab_size = run.model.config.vocab_size
-    first_n = lambda: itertools.islice(sequences(cfg, run.tokenizer, vocab_size), n)  # (T,) each
+    first_n = lambda: itertools.islice(sequences(cfg, run.tokenizer, run.model.config.vocab_size),
+                                       n)  # (T,) each
     fires, act_sum = torch.zeros(F_, dtype=torch.long), torch.zeros(F_, dtype=torch.float64)  # (F,)
     top = torch.full((k, F_), -1.0)  # (k, F): each element's best activations so far, and where:
-    top_at = torch.zeros((k, F_), dtype=torch.long)  # sequence × T + position
+    top_at = torch.zeros_like(top).long()  # sequence × T + position
     stream, n_seqs = first_n(), 0
     while batch := list(itertools.islice(stream, cfg.batch_size)):
         with run.autocast(), splice_sae(run.blocks[cfg.layer], run.sae, True, cfg.center) as seen:
@@ -1338,26 +1344,21 @@ def inspect(cfg):
         result["features"].append({"feature": f, "frequency": fires[f].item() / (n_seqs * T),
                                    "mean_activation": (act_sum[f] / max(fires[f], 1)).item(),
                                    "contexts": contexts})
-    print_inspection(cfg, result, n)
-    write_output(cfg, "inspect.json", result)
-    return result
-
-
-def print_inspection(cfg, result, n):
-    n_seqs, d = result["n_sequences"], result["density"]
     short = f"; the dataset has no more than {n_seqs}" * (n_seqs < n)
     trained = "; beyond --eval-samples they include training data" * (n_seqs > cfg.eval_samples)
     print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}, over the first {n_seqs} sequences "
-          f"({result['n_tokens']:,} tokens){short}{trained}")
+          f"({n_seqs * T:,} tokens){short}{trained}")
     for r in result["features"]:
         print(f"\nfeature {r['feature']}: fires on {r['frequency']:.3%} of tokens, mean activation "
               f"when active {r['mean_activation']:.3g}")
         for context in r["contexts"]:
             print(f"  {context['activation']:8.3f}  {context['text']}")
+    d, label = result["density"], lambda lo, hi: f"10^{lo:.1f} … 10^{hi:.1f}"
     print(f"\nfiring frequency of the {d['dead'] + sum(d['counts'])} dictionary elements "
           f"({d['dead']} dead, never firing):")
-    label = lambda lo, hi: f"10^{lo:.1f} … 10^{hi:.1f}"
     print(text_histogram(d["log10_freq_edges"], d["counts"], label))
+    write_output(cfg, "inspect.json", result)
+    return result
 
 
 def write_output(cfg, name, result):
@@ -1470,12 +1471,11 @@ def parse_config(argv=None):
             need(key in RESUMABLE or same, f"{flag} {value} contradicts the run in {folder} "
                  f"({flag} {own}); only --eval-every, --log-every, --save-every, --device, --dtype "
                  "and --compile may change when resuming")
-    elif looking:  # metrics.json and inspect.json go beside the SAE (a .pt's folder) by default
+    elif looking or "compare" in given:  # metrics.json, inspect.json, compare.json: beside A's SAE
         need(saved or not folder or {"model", "layer"} <= set(given),
              f"{folder} has no config.json: pass --model and --layer with --eval-only or --inspect")
-        saved["out_dir"] = str(Path(folder).parent) if Path(str(folder)).is_file() else folder
-    elif "compare" in given:
-        saved["out_dir"] = given["compare"][0]  # compare.json goes beside A's files
+        sae = folder or given.get("compare", [""])[0]
+        saved["out_dir"] = str(Path(sae).parent) if Path(sae).is_file() else sae
     preset = dict(TINY_RUN) if given.get("model", saved.get("model")) == "tiny" else {}
     if given.get("benchmark"):
         device = given.get("device", "cuda" if torch.cuda.is_available() else "cpu")

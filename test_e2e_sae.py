@@ -623,6 +623,10 @@ def exits(argv, capture):
      "holds an SAE of blocks.3.hook_mlp_out, not of blocks.L.hook_resid_pre"),
     (lambda p: ["--init-from", saelens_dir(p / "s")[0], "--layer", "4"],
      "--layer 4 does not fit the SAE in .*s, saved with --layer 3"),
+    (lambda p: ["--init-from", saelens_dir(p / "s", flat=True, activation_fn="topk")[0]], "SAELens standard SAE \\(topk\\)"),
+    (lambda p: ["--init-from", saelens_dir(p / "s", scale=-1.0)[0]], "scaler.json's scaling factor -1.0 is not positive"),
+    (lambda p: ["--init-from", sae_dir(p / "out", 64, 8), "--overwrite"],
+     "--out-dir is the folder of the SAE in --init-from, which the run would overwrite"),
     (lambda p: ["--init-from", saelens_dir(p / "s")[0], "--no-center"],
      "--center False does not fit the SAE in .*s, saved with --center True"),
     (lambda p: ["--init-from", saelens_dir(p / "s", d_in=32)[0]], "the SAE in .*s reads width 32, but tiny has 64"),
@@ -820,8 +824,9 @@ def test_saved_sae_reproduces_the_module_and_is_what_saelens_reads(tmp_path):
     assert (meta["hook_name"], meta["model_name"], meta["context_size"], meta["prepend_bos"]) == (
         "blocks.6.hook_resid_pre", "tiny", 16, False) and int(meta["sae_lens_version"].split(".")[0]) >= 6
     assert meta["model_from_pretrained_kwargs"] == {"center_writing_weights": False}  # HF's residual stream
-    E.save_saelens(tmp_path, {**info, "center": True})  # TransformerLens's default processing: its hook_resid_pre
-    assert json.loads((tmp_path / "cfg.json").read_text())["metadata"]["model_from_pretrained_kwargs"] == {}
+    E.save_saelens(tmp_path, {**info, "center": True})  # TransformerLens's centred hook_resid_pre
+    kwargs = json.loads((tmp_path / "cfg.json").read_text())["metadata"]["model_from_pretrained_kwargs"]
+    assert kwargs == {"center_writing_weights": True} and E.read_saelens(tmp_path)[1]["center"] is True
     a = torch.randn(3, 5, 16)
     with torch.no_grad():
         (a_hat, c), (loaded, config) = sae(a), E.load_sae(tmp_path)
@@ -1028,7 +1033,10 @@ def test_saes_of_other_tools_are_read_exactly_and_evaluated_where_they_say(tmp_p
     cfg = E.parse_config(args[:3] if kind != "paper" else args[:5])
     assert (cfg.model, cfg.layer, cfg.center) == ("tiny", 3, True)
     E.main(args)
-    metrics = json.loads((Path(path).parent if kind == "paper" else Path(path)) .joinpath("metrics.json").read_text())
+    E.main(["--compare", path, path])  # compare.json too goes beside the SAE, in a .pt's folder
+    here = Path(path).parent if kind == "paper" else Path(path)
+    metrics = json.loads((here / "metrics.json").read_text())
+    assert json.loads((here / "compare.json").read_text())["cross"]["min"] == pytest.approx(1.0)
     cfg = E.parse_config(args)
     m = E.evaluate(*tiny, E.load_sae(path)[0], E.load_data(cfg, None, 512)[0], 3, cfg.batch_size, center=True)
     expected = json.loads(json.dumps(m))
@@ -1050,8 +1058,17 @@ def test_init_from_starts_from_the_saved_sae_and_says_so(tmp_path, monkeypatch):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["init_from"], config["model"], config["layer"], config["center"], config["dict_size"]) == (
         folder, "tiny", 3, True, 32) and (config["loss"], config["mse_coeff"], config["sparsity_coeff"]) == ("e2e", 0.5, 0.7825)
-    raw = saelens_dir(tmp_path / "raw", kwargs={"center_writing_weights": False}, model_name="gpt2-small", flat=True)[0]
-    assert (E.parse_config(["--init-from", raw]).model, E.parse_config(["--init-from", raw]).center) == ("gpt2", False)
+    assert config["dict_ratio"] == 0.5 and E.setup(E.parse_config(["--resume", str(tmp_path / "run")])).sae.encoder.out_features == 32
+    # SAELens loads models uncentred unless told, except before 3.19.2 (no kwargs saved), which centred them
+    for kwargs, centred in [({"center_writing_weights": True}, True), ({}, False), ({"dtype": "float32"}, False)]:
+        for flat in (False, True):
+            path = saelens_dir(tmp_path / f"{len(kwargs)}{kwargs.get('dtype')}{flat}", kwargs=kwargs, flat=flat)[0]
+            assert E.parse_config(["--init-from", path]).center is centred, (kwargs, flat)
+    old = saelens_dir(tmp_path / "old", flat=True)[0]  # a pre-3.0 file says hook_point, not hook_name
+    cfg = json.loads(Path(old, "cfg.json").read_text())
+    write(Path(old), "cfg.json", json.dumps({**{k: v for k, v in cfg.items() if k not in ("hook_name", "model_from_pretrained_kwargs")},
+                                            "hook_point": "blocks.5.hook_resid_pre"}))
+    assert (E.parse_config(["--init-from", old]).layer, E.parse_config(["--init-from", old]).center) == (5, True)
 
 # --- Many processes: real torchrun launches (gloo on the CPU, on loopback), and simulated ranks
 @pytest.fixture(scope="module", autouse=True)
