@@ -1380,7 +1380,7 @@ def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
             args = shlex.split(line, comments=True)
             assert args[:2] == ["python", "e2e_sae.py"], line
             if "--inspect" not in block and not {"--compare", "--eval-only", "--resume", "--benchmark"} & set(args):
-                args += ["--n-samples", "16", "--eval-every", "0"]  # one optimiser step of TINY_RUN's 8 × 2
+                args += ["--n-samples", "16", "--eval-every", "0", "--eval-samples", "8"]  # one step of TINY_RUN's 8 × 2
             capsys.readouterr()
             E.main(args[2:])  # an error would exit, and fail the test
             printed.append(capsys.readouterr().out)
