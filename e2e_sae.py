@@ -145,7 +145,7 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
     bench_steps: int = 10  # --benchmark: timed optimiser steps
     # evaluating and looking inside a saved SAE
     eval_only: bool = False  # evaluate the SAE in --sae instead of training one
-    sae: str | None = None  # --eval-only, --inspect: a folder of sae.safetensors (and config.json)
+    sae: str | None = None  # --eval-only, --inspect: a run's or SAELens's folder, or a paper's .pt
     inspect: bool = False  # show the contexts where the elements of --sae fire, and how often
     features: str | None = None  # --inspect: comma-separated dictionary elements, e.g. 12,345
     top_features: int = 10  # --inspect without --features: the this-many most often firing
@@ -741,8 +741,7 @@ def all_reduce(tensors):
 
 def read_sae(path):
     """The SAE saved at path as (an SAE's state dict, the Config fields its files state): a folder
-    of this file's or SAELens's (a standard SAE, SAELens 6 or older), or a .pt of the paper's
-    library."""
+    of this file's or SAELens's (a standard SAE), or a .pt of the paper's library."""
     path, file = Path(path), Path(path) / "sae.safetensors"
     if path.suffix == ".pt":
         return read_paper_checkpoint(path)
@@ -764,7 +763,7 @@ def fold(W_enc, b_enc, W_dec, b_dec, scale=1.0, pre_bias=False):
       ReLU((s·a − p) W_enc + b_enc) = ReLU(a (s·W_enc) + (b_enc − p W_enc))     s, p → the encoder
       (f W_dec + b_dec) / s = f (W_dec / s) + b_dec / s                          s → the decoder
       f_i W_i/s = (n_i f_i)(W_i/‖W_i‖) with n_i = ‖W_i‖/s, and n_i f_i = ReLU(n_i · pre_i), as ReLU
-      is positively homogeneous: n → the encoder. Same â; c is f scaled by n, so the same fire."""
+      is positively homogeneous: n → the encoder. Same â; c = n·f (where n_i > 0, the same fire)."""
     n = W_dec.norm(dim=1) / scale  # (F,)
     return {"encoder.weight": (scale * W_enc * n).T,  # (F, D)
             "encoder.bias": (b_enc - pre_bias * b_dec @ W_enc) * n,  # (F,)
@@ -779,8 +778,8 @@ def read_saelens(path):
     with explain(f"{path / 'cfg.json'} is not a readable SAELens configuration"):
         cfg = json.loads((path / "cfg.json").read_text())
         meta = {**cfg, **(cfg.get("metadata") or {})}  # SAELens 6 keeps the run's facts apart
-        hook, kwargs = meta.get("hook_name", meta.get("hook_point")), meta.get(
-            "model_from_pretrained_kwargs")  # None: SAELens before 3.19.2, which centred models
+        hook = meta.get("hook_name", meta.get("hook_point"))  # hook_point: before SAELens 3
+        kwargs = meta.get("model_from_pretrained_kwargs")  # None: before 3.19.2, which centred
         centred = kwargs is None or kwargs.get("center_writing_weights") is True
         kind = (f"{meta.get('architecture', 'standard')} SAE "
                 f"({meta.get('activation_fn_str', meta.get('activation_fn', 'relu'))})")
@@ -814,6 +813,7 @@ def read_paper_checkpoint(path):
     need(layer and state.keys() == keys,
          f"{path} holds {', '.join(sorted(saved)[:4])}…, not one SAE of the paper's library")
     return state, {"layer": int(layer[1]), "center": True}
+
 
 RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "checkpoint.pt",
              "cfg.json", "sae_weights.safetensors")
