@@ -24,9 +24,8 @@ import e2e_sae as E
 
 torch.set_num_threads(1)
 HERE = Path(__file__).parent
-METRIC_KEYS = {"ce_loss_orig", "ce_loss_sae", "ce_loss_increase", "kl", "l0", "alive_dict_elements", "ce_loss_zero",
-               "kl_zero", "ce_loss_score", "kl_score",
-               "explained_variance", "mse", "top1_agreement", "downstream_mse", "n_eval_tokens"}
+METRIC_KEYS = set("ce_loss_orig ce_loss_sae ce_loss_increase kl l0 alive_dict_elements ce_loss_zero kl_zero "
+                  "ce_loss_score kl_score explained_variance mse top1_agreement downstream_mse n_eval_tokens".split())
 OUTPUT_FILES = {"sae.safetensors", "config.json", "metrics.json", "log.jsonl", "cfg.json", "sae_weights.safetensors"}
 
 @pytest.fixture(scope="module")
@@ -46,8 +45,8 @@ def identity_sae(d_model: int) -> E.SAE:
 
 def tokens_for(model, B=2, T=16, seed=0):
     return torch.randint(model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-def cfg_for(loss, layer, **kw):
-    return E.Config(model="tiny", dataset="random", loss=loss, layer=layer, device="cpu", **kw)
+def cfg_for(loss="e2e", layer=6, **kw):
+    return E.Config(**{"model": "tiny", "dataset": "random", "loss": loss, "layer": layer, "device": "cpu", **kw})
 
 def kl_by_hand(logits_p, logits_q):
     """KL(P ‖ Q) averaged over positions, with explicit loops."""
@@ -252,16 +251,14 @@ def test_evaluate_matches_independent_computations(tiny, center):
 @pytest.mark.parametrize("chunk_rows", [1, 4, 7, 100])
 def test_unembed_kl_equals_kl_of_full_logits_and_its_gradient(chunk_rows):
     """The chunked KL from hidden states: kl_div's value on the full logits (and the sums'), autograd's gradient."""
-    g = torch.Generator().manual_seed(1)
-    B, T, D, V = 2, 5, 4, 7
+    g, (B, T, D, V) = torch.Generator().manual_seed(1), (2, 5, 4, 7)
     head = torch.nn.Linear(D, V).requires_grad_(False)
     head.weight.copy_(torch.randn(V, D, generator=g))
     head.bias.copy_(torch.randn(V, generator=g))
     h_orig, h_sae = torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g, requires_grad=True)
     h_ref = h_sae.detach().clone().requires_grad_(True)
     kl, ref = E.unembed_kl(h_orig, h_sae, head, chunk_rows), E.kl_div(head(h_orig), head(h_ref))
-    (3.0 * kl).backward()
-    (3.0 * ref).backward()
+    (3.0 * kl + 3.0 * ref).backward()  # h_sae's gradient from kl, h_ref's from ref
     assert kl.item() == pytest.approx(ref.item(), rel=1e-5)
     assert kl.item() == pytest.approx(kl_by_hand(head(h_orig), head(h_ref)), rel=1e-5)
     assert torch.allclose(h_sae.grad, h_ref.grad, atol=1e-6)
@@ -395,8 +392,8 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
     """Models load frozen, in eval mode, with SDPA; the hook sees Llama's hidden_states[L]; a Llama-style run trains, in
     the raw stream (RMSNorm), and says its λ and β; GPT-2 and GPT-NeoX read the centred one; --dtype fp32 is no TF32."""
     assert E.load_model("tiny", torch.device("cpu"))[0].config._attn_implementation == "sdpa"
-    E.tiny_gpt2().save_pretrained(tmp_path / "gpt2")
-    other_models["llama"].save_pretrained(tmp_path / "llama")
+    for name, m in {"gpt2": E.tiny_gpt2(), "llama": other_models["llama"], "neox": other_models["neox"]}.items():
+        m.save_pretrained(tmp_path / name)
     for name in ("gpt2", "llama"):
         model, tokenizer = E.load_model(str(tmp_path / name), torch.device("cpu"))
         assert model.config._attn_implementation == "sdpa" and tokenizer is None and not model.training
@@ -408,25 +405,20 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
             spliced = model(tokens).logits
     assert torch.equal(seen.a, hidden[2]) and torch.allclose(spliced, model(tokens).logits, atol=1e-5)
     for loss in ("local", "e2e_ds"):
-        metrics = E.train(E.Config(model=str(tmp_path / "llama"), dataset="random", loss=loss, layer=2, n_samples=16,
-                                   batch_size=2, grad_accum=2, n_ctx=16, eval_samples=4, dict_ratio=2, device="cpu",
-                                   out_dir=str(tmp_path / loss)))
+        metrics = E.train(cfg_for(loss, 2, model=str(tmp_path / "llama"), n_samples=16, batch_size=2, grad_accum=2,
+                                  n_ctx=16, eval_samples=4, dict_ratio=2, out_dir=str(tmp_path / loss)))
         config = check_output_folder(tmp_path / loss, loss, 4, 2)[1]
         assert set(metrics) == METRIC_KEYS and set(metrics["downstream_mse"]) == {3}
         assert config["center"] is False  # RMSNorm: TransformerLens does not centre it, nor do we
     assert f"e2e_ds SAE at layer 2 of {tmp_path}/llama (uncentred stream): D=32 F=64 λ=10 β=2.5 |" in capsys.readouterr().out
-    other_models["neox"].save_pretrained(tmp_path / "neox")
     for name, centred in (("neox", True), ("llama", False), ("gpt2", True)):
-        cfg = E.Config(model=str(tmp_path / name), dataset="random", device="cpu", layer=1)
-        E.setup(cfg)
+        E.setup(cfg := cfg_for(layer=1, model=str(tmp_path / name)))
         assert cfg.center is centred, name
-    tf32 = torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     for dtype in ("fp32", "bf16"):
-        E.setup(cfg_for("e2e", 6, dtype=dtype))  # TF32 only for a bf16 run's fp32 matmuls
+        E.setup(cfg_for(dtype=dtype))  # TF32 only for a bf16 run's fp32 matmuls
         assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is (dtype == "bf16")
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    neox = other_models["neox"]
-    assert E.decoder_blocks(neox) is neox.gpt_neox.layers and len(neox.gpt_neox.layers) == 4
+    assert E.decoder_blocks(neox := other_models["neox"]) is neox.gpt_neox.layers and len(neox.gpt_neox.layers) == 4
     with pytest.raises(E.UserError, match="cannot find the decoder blocks"):
         E.decoder_blocks(torch.nn.Linear(2, 2))
     capped = E.tiny_gpt2()
@@ -437,13 +429,10 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
 
 def write_sources(folder, rows):
     """The same pre-tokenised rows as a save_to_disk folder, a .jsonl and a .parquet file."""
-    ds = datasets.Dataset.from_dict({"input_ids": rows})
-    ds.save_to_disk(str(folder / "disk"))
-    ds.to_json(str(folder / "rows.jsonl"))
-    ds.to_parquet(str(folder / "rows.parquet"))
-    return [str(folder / "disk"), str(folder / "rows.jsonl"), str(folder / "rows.parquet")]
-def data_cfg(dataset, **kw):
-    return E.Config(**{"model": "tiny", "dataset": dataset, "device": "cpu", **kw})
+    ds, names = datasets.Dataset.from_dict({"input_ids": rows}), ("disk", "rows.jsonl", "rows.parquet")
+    for save, name in zip((ds.save_to_disk, ds.to_json, ds.to_parquet), names):
+        save(str(folder / name))
+    return [str(folder / name) for name in names]
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_eval_and_training_sequences_never_overlap(tmp_path, monkeypatch, streamed):
@@ -454,7 +443,7 @@ def test_eval_and_training_sequences_never_overlap(tmp_path, monkeypatch, stream
     rows.insert(5, [1, 2, 3])  # too short: skipped
     expected = [tuple(r[:8]) for r in rows if len(r) >= 8]
     for source in write_sources(tmp_path, rows):
-        eval_tokens, train = E.load_data(data_cfg(source, n_ctx=8, eval_samples=10, shuffle_buffer=7), None, 512)
+        eval_tokens, train = E.load_data(cfg_for(dataset=source, n_ctx=8, eval_samples=10, shuffle_buffer=7), None, 512)
         assert [tuple(r) for r in eval_tokens.tolist()] == expected[:10], source
         seen = [tuple(next(train).tolist()) for _ in range(3 * 30)]  # three passes over the 30 others
         assert not set(seen) & set(expected[:10]), source
@@ -463,11 +452,11 @@ def test_eval_and_training_sequences_never_overlap(tmp_path, monkeypatch, stream
         assert streamed or any(row[0] >= 30 for row in seen[:5])  # a whole shuffle: the file's end can come first
 
     def order(seed, source=write_sources(tmp_path / "o", [list(range(i, i + 4)) for i in range(50)])[0]):
-        _, train = E.load_data(data_cfg(source, n_ctx=4, eval_samples=5, shuffle_buffer=10, seed=seed), None, 512)
+        _, train = E.load_data(cfg_for(dataset=source, n_ctx=4, eval_samples=5, shuffle_buffer=10, seed=seed), None, 512)
         return [next(train)[0].item() for _ in range(45)]
     assert order(1) == order(1) != order(2)
     monkeypatch.undo()  # `random` is endless: streamed, never held
-    eval_tokens, train = E.load_data(cfg := data_cfg("random", n_ctx=16, eval_samples=5, shuffle_buffer=4), None, 512)
+    eval_tokens, train = E.load_data(cfg := cfg_for(n_ctx=16, eval_samples=5, shuffle_buffer=4), None, 512)
     assert torch.equal(eval_tokens, E.load_data(dataclasses.replace(cfg, seed=7), None, 512)[0]) and eval_tokens.max() < 512
     assert not {tuple(r) for r in eval_tokens.tolist()} & {tuple(next(train).tolist()) for _ in range(200)}
 
@@ -515,8 +504,7 @@ def test_the_paper_run_needs_no_other_flag_presets_yield_to_flags_and_the_lr_sch
     flags = set(E.build_parser()._option_string_actions)  # a flag per field: Config.n_samples is --n-samples
     assert {"--" + f.name.replace("_", "-") for f in dataclasses.fields(E.Config)} <= flags and "--n-samples" in flags
     f = lambda s: E.lr_factor(s, warmup_steps=10, total_steps=111, min_ratio=0.1)  # steps 0 … 110
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert [f(0), f(9), f(10), f(60), f(110)] == pytest.approx([0.1, 1.0, 1.0, 0.55, 0.1])
     assert all(f(s) >= f(s + 1) for s in range(10, 110))
     short = [E.lr_factor(s, warmup_steps=8, total_steps=4, min_ratio=0.1) for s in range(4)]  # warm-up > run
     assert short[-1] == pytest.approx(0.1) and max(short) == pytest.approx(1.0)
@@ -526,8 +514,14 @@ def write(folder: Path, name: str, data) -> str:
     (folder / name).parent.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     return str(folder / name)
-def sae_dir(folder: Path, d_model: int, dict_size: int, config=None) -> str:
-    E.save_sae(E.SAE(d_model, dict_size), Path(write(folder, "sae.safetensors", b"")))
+def sae_dir(folder: Path, d_model=64, dict_size=8, config=None, sae=None, dictionary=None) -> str:
+    """folder holding sae.safetensors, of `sae` or of a new SAE (whose decoder columns are `dictionary`, a (D, F)
+    tensor of unit-norm columns, if given), and config.json holding `config`, if given."""
+    if sae is None:
+        sae = E.SAE(*(dictionary.shape if dictionary is not None else (d_model, dict_size)))
+    if dictionary is not None:
+        sae.decoder.weight.data.copy_(dictionary)
+    E.save_sae(sae, Path(write(folder, "sae.safetensors", b"")))
     return str(folder) if config is None else str(Path(write(folder, "config.json", config)).parent)
 def new_run(d_model=64, dict_size=256):
     """What save_checkpoint and load_checkpoint need of a run: the SAE and Adam."""
@@ -543,6 +537,7 @@ def bad_checkpoint(p, kind):
 
 rows = lambda p, *rows: write(p, "rows.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 inspect = lambda p, *args, width=64: ["--inspect", "--sae", sae_dir(p, width, 8), "--layer", "3", *args]
+init = lambda p, *args, **cfg: ["--init-from", saelens_dir(p / "s", **cfg)[0], *args]
 
 def exits(argv, capture):
     """main(argv) as a user runs it: its exit code and what it said on stderr."""
@@ -597,9 +592,9 @@ def exits(argv, capture):
     (lambda p: ["--eval-only", "--sae", str(p), "--layer", "3"], "holds no sae.safetensors"),
     (lambda p: ["--eval-only", "--sae", str(Path(write(p, "sae.safetensors", "garbage")).parent), "--layer", "3"],
      "sae.safetensors is not a valid SAE file"),
-    (lambda p: ["--eval-only", "--sae", sae_dir(p, 64, 8)], "has no config.json: pass --model and --layer"),
-    (lambda p: ["--eval-only", "--sae", sae_dir(p, 64, 8, "{broken")], "config.json is not a readable run configuration"),
-    (lambda p: ["--compare", sae_dir(p, 64, 8, "[1, 2]"), str(p)], "config.json is not a readable run configuration"),
+    (lambda p: ["--eval-only", "--sae", sae_dir(p)], "has no config.json: pass --model and --layer"),
+    (lambda p: ["--eval-only", "--sae", sae_dir(p, config="{broken")], "config.json is not a readable run configuration"),
+    (lambda p: ["--compare", sae_dir(p, config="[1, 2]"), str(p)], "config.json is not a readable run configuration"),
     (lambda p: ["--resume", str(p)], "holds no checkpoint.pt to resume from"),
     (lambda p: ["--resume", bad_checkpoint(p, "cut")], "checkpoint.pt is not a valid checkpoint for this run"),
     (lambda p: ["--resume", bad_checkpoint(p, "zeroed")], "checkpoint.pt is not a valid checkpoint for this run"),
@@ -610,32 +605,30 @@ def exits(argv, capture):
     (lambda p: inspect(p, "--features", "8"), "--features 8: the dictionary has elements 0 … 7"),
     (lambda p: inspect(p, "--inspect-samples", "0"), "--inspect-samples must be > 0, not 0"),
     (lambda p: inspect(p, width=32), "reads width 32, but tiny has 64"),
-    (lambda p: ["--compare", sae_dir(p, 64, 8), str(p / "nowhere")], "nowhere holds no sae.safetensors"),
-    (lambda p: ["--init-from", saelens_dir(p / "s", architecture="topk")[0]],
+    (lambda p: ["--compare", sae_dir(p), str(p / "nowhere")], "nowhere holds no sae.safetensors"),
+    (lambda p: init(p, architecture="topk"),
      "holds a SAELens topk SAE \\(relu\\), which this file's SAE cannot represent"),
     (lambda p: ["--eval-only", "--sae", saelens_dir(p / "s", flat=True, activation_fn_str="topk")[0]],
      "holds a SAELens standard SAE \\(topk\\)"),
-    (lambda p: ["--init-from", saelens_dir(p / "s", normalize_activations="layer_norm")[0]],
+    (lambda p: init(p, normalize_activations="layer_norm"),
      "normalises its input by 'layer_norm' without its factor in activation_scaler.json"),
     (lambda p: ["--init-from", without(saelens_dir(p / "s")[0], "sae_weights.safetensors")],
      "s has no sae_weights.safetensors"),
-    (lambda p: ["--init-from", saelens_dir(p / "s", flat=True, hook_name="blocks.3.hook_mlp_out")[0]],
+    (lambda p: init(p, flat=True, hook_name="blocks.3.hook_mlp_out"),
      "holds an SAE of blocks.3.hook_mlp_out, not of blocks.L.hook_resid_pre"),
-    (lambda p: ["--init-from", saelens_dir(p / "s")[0], "--layer", "4"],
-     "--layer 4 does not fit the SAE in .*s, saved with --layer 3"),
-    (lambda p: ["--init-from", saelens_dir(p / "s", flat=True, activation_fn="topk")[0]], "SAELens standard SAE \\(topk\\)"),
-    (lambda p: ["--init-from", saelens_dir(p / "s", scale=-1.0)[0]], "scaler.json's scaling factor -1.0 is not positive"),
-    (lambda p: ["--init-from", sae_dir(p / "out", 64, 8), "--overwrite"],
+    (lambda p: init(p, "--layer", "4"), "--layer 4 does not fit the SAE in .*s, saved with --layer 3"),
+    (lambda p: init(p, flat=True, activation_fn="topk"), "SAELens standard SAE \\(topk\\)"),
+    (lambda p: init(p, scale=-1.0), "scaler.json's scaling factor -1.0 is not positive"),
+    (lambda p: ["--init-from", sae_dir(p / "out"), "--overwrite"],
      "--out-dir is the folder of the SAE in --init-from, which the run would overwrite"),
-    (lambda p: ["--init-from", saelens_dir(p / "s")[0], "--no-center"],
-     "--center False does not fit the SAE in .*s, saved with --center True"),
-    (lambda p: ["--init-from", saelens_dir(p / "s", d_in=32)[0]], "the SAE in .*s reads width 32, but tiny has 64"),
+    (lambda p: init(p, "--no-center"), "--center False does not fit the SAE in .*s, saved with --center True"),
+    (lambda p: init(p, d_in=32), "the SAE in .*s reads width 32, but tiny has 64"),
     (lambda p: ["--eval-only", "--sae", paper_checkpoint(p / "x.pt", ("encoder.0.weight", "pos_embed"))[0]],
      "x.pt holds blocks-3-hook_resid_pre.encoder.0.weight, blocks-3-hook_resid_pre.pos_embed…, not one SAE of the"),
     (lambda p: ["--eval-only", "--sae", write(p, "y.pt", "not a checkpoint")], "y.pt is not a checkpoint of the paper's"),
-    (lambda p: ["--compare", sae_dir(p / "a", 64, 8), sae_dir(p / "b", 32, 8)],
+    (lambda p: ["--compare", sae_dir(p / "a"), sae_dir(p / "b", 32, 8)],
      "the SAEs read different widths \\(64 and 32\\): they cannot be compared"),
-    (lambda p: ["--compare", sae_dir(p / "a", 64, 8), sae_dir(p / "b", 64, 8), "--device", "cuda:99"],
+    (lambda p: ["--compare", sae_dir(p / "a"), sae_dir(p / "b"), "--device", "cuda:99"],
      "--device cuda:99 is not usable here"),
 ])
 def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, monkeypatch, capfd, make_args, message):
@@ -697,7 +690,7 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
     assert tok(docs[0])["input_ids"][0] == tok.bos_token_id
     stream = [i for d in docs for i in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
     for source in ("txt", "docs.jsonl"):
-        packed = [s.tolist() for s in E.sequences(data_cfg(str(tmp_path / source), n_ctx=16), tok, len(tok))]
+        packed = [s.tolist() for s in E.sequences(cfg_for(dataset=str(tmp_path / source), n_ctx=16), tok, len(tok))]
         assert packed == [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)] and len(packed) == len(stream) // 16
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64,
@@ -711,7 +704,7 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
     assert set(evaluated) == METRIC_KEYS and f"wrote {tmp_path / 'eval'}/metrics.json" in capsys.readouterr().out
     for k in METRIC_KEYS - {"downstream_mse"}:
         assert evaluated[k] == pytest.approx(trained[k], rel=1e-4, abs=1e-6), k
-    E.save_sae(identity_sae(64), Path(write(tmp_path, "bare/sae.safetensors", b"")))
+    sae_dir(tmp_path / "bare", sae=identity_sae(64))
     cfg = E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare"), "--model", "tiny", "--layer", "3",
                           "--n-ctx", "16", "--eval-samples", "4", "--device", "cpu"])
     m = E.evaluate_saved(cfg)
@@ -816,10 +809,9 @@ def test_saved_sae_reproduces_the_module_and_is_what_saelens_reads(tmp_path):
     assert all(torch.equal(t[k], w[k]) for k in t) and torch.allclose(t["W_dec"].norm(dim=1), torch.ones(48), atol=1e-6)
     assert (tmp_path / "sae_weights.safetensors").samefile(tmp_path / "sae.safetensors")  # a hard link: on disk once
     cfg = json.loads((tmp_path / "cfg.json").read_text())
-    assert {k: cfg[k] for k in ("architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input", "device",
-                                "normalize_activations", "reshape_activations")} == {
-        "architecture": "standard", "d_in": 16, "d_sae": 48, "dtype": "float32", "apply_b_dec_to_input": False,
-        "device": "cpu", "normalize_activations": "none", "reshape_activations": "none"}
+    standard = {"architecture": "standard", "d_in": 16, "d_sae": 48, "dtype": "float32", "apply_b_dec_to_input": False,
+                "device": "cpu", "normalize_activations": "none", "reshape_activations": "none"}
+    assert {k: cfg[k] for k in standard} == standard
     meta = cfg["metadata"]
     assert (meta["hook_name"], meta["model_name"], meta["context_size"], meta["prepend_bos"]) == (
         "blocks.6.hook_resid_pre", "tiny", 16, False) and int(meta["sae_lens_version"].split(".")[0]) >= 6
@@ -941,8 +933,7 @@ def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     assert step >= done[-1] and torch.all(fresh.sae.encoder.bias == step)
 
 def test_a_failed_checkpoint_write_changes_nothing(tmp_path, monkeypatch):
-    """A kill while the new file is half written, or an error: the old checkpoint stays (and restores the RNG), no
-    temporary file is left."""
+    """A kill mid-write, or an error: the old checkpoint stays (and restores the RNG), no temporary file is left."""
     run, _ = new_run(8, 16), torch.manual_seed(5)
     E.save_checkpoint(tmp_path, run, 1, 0.0)
     before, drawn = (tmp_path / "checkpoint.pt").read_bytes(), torch.rand(3)  # the RNG's state is saved too
@@ -1182,11 +1173,11 @@ def test_inspect_finds_a_planted_feature(tmp_path, capsys):
     wte[token, 0], sae.encoder.weight.data[0, 0], sae.encoder.bias.data[0] = 10.0, 1.0, -5.0
     assert wte[:, 0].abs().topk(2).values[1] + wpe[:, 0].abs().max() < 1.5
     model.save_pretrained(model_dir := tmp_path / "model")
-    E.save_sae(sae, Path(write(sae_dir := tmp_path / "sae", "sae.safetensors", b"")))
-    E.main(["--inspect", "--sae", str(sae_dir), "--model", str(model_dir), "--layer", "0", "--dataset", "random",
+    sae_dir(folder := tmp_path / "sae", sae=sae)
+    E.main(["--inspect", "--sae", str(folder), "--model", str(model_dir), "--layer", "0", "--dataset", "random",
             "--n-ctx", "32", "--inspect-samples", "64", "--batch-size", "5", "--features", "0,1", "--device", "cpu"])
-    printed, result = capsys.readouterr().out, json.loads((sae_dir / "inspect.json").read_text())
-    tokens = E.load_data(data_cfg("random", n_ctx=32, eval_samples=64), None, 512)[0]
+    printed, result = capsys.readouterr().out, json.loads((folder / "inspect.json").read_text())
+    tokens = E.load_data(cfg_for(n_ctx=32, eval_samples=64), None, 512)[0]
     n_hits, seqs_with_token = int((tokens == token).sum()), int((tokens == token).any(1).sum())
     assert n_hits >= 2 and result["n_tokens"] == 64 * 32 and result["n_sequences"] == 64
     planted, silent = result["features"]
@@ -1204,10 +1195,10 @@ def test_inspect_finds_a_planted_feature(tmp_path, capsys):
     assert d["counts"][next(i for i, (lo, hi) in enumerate(zip(d["log10_freq_edges"], d["log10_freq_edges"][1:]))
                             if lo <= math.log10(planted["frequency"]) < hi)] == 1
     # More sequences asked for than a dataset holds: what there is, and a note.
-    E.main(["--inspect", "--sae", str(sae_dir), "--model", str(model_dir), "--layer", "0", "--n-ctx", "32",
+    E.main(["--inspect", "--sae", str(folder), "--model", str(model_dir), "--layer", "0", "--n-ctx", "32",
             "--dataset", write_sources(tmp_path, tokens[:5].tolist())[0], "--inspect-samples", "64", "--features", "0",
             "--device", "cpu"])
-    assert json.loads((sae_dir / "inspect.json").read_text())["n_sequences"] == 5
+    assert json.loads((folder / "inspect.json").read_text())["n_sequences"] == 5
     assert "over the first 5 sequences (160 tokens); the dataset has no more than 5" in capsys.readouterr().out
 
 def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
@@ -1217,7 +1208,7 @@ def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
     E.main(["--inspect", "--sae", str(tmp_path / "sae"), "--model", "tiny", "--layer", "3", "--n-ctx", "24",
             "--inspect-samples", "10", "--batch-size", "3", "--top-features", "16", "--device", "cpu"])
     result = json.loads((tmp_path / "sae" / "inspect.json").read_text())
-    tokens = E.load_data(data_cfg("random", n_ctx=24, eval_samples=10), None, 512)[0]
+    tokens = E.load_data(cfg_for(n_ctx=24, eval_samples=10), None, 512)[0]
     with torch.no_grad():
         h = tiny[0](tokens, output_hidden_states=True).hidden_states[3]
         c = sae(h - h.mean(-1, keepdim=True))[1]  # (10, T, F): all at once, in the centred basis
@@ -1232,22 +1223,14 @@ def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
         active = c[..., f][c[..., f] > 0]
         assert r["mean_activation"] == pytest.approx(active.mean().item() if len(active) else 0.0, rel=1e-5)
 
-def sae_with_dictionary(folder: Path, dictionary: torch.Tensor) -> Path:
-    """An SAE whose decoder columns are the given (D, F) dictionary (unit-norm columns)."""
-    sae = E.SAE(*dictionary.shape)
-    with torch.no_grad():
-        sae.decoder.weight.copy_(dictionary)
-    E.save_sae(sae, Path(write(folder, "sae.safetensors", b"")))
-    return folder
-
 def test_compare_dictionaries(tmp_path, capsys):
     # In 2-D, A's elements at 0°, 90°, 180°, 270°, and B is A turned by 30°: each element of A is 30° from its
     # nearest of B (cos 30° = √3/2) and 90° from its nearest other of A (cos 90° = 0).
     angle = torch.tensor([0.0, 90.0, 180.0, 270.0]).deg2rad()
-    A = sae_with_dictionary(tmp_path / "a", torch.stack([angle.cos(), angle.sin()]))
-    B = sae_with_dictionary(tmp_path / "b", torch.stack([(angle + math.pi / 6).cos(), (angle + math.pi / 6).sin()]))
-    E.main(["--compare", str(A), str(B), "--device", "cpu"])
-    result = json.loads((A / "compare.json").read_text())
+    A, B = (sae_dir(tmp_path / n, dictionary=torch.stack([(angle + t).cos(), (angle + t).sin()]))
+            for n, t in (("a", 0), ("b", math.pi / 6)))
+    E.main(["--compare", A, B, "--device", "cpu"])
+    result = json.loads(Path(A, "compare.json").read_text())
     cross, cos30 = result["cross"], math.sqrt(3) / 2
     assert [cross[k] for k in ("mean", "min", "q1", "median", "q3", "max", "below_0")] == pytest.approx([cos30] * 6 + [0])
     assert cross["values"] == pytest.approx([cos30] * 4, abs=1e-6) and cross["edges"] == [i / 20 for i in range(21)]
@@ -1255,14 +1238,13 @@ def test_compare_dictionaries(tmp_path, capsys):
     assert cross["counts"][17] == 4 and "cross-SAE max cosine similarity" in capsys.readouterr().out
     # An SAE against itself: every element is in B, at cosine 1 (not above), in the last bin [0.95, 1].
     torch.manual_seed(0)
-    C = sae_with_dictionary(tmp_path / "c", F.normalize(torch.randn(16, 40), dim=0))
-    E.main(["--compare", str(C), str(C), "--device", "cpu", "--out-dir", str(tmp_path / "cc")])
+    C = sae_dir(tmp_path / "c", dictionary=F.normalize(torch.randn(16, 40), dim=0))
+    E.main(["--compare", C, C, "--device", "cpu", "--out-dir", str(tmp_path / "cc")])
     cross = json.loads((tmp_path / "cc" / "compare.json").read_text())["cross"]
     assert cross["values"] == pytest.approx([1.0] * 40, abs=1e-6) and max(cross["values"]) <= 1.0
     assert cross["counts"][-1] + cross["below_0"] == 40 and cross["counts"][-1] == 40
     # A dictionary of one element: its cross-SAE value, and no within-SAE one (it has no other element).
-    one = sae_with_dictionary(tmp_path / "one", torch.tensor([[1.0], [0.0]]))
-    E.main(["--compare", str(one), str(A), "--device", "cpu"])
+    E.main(["--compare", sae_dir(tmp_path / "one", dictionary=torch.tensor([[1.0], [0.0]])), A, "--device", "cpu"])
     result = json.loads((tmp_path / "one" / "compare.json").read_text())
     assert result["cross"]["values"] == pytest.approx([1.0]) and "within" not in result
     # max_cosine a chunk of rows at a time equals the full matrix's maxima
