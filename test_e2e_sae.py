@@ -414,10 +414,11 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
     for name, centred in (("neox", True), ("llama", False), ("gpt2", True)):
         E.setup(cfg := cfg_for(layer=1, model=str(tmp_path / name)))
         assert cfg.center is centred, name
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     for dtype in ("fp32", "bf16"):
         E.setup(cfg_for(dtype=dtype))  # TF32 only for a bf16 run's fp32 matmuls
         assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is (dtype == "bf16")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert E.decoder_blocks(neox := other_models["neox"]) is neox.gpt_neox.layers and len(neox.gpt_neox.layers) == 4
     with pytest.raises(E.UserError, match="cannot find the decoder blocks"):
         E.decoder_blocks(torch.nn.Linear(2, 2))
