@@ -863,8 +863,8 @@ def check_out_dir(cfg):
     resume = f", --resume {out} to continue it" if "checkpoint.pt" in found else ""
     need(not found or cfg.overwrite or cfg.resume, f"{out} already holds {run} run "
          f"({', '.join(found)}): pass --overwrite to replace it{resume}, or another --out-dir")
-    need(out.resolve() != Path(cfg.init_from or "").resolve(), "--out-dir is the folder of the SAE "
-         "in --init-from, which the run would overwrite: pass another --out-dir")
+    need(not cfg.init_from or out.resolve() != Path(cfg.init_from).resolve(), "--out-dir is the "
+         "folder of the SAE in --init-from, which the run would overwrite: pass another --out-dir")
 
 
 def open_out_dir(cfg, run_info, step):

@@ -962,6 +962,9 @@ def test_an_output_folder_with_a_run_is_not_overwritten(tmp_path, monkeypatch, c
     with pytest.raises(E.UserError, match="already holds a finished run .*: pass --overwrite to replace it"):
         E.train(E.parse_config(args))
     assert (out / "sae.safetensors").read_bytes() == first
+    monkeypatch.chdir(tmp_path / "run")  # the working folder is a fine --out-dir when no --init-from is given
+    assert E.check_out_dir(E.parse_config(["--out-dir", ".", "--overwrite"])) is None
+    monkeypatch.chdir(HERE)
     E.train(E.parse_config(["--resume", str(out)]))  # nothing to resume
     assert "holds a finished run: nothing to resume" in capsys.readouterr().out
     E.main(["--compare", str(out), str(out), "--device", "cpu"])  # analysis of the SAE about to be replaced
