@@ -208,10 +208,12 @@ class SAE(nn.Module):
     D_n is the decoder weight with every column (dictionary element) scaled to unit L2 norm. The
     normalisation happens inside forward(), so gradients flow through it, and the L1 penalty on c
     cannot be dodged by shrinking c while growing the dictionary. There is no pre-encoder bias.
+    The SAE knows the stream it reads (.center, see in_basis): splice_sae() and evaluate() use it.
     """
 
-    def __init__(self, d_model: int, dict_size: int):
+    def __init__(self, d_model: int, dict_size: int, center: bool = True):
         super().__init__()
+        self.center = center  # reads a − mean_D(a), TransformerLens's basis (else a as it is)
         self.encoder = nn.Linear(d_model, dict_size)  # W_e, b_e: PyTorch's default init
         self.decoder = nn.Linear(dict_size, d_model)  # weight (D, F) and b_d
         nn.init.orthogonal_(self.decoder.weight.data.T)  # the (D, F) weight gets orthonormal rows
@@ -226,38 +228,8 @@ class SAE(nn.Module):
         return a_hat, c
 
 
-def save_sae(sae, path):
-    """sae.safetensors, laid out so that â = relu(a @ W_enc + b_enc) @ W_dec + b_dec."""
-    with torch.no_grad():
-        tensors = {"W_enc": sae.encoder.weight.T,  # (D, F)
-                   "b_enc": sae.encoder.bias,  # (F,)
-                   "W_dec": sae.dictionary.T,  # (F, D): one unit-norm row per dictionary element
-                   "b_dec": sae.decoder.bias}  # (D,)
-        atomic_write(path, safetensors.torch.save({k: v.float().cpu().contiguous()
-                                                   for k, v in tensors.items()}))
-
-
-def load_sae(folder):
-    """(the SAE saved in folder, see read_sae(), and its run's Config from config.json, or None)."""
-    state = read_sae(folder)[0]
-    with explain(f"{folder} does not hold a valid SAE"):
-        sae = SAE(*state["encoder.weight"].T.shape)
-        sae.load_state_dict(state)
-    return sae, Config(**read_config(folder)) if (Path(folder) / "config.json").exists() else None
-
-
 # -----------------------------------------------------------------------------
 # The hook: replacing the residual stream of a Hugging Face model
-
-
-def decoder_blocks(model):
-    """The model's transformer blocks: GPT-2's transformer.h, GPT-NeoX's gpt_neox.layers, the
-    model.layers of Llama, Mistral, Qwen, Gemma. Block L's input is HF's hidden_states[L]."""
-    base = getattr(model, "base_model", model)
-    blocks = getattr(base, "h", getattr(base, "layers", None))
-    need(isinstance(blocks, nn.ModuleList), f"cannot find the decoder blocks of "
-         f"{type(model).__name__} (supported: GPT-2, Llama/Mistral/Qwen/Gemma, GPT-NeoX)")
-    return blocks
 
 
 class StopForward(Exception):
@@ -274,25 +246,29 @@ def in_basis(h, center, a_hat=None):
     return h - h.mean(-1, keepdim=True) + (0 if a_hat is None else a_hat.mean(-1, keepdim=True))
 
 
+def splice_hook(seen, sae, stop, block, args, kwargs):
+    """The forward pre-hook that splice_sae() puts on block L: the block's input a is replaced by
+    the SAE's reconstruction â. It keeps a (in the SAE's basis, see in_basis), â and c in `seen`."""
+    a = args[0] if args else kwargs["hidden_states"]  # (B, T, D), positional or keyword
+    seen.a = in_basis(a, seen.center)  # (B, T, D)
+    seen.a_hat, seen.c = sae(seen.a)  # (B, T, D), (B, T, F)
+    if stop:
+        raise StopForward
+    # â goes in place of a as it is. With center this is exact for LayerNorm models: every reader
+    # of the stream is a LayerNorm, LN(x + k·1) = LN(x), and a − a_c = mean_D(a)·1.
+    a_hat = seen.a_hat.to(a.dtype)  # autocast may make â bf16; the stream keeps its dtype
+    return ((a_hat, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": a_hat})
+
+
 @contextmanager
-def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False, center: bool = False):
-    """Within the block, the input a of `block` is replaced by the SAE's reconstruction â: this hook
-    is how training and evaluation alike put the SAE into the model. The namespace it yields holds
-    a (in the SAE's basis, see in_basis), â and c of the latest forward pass. With stop, the pass
-    ends once the SAE has run."""
-    seen = SimpleNamespace()
-
-    def hook(module, args, kwargs):
-        a = args[0] if args else kwargs["hidden_states"]  # (B, T, D), positional or keyword
-        seen.a = in_basis(a, center)  # (B, T, D)
-        seen.a_hat, seen.c = sae(seen.a)  # (B, T, D), (B, T, F)
-        if stop:
-            raise StopForward
-        # â goes in place of a as it is. With center this is exact for LayerNorm models: every
-        # reader of the stream is a LayerNorm, LN(x + k·1) = LN(x), and a − a_c = mean_D(a)·1.
-        a_hat = seen.a_hat.to(a.dtype)  # autocast may make â bf16; the stream keeps its dtype
-        return ((a_hat, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": a_hat})
-
+def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
+    """Within the block, the SAE's â replaces the input a of `block` (see splice_hook): this is how
+    training and evaluation alike put the SAE into the model. It yields the namespace where the
+    hook keeps a, â and c of the latest forward pass, and the SAE's basis. sae is an SAE, its DDP
+    wrapper, or any function a ↦ (â, c). With stop, the pass ends once the SAE has run."""
+    sae_module = getattr(sae, "module", sae)  # DDP keeps the SAE as .module
+    seen = SimpleNamespace(center=getattr(sae_module, "center", False))  # a plain function: raw
+    hook = partial(splice_hook, seen, sae, stop)
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield seen
@@ -336,38 +312,72 @@ def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def kl_div(logits_orig: torch.Tensor, logits_sae: torch.Tensor) -> torch.Tensor:
-    """KL(P_orig ‖ P_sae) = mean_tokens Σ_v p_orig(v) (log p_orig(v) − log p_sae(v)), from (B, T, V)
+    """KL(P_orig ‖ P_sae) = mean_tokens Σ_v P_orig(v) (log P_orig(v) − log P_sae(v)), from (B, T, V)
     logits; the log-softmax and the sum over V run in fp32."""
-    log_p = F.log_softmax(logits_orig.float(), dim=-1).flatten(0, -2)  # (B·T, V)
-    log_q = F.log_softmax(logits_sae.float(), dim=-1).flatten(0, -2)  # (B·T, V)
+    log_p_orig = F.log_softmax(logits_orig.float(), dim=-1).flatten(0, -2)  # (B·T, V)
+    log_p_sae = F.log_softmax(logits_sae.float(), dim=-1).flatten(0, -2)  # (B·T, V)
     # With log_target, F.kl_div(input, target) sums exp(target) · (target − input)
-    #   = Σ_v p_orig(v) (log p_orig(v) − log p_sae(v)); "batchmean" divides by the B·T rows.
-    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    #   = Σ_v P_orig(v) (log P_orig(v) − log P_sae(v)); "batchmean" divides by the B·T rows.
+    return F.kl_div(log_p_sae, log_p_orig, log_target=True, reduction="batchmean")
+
+
+def local_loss(a, a_hat, c, phi, alpha=1.0):
+    """L_local = α·MSE(â, a) + φ‖c‖₁   (α = 1 in the paper)"""
+    terms = {"mse": mse(a_hat, a), "sparsity": sparsity(c, phi)}
+    return alpha * terms["mse"] + terms["sparsity"], terms
+
+
+def e2e_loss(kl, c, phi, kappa=1.0):
+    """L_e2e = κ·KL(P_orig ‖ P_sae) + φ‖c‖₁   (κ = 1 in the paper)"""
+    terms = {"kl": kl, "sparsity": sparsity(c, phi)}
+    return kappa * terms["kl"] + terms["sparsity"], terms
+
+
+def e2e_ds_loss(kl, c, resid_orig, resid_sae, phi, beta, kappa=0.5):
+    """L_e2e+ds = κ·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)  (κ = 0.5 in the
+    paper); resid_orig, resid_sae: the N residual streams (B, T, D) entering blocks L+1 … n_layer−1.
+    """
+    loss, terms = e2e_loss(kl, c, phi, kappa)
+    terms["downstream"] = sum(mse(s, o) for s, o in zip(resid_sae, resid_orig)) / len(resid_orig)
+    return loss + beta * terms["downstream"], terms
+
+
+# -----------------------------------------------------------------------------
+# A training step. By definition the e2e KL is kl_div(unembed(head, h_orig), unembed(head, h_sae))
+# of the two runs' final hidden states; UnembedKL computes the same KL and gradient without ever
+# holding the (B, T, V) logits, which for GPT-2 are 1.6 GB per copy at 8 × 1024 tokens in fp32.
+
+
+def log_softmax_chunks(head, hs, chunk_rows=None):
+    """log P over the vocabulary of each final hidden state in hs ((B·T, D) each) through the
+    unembedding, chunk_rows positions at a time (by default 2²⁵ logits, 128 MiB in fp32): yields
+    (the positions' slice, [log P (rows, V) of each h]). Training and evaluation both read logits
+    this way, and never make a (B·T, V) tensor."""
+    rows = chunk_rows or max(1, 2**25 // len(head.weight))
+    for i in range(0, len(hs[0]), rows):
+        yield slice(i, i + rows), [F.log_softmax(unembed(head, h[i:i + rows]), -1) for h in hs]
 
 
 class UnembedKL(torch.autograd.Function):
-    """kl_div of the logits of final hidden states h_orig and h_sae (B, T, D), without ever making a
-    (B, T, V) tensor: the N = B·T positions go through the unembedding a chunk of rows at a time,
-    and each chunk's gradient is computed on the spot, so nothing of size V is kept for backward.
-    With z = unembed(h), p = softmax(z_orig) and q = softmax(z_sae):
+    """kl_div of the logits of final hidden states h_orig and h_sae (B, T, D), a chunk of positions
+    at a time (log_softmax_chunks); each chunk's gradient is computed on the spot, so nothing of
+    size V is kept for backward. With z = unembed(h) over the M = B·T positions:
 
-        KL = (1/N) Σ_positions Σ_v p(v) (log p(v) − log q(v))
-        ∂KL/∂z_sae = (q − p) / N        ∂KL/∂h_sae = (q − p) W_U / N
+        KL = (1/M) Σ_positions Σ_v P_orig(v) (log P_orig(v) − log P_sae(v))
+        ∂KL/∂z_sae = (P_sae − P_orig) / M        ∂KL/∂h_sae = (P_sae − P_orig) W_U / M
 
     The unembedding is frozen and h_orig is a constant: neither gets a gradient."""
 
     @staticmethod
     def forward(ctx, h_orig, h_sae, head, chunk_rows):
-        h_o, h_s = h_orig.flatten(0, -2), h_sae.flatten(0, -2)  # (N, D)
+        h_o, h_s = h_orig.flatten(0, -2), h_sae.flatten(0, -2)  # (M, D)
         kl = torch.zeros((), device=h_s.device)
-        grad = torch.empty_like(h_s, dtype=torch.float32)  # (N, D): ∂KL/∂h_sae, row by row
+        grad = torch.empty_like(h_s, dtype=torch.float32)  # (M, D): ∂KL/∂h_sae, row by row
         with torch.autocast(h_s.device.type, enabled=False):  # all in fp32: see unembed()
-            for i in range(0, len(h_s), chunk_rows):
-                log_p = F.log_softmax(unembed(head, h_o[i:i + chunk_rows]), dim=-1)  # (rows, V)
-                log_q = F.log_softmax(unembed(head, h_s[i:i + chunk_rows]), dim=-1)  # (rows, V)
-                p = log_p.exp()  # (rows, V)
-                kl += (p * (log_p - log_q)).sum()
-                grad[i:i + chunk_rows] = (log_q.exp() - p) @ head.weight  # (rows, D): (q − p) W_U
+            for rows, (log_p_orig, log_p_sae) in log_softmax_chunks(head, (h_o, h_s), chunk_rows):
+                p_orig = log_p_orig.exp()  # (rows, V)
+                kl += (p_orig * (log_p_orig - log_p_sae)).sum()
+                grad[rows] = (log_p_sae.exp() - p_orig) @ head.weight  # (rows, D)
         ctx.save_for_backward(grad)
         ctx.shape, ctx.dtype = h_sae.shape, h_sae.dtype
         return kl / len(h_s)
@@ -380,54 +390,33 @@ class UnembedKL(torch.autograd.Function):
 
 
 def unembed_kl(h_orig: torch.Tensor, h_sae: torch.Tensor, head: nn.Module, chunk_rows=None):
-    """KL(P_orig ‖ P_sae) from two runs' final hidden states (B, T, D), by default 2²⁵ logits
-    (128 MiB in fp32) at a time."""
-    return UnembedKL.apply(h_orig, h_sae, head, chunk_rows or max(1, 2**25 // len(head.weight)))
+    """KL(P_orig ‖ P_sae) from two runs' final hidden states (B, T, D), through UnembedKL."""
+    return UnembedKL.apply(h_orig, h_sae, head, chunk_rows)
 
 
-def local_loss(a, a_hat, c, phi, alpha=1.0):
-    """L_local = α·MSE(â, a) + φ‖c‖₁   (α = 1 in the paper)"""
-    terms = {"mse": mse(a_hat, a), "sparsity": sparsity(c, phi)}
-    return alpha * terms["mse"] + terms["sparsity"], terms
-
-
-def e2e_loss(kl, c, phi, kl_coeff=1.0):
-    """L_e2e = KL(P_orig ‖ P_sae) + φ‖c‖₁   (kl_coeff weighs the KL: 1 in the paper)"""
-    terms = {"kl": kl, "sparsity": sparsity(c, phi)}
-    return kl_coeff * terms["kl"] + terms["sparsity"], terms
-
-
-def e2e_ds_loss(kl, c, resid_orig, resid_sae, phi, beta, kl_coeff=0.5):
-    """L_e2e+ds = 0.5·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)  (0.5: kl_coeff)
-    resid_orig, resid_sae: the N residual streams (B, T, D) entering blocks L+1 … n_layer−1."""
-    loss, terms = e2e_loss(kl, c, phi, kl_coeff)
-    terms["downstream"] = sum(mse(s, o) for s, o in zip(resid_sae, resid_orig)) / len(resid_orig)
-    return loss + beta * terms["downstream"], terms
-
-
-def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tensor,
-                 kl_chunk_rows=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """One micro-batch of tokens (B, T) → (loss, its terms, c); sae is the SAE or its DDP wrapper.
-    The SAE enters block L through splice_sae's hook; for local the forward pass ends there. The e2e
-    losses run the model twice, clean (without gradients) and spliced, and take the KL from the two
-    runs' final hidden states, so that no (B, T, V) tensor is made. Only the SAE gets gradients: the
-    model is frozen, and nothing before block L depends on the SAE."""
+def compute_loss(cfg, model, blocks, sae: nn.Module, tokens: torch.Tensor, kl_chunk_rows=None):
+    """One micro-batch of tokens (B, T) → (loss, its terms, c), for cfg's loss, layer and
+    coefficients; sae is the SAE (or its DDP wrapper). The SAE enters block L through splice_sae's
+    hook; for local the forward pass ends there. The e2e losses run the model twice, clean (without
+    gradients) and spliced, and take the KL from the two runs' final hidden states through
+    unembed_kl. Only the SAE gets gradients: the model is frozen, and nothing before block L depends
+    on the SAE."""
     L, ds = cfg.layer, cfg.loss == "e2e_ds"
     phi = cfg.sparsity_coeff / model.config.hidden_size  # φ = λ / D
     if cfg.loss == "local":
-        with splice_sae(blocks[L], sae, stop=True, center=cfg.center) as seen:
+        with splice_sae(blocks[L], sae, stop=True) as seen:
             run_model(model, tokens)  # blocks 0 … L−1, then the SAE on their output a
         return *local_loss(seen.a, seen.a_hat, seen.c, phi, cfg.mse_coeff), seen.c
     with torch.no_grad():
         orig = run_model(model, tokens, hidden_states=ds)  # the clean run
-    with splice_sae(blocks[L], sae, center=cfg.center) as seen:
+    with splice_sae(blocks[L], sae) as seen:
         spliced = run_model(model, tokens, hidden_states=ds)  # the run with â in place of a
     head = model.get_output_embeddings()  # W_U
     kl = unembed_kl(orig.last_hidden_state, spliced.last_hidden_state, head, kl_chunk_rows)
     if ds:
         after = slice(L + 1, len(blocks))  # the inputs of blocks L+1 … n_layer−1, in a's basis
-        resid_orig = [in_basis(h, cfg.center) for h in orig.hidden_states[after]]
-        resid_sae = [in_basis(h, cfg.center, seen.a_hat) for h in spliced.hidden_states[after]]
+        resid_orig = [in_basis(h, seen.center) for h in orig.hidden_states[after]]
+        resid_sae = [in_basis(h, seen.center, seen.a_hat) for h in spliced.hidden_states[after]]
     loss, terms = (e2e_ds_loss(kl, seen.c, resid_orig, resid_sae, phi, cfg.downstream_coeff,
                                cfg.kl_coeff) if ds else e2e_loss(kl, seen.c, phi, cfg.kl_coeff))
     if cfg.mse_coeff:  # + α·MSE(â, a): the family of losses in the docstring at the top
@@ -441,8 +430,8 @@ def compute_loss(cfg: Config, model, blocks, sae: nn.Module, tokens: torch.Tenso
 
 
 @torch.no_grad()
-def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullcontext,
-             center=False):
+def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=nullcontext,
+             all_reduce=None):
     """The SAE spliced in at `layer` against the clean model, on eval_tokens (E, T); a and â are in
     the SAE's basis (see in_basis). "zero" is the model with the stream entering block L replaced by
     zeros. Every metric pools sums over all evaluation tokens (no means of per-batch means):
@@ -459,40 +448,45 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size, autocast=nullco
       top1_agreement              fraction of positions where both models' argmax agree
       downstream_mse              {k: mean over elements of (a_k^sae − a_k^orig)²} for blocks k > L
       n_eval_tokens               E·T
-    Under torchrun each process takes a contiguous share of eval_tokens; the sums are added up."""
+    With many processes, each passes its share of the sequences and an all_reduce that adds up
+    every process's sums (a list of tensors, in place)."""
     head, after = model.get_output_embeddings(), range(layer + 1, len(blocks))
     device, D, F_ = sae.decoder.bias.device, sae.encoder.in_features, sae.encoder.out_features
     zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums on the device: no waits
     ce_orig, ce_sae, ce_zero, kl, kl_zero, agree, sse, sum_sq_a = (zeros(()) for _ in range(8))
     sum_a, fires, sse_ds = zeros(D), zeros(F_), zeros(len(after))  # (D,), (F,), (N,)
-    share = eval_tokens.tensor_split(WORLD_SIZE)[RANK]  # (≈E/N, T); empty when N > E
-    for tokens in share.split(batch_size) if len(share) else []:
+    for tokens in eval_tokens.split(batch_size) if len(eval_tokens) else []:
         tokens = tokens.to(device)  # (B, T)
         with autocast():
             orig = run_model(model, tokens, hidden_states=True)
-            with splice_sae(blocks[layer], sae, center=center) as seen:
+            with splice_sae(blocks[layer], sae) as seen:
                 spliced = run_model(model, tokens, hidden_states=True)
             with splice_sae(blocks[layer], lambda a: (torch.zeros_like(a), None)):
                 zero = run_model(model, tokens)
-        logits_orig, logits_sae, logits_zero = (unembed(head, run.last_hidden_state)  # (B, T, V)
-                                                for run in (orig, spliced, zero))
-        a, a_hat, targets = seen.a.double(), seen.a_hat.double(), tokens[:, 1:].flatten()
-        for ce, logits in (ce_orig, logits_orig), (ce_sae, logits_sae), (ce_zero, logits_zero):
-            ce += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets, reduction="sum")
-        kl += kl_div(logits_orig, logits_sae) * tokens.numel()
-        kl_zero += kl_div(logits_orig, logits_zero) * tokens.numel()
-        agree += (logits_orig.argmax(-1) == logits_sae.argmax(-1)).sum()
+        hs = [run.last_hidden_state.flatten(0, 1) for run in (orig, spliced, zero)]  # (B·T, D)
+        targets = F.pad(tokens[:, 1:], (0, 1), value=-100).flatten()  # (B·T,): −100 at t = T−1
+        for rows, (log_p_orig, log_p_sae, log_p_zero) in log_softmax_chunks(head, hs):
+            for ce, log_p in (ce_orig, log_p_orig), (ce_sae, log_p_sae), (ce_zero, log_p_zero):
+                ce += F.nll_loss(log_p, targets[rows], reduction="sum")  # −100: no prediction
+            kl += F.kl_div(log_p_sae, log_p_orig, log_target=True, reduction="sum")
+            kl_zero += F.kl_div(log_p_zero, log_p_orig, log_target=True, reduction="sum")
+            agree += (log_p_orig.argmax(-1) == log_p_sae.argmax(-1)).sum()
+        a, a_hat = seen.a.double(), seen.a_hat.double()
         fires += (seen.c > 0).flatten(0, 1).sum(0)  # (F,): on how many tokens each element fired
         sse += (a - a_hat).pow(2).sum()
         sum_sq_a += a.pow(2).sum()
         sum_a += a.sum((0, 1))  # (D,)
         for i, k in enumerate(after):  # (B, T, D) each, in the SAE's basis
             h_sae, h_orig = spliced.hidden_states[k].double(), orig.hidden_states[k].double()
-            sse_ds[i] += (in_basis(h_sae, center, a_hat) - in_basis(h_orig, center)).pow(2).sum()
-    sums = [ce_orig, ce_sae, ce_zero, kl, kl_zero, agree, sse, sum_sq_a, sum_a, fires, sse_ds]
-    all_reduce(sums)  # under torchrun
-    n = eval_tokens.numel()  # E·T positions
-    n_predictions, n_elements = n - len(eval_tokens), n * D  # E·(T−1), E·T·D
+            sse_ds[i] += (in_basis(h_sae, seen.center, a_hat) -
+                          in_basis(h_orig, seen.center)).pow(2).sum()
+    counts = torch.tensor([eval_tokens.numel(), len(eval_tokens)], device=device)  # E·T, E
+    sums = [ce_orig, ce_sae, ce_zero, kl, kl_zero, agree, sse, sum_sq_a, sum_a, fires, sse_ds,
+            counts]
+    if all_reduce:  # under torchrun: every process's sums
+        all_reduce(sums)
+    n, n_sequences = (int(x) for x in counts.tolist())  # E·T positions, E sequences
+    n_predictions, n_elements = n - n_sequences, n * D  # E·(T−1), E·T·D
     return {
         "ce_loss_orig": ce_orig.item() / n_predictions,
         "ce_loss_sae": ce_sae.item() / n_predictions,
@@ -548,6 +542,16 @@ RANDOM_MODELS = {"tiny": tiny_gpt2, "gpt2-random": lambda: random_gpt2(GPT2Confi
 OFFLINE = ("the Hugging Face hub is unreachable; offline, use --model tiny --dataset random, or a "
            "local model folder and dataset file")
 FILES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def decoder_blocks(model):
+    """The model's transformer blocks: GPT-2's transformer.h, GPT-NeoX's gpt_neox.layers, the
+    model.layers of Llama, Mistral, Qwen, Gemma. Block L's input is HF's hidden_states[L]."""
+    base = getattr(model, "base_model", model)
+    blocks = getattr(base, "h", getattr(base, "layers", None))
+    need(isinstance(blocks, nn.ModuleList), f"cannot find the decoder blocks of "
+         f"{type(model).__name__} (supported: GPT-2, Llama/Mistral/Qwen/Gemma, GPT-NeoX)")
+    return blocks
 
 
 def hub_reachable(timeout=5.0):
@@ -737,6 +741,26 @@ def all_reduce(tensors):
 
 # -----------------------------------------------------------------------------
 # Saved SAEs (this file's, SAELens's, the paper's library's), the output folder and checkpoints
+
+
+def save_sae(sae, path):
+    """sae.safetensors, laid out so that â = relu(a @ W_enc + b_enc) @ W_dec + b_dec."""
+    with torch.no_grad():
+        tensors = {"W_enc": sae.encoder.weight.T,  # (D, F)
+                   "b_enc": sae.encoder.bias,  # (F,)
+                   "W_dec": sae.dictionary.T,  # (F, D): one unit-norm row per dictionary element
+                   "b_dec": sae.decoder.bias}  # (D,)
+        atomic_write(path, safetensors.torch.save({k: v.float().cpu().contiguous()
+                                                   for k, v in tensors.items()}))
+
+
+def load_sae(folder):
+    """(the SAE saved in folder, see read_sae(), and its run's Config from config.json, or None)."""
+    state, stated = read_sae(folder)
+    with explain(f"{folder} does not hold a valid SAE"):
+        sae = SAE(*state["encoder.weight"].T.shape, center=stated.get("center", True))
+        sae.load_state_dict(state)
+    return sae, Config(**read_config(folder)) if (Path(folder) / "config.json").exists() else None
 
 
 def read_sae(path):
@@ -970,6 +994,7 @@ def setup(cfg, sae=None):
     need(sae.encoder.in_features == D, f"the SAE in {cfg.sae or cfg.init_from} reads width "
          f"{sae.encoder.in_features}, but {cfg.model} has {D}")
     sae = sae.to(device)
+    sae.center = cfg.center
     if cfg.compile:
         # Each block's and the SAE's forward() is replaced by a compiled one; the hooks, which
         # run in __call__ around forward(), stay outside it. A debugger steps into the compiler.
@@ -1148,8 +1173,9 @@ def log_line(log_file, cfg, step, record):
 
 def evaluate_and_log(cfg, run, eval_tokens, log_file, step, final=False):
     """evaluate(), logged as eval/… at `step`, and printed unless final (train() prints that)."""
-    metrics = evaluate(run.model, run.blocks, run.sae, eval_tokens, cfg.layer, run.batch_size,
-                       run.autocast, cfg.center)
+    share = eval_tokens.tensor_split(WORLD_SIZE)[RANK]  # this process's (≈E / WORLD_SIZE, T)
+    metrics = evaluate(run.model, run.blocks, run.sae, share, cfg.layer, run.batch_size,
+                       run.autocast, all_reduce)
     log_line(log_file, cfg, step, {f"eval/{k}": v for k, v in metrics.items()})
     if not final and MAIN_PROCESS:
         tqdm.write(f"eval @ {step * cfg.samples_per_step} samples: {format_metrics(metrics)}")
@@ -1312,7 +1338,7 @@ def inspect(cfg):
     top_at = torch.zeros_like(top).long()  # sequence × T + position
     stream, n_seqs = first_n(), 0
     while batch := list(itertools.islice(stream, cfg.batch_size)):
-        with run.autocast(), splice_sae(run.blocks[cfg.layer], run.sae, True, cfg.center) as seen:
+        with run.autocast(), splice_sae(run.blocks[cfg.layer], run.sae, stop=True) as seen:
             run_model(run.model, torch.stack(batch).to(run.device))  # blocks 0 … L−1, then the SAE
         c = seen.c.float().cpu()  # (B, T, F)
         fires += (c > 0).sum((0, 1))

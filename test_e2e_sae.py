@@ -2,7 +2,7 @@
 then the engineering around it. Run: python -m pytest -q test_e2e_sae.py. Every process computes on one thread (tiny
 tensors gain nothing from more), so that this one's results and its subprocesses' stay bitwise comparable."""
 
-import bdb, dataclasses, io, itertools, json, logging, math, os, pdb, re, shlex, signal, socket
+import bdb, copy, dataclasses, io, itertools, json, logging, math, os, pdb, re, shlex, signal, socket
 import subprocess, sys, textwrap, time
 from contextlib import contextmanager, suppress
 from functools import partial
@@ -72,13 +72,14 @@ def test_identity_dictionary_gives_zero_kl(tiny, layer, center):
     MSE 0, and scores of 1."""
     model, blocks = tiny
     sae, tokens, phi = identity_sae(64), tokens_for(model), 0.1
+    sae.center = center
     for loss in ("local", "e2e", "e2e_ds")[:3 if layer < 11 else 2]:  # e2e_ds needs a block after L
         cfg = cfg_for(loss, layer, sparsity_coeff=phi * 64, center=center)
         total, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens)
         assert torch.allclose(terms["sparsity"], phi * c.sum(-1).mean())  # = φ · mean ‖a‖₁
         assert torch.allclose(total, terms["sparsity"], atol=1e-6), (loss, terms)
         assert all(abs(v.item()) < 1e-6 for k, v in terms.items() if k != "sparsity"), (loss, terms)
-    m = E.evaluate(model, blocks, sae, tokens_for(model, B=3, seed=1), layer, batch_size=2, center=center)
+    m = E.evaluate(model, blocks, sae, tokens_for(model, B=3, seed=1), layer, batch_size=2)
     assert abs(m["kl"]) < 1e-6 and abs(m["ce_loss_increase"]) < 1e-6 and m["n_eval_tokens"] == 3 * 16
     assert m["top1_agreement"] == 1.0 and m["mse"] == 0.0 and m["explained_variance"] == 1.0
     assert m["kl_score"] == pytest.approx(1) and m["ce_loss_score"] == pytest.approx(1) and m["kl_zero"] > 0.1
@@ -94,15 +95,18 @@ def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(
     with torch.no_grad():
         h = model(tokens, output_hidden_states=True).hidden_states[5]
         a_c = h - h.mean(-1, keepdim=True)
-        with E.splice_sae(blocks[5], sae, center=True) as seen:
+        with E.splice_sae(blocks[5], sae) as seen:  # an SAE reads the centred stream by default
             logits = model(tokens).logits
         assert torch.allclose(seen.a, a_c, atol=1e-6) and torch.equal(seen.a_hat, sae(seen.a)[0])
         for k in (-3.0, 0.5, 40.0):
-            with E.splice_sae(blocks[5], lambda a: (sae(a)[0] + k, None), center=True):
+            shifted = copy.deepcopy(sae)
+            shifted.decoder.bias += k  # â + k·1
+            with E.splice_sae(blocks[5], shifted):
                 assert torch.allclose(model(tokens).logits, logits, atol=1e-4), k
     _, terms, c = E.compute_loss(cfg_for("local", 5, sparsity_coeff=6.4), model, blocks, sae, tokens)
     assert terms["mse"].item() == pytest.approx(mse_by_hand(sae(a_c)[0], a_c), rel=1e-5)
     assert terms["sparsity"].item() == pytest.approx(0.1 * l1_by_hand(sae(a_c)[1].detach()), rel=1e-5)
+    sae.center = False
     raw = E.compute_loss(cfg_for("local", 5, center=False), model, blocks, sae, tokens)[1]["mse"].item()
     assert raw == pytest.approx(mse_by_hand(sae(h)[0], h), rel=1e-5) and raw != pytest.approx(terms["mse"].item(), rel=1e-3)
 
@@ -110,7 +114,7 @@ def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(
 def test_splice_hook_sees_hf_hidden_states_and_cleans_up(tiny, layer):
     """The hook sees exactly HF's hidden_states[L] (run_model's too), puts â in its place, can end the pass, comes off."""
     model, blocks = tiny
-    tokens, sae = tokens_for(model), E.SAE(64, 128)
+    tokens, sae = tokens_for(model), E.SAE(64, 128, center=False)  # the raw stream
     with torch.no_grad():
         clean = model(tokens, output_hidden_states=True)
         base = E.run_model(model, tokens, hidden_states=True)
@@ -212,6 +216,7 @@ def test_evaluate_matches_independent_computations(tiny, center):
     L, tokens = 3, tokens_for(model, B=5, T=12, seed=3)
     torch.manual_seed(0)
     sae, basis = identity_sae(64), (lambda h: h - h.mean(-1, keepdim=True)) if center else (lambda h: h)
+    sae.center = center
     with torch.no_grad():
         sae.decoder.weight.add_(0.03 * torch.randn(64, 128))  # the output changes, but not beyond recognition
         sae.decoder.bias.add_(0.1 * torch.randn(64))
@@ -221,13 +226,13 @@ def test_evaluate_matches_independent_computations(tiny, center):
         for block in blocks[L:]:
             x = block(x)
             x = x[0] if isinstance(x, tuple) else x
-        with E.splice_sae(blocks[L], sae, center=center):
+        with E.splice_sae(blocks[L], sae):
             spliced = model(tokens, labels=tokens, output_hidden_states=True)
         handle = blocks[L].register_forward_pre_hook(zero_input, with_kwargs=True)  # the zero model
         zero = model(tokens, labels=tokens)
         handle.remove()
     assert torch.allclose(spliced.logits, model.lm_head(model.transformer.ln_f(x)), atol=1e-5)
-    m = E.evaluate(model, blocks, sae, tokens, L, batch_size=2, center=center)
+    m = E.evaluate(model, blocks, sae, tokens, L, batch_size=2)
     p, q, z = clean.logits.log_softmax(-1), spliced.logits.log_softmax(-1), zero.logits.log_softmax(-1)
     a, a_hat = basis(clean.hidden_states[L]).double().numpy().reshape(-1, 64), a_hat.double().numpy().reshape(-1, 64)
     kl, kl_zero = (p.exp() * (p - q)).sum(-1).mean().item(), (p.exp() * (p - z)).sum(-1).mean().item()
@@ -289,12 +294,12 @@ def reference_loss(cfg, model, blocks, sae, tokens):
     ds = range(L + 1, len(blocks)) if cfg.loss == "e2e_ds" else []
     with torch.no_grad(), block_inputs(blocks, ds) as orig:
         logits_orig = model(tokens).logits
-    with E.splice_sae(blocks[L], sae, center=cfg.center) as seen, block_inputs(blocks, ds) as spliced:
+    with E.splice_sae(blocks[L], sae) as seen, block_inputs(blocks, ds) as spliced:
         logits_sae = model(tokens).logits
     kl = E.kl_div(logits_orig, logits_sae)
     if cfg.loss == "e2e":
         return E.e2e_loss(kl, seen.c, phi, cfg.kl_coeff)
-    basis, shift = (lambda h: h - h.mean(-1, keepdim=True) * cfg.center), seen.a_hat.mean(-1, keepdim=True) * cfg.center
+    basis, shift = (lambda h: h - h.mean(-1, keepdim=True) * sae.center), seen.a_hat.mean(-1, keepdim=True) * sae.center
     return E.e2e_ds_loss(kl, seen.c, [basis(orig[k]) for k in ds], [basis(spliced[k]) + shift for k in ds], phi,
                          cfg.downstream_coeff, cfg.kl_coeff)
 
@@ -323,7 +328,7 @@ def test_fast_path_matches_the_plain_computation(tiny, other_models, arch, loss,
     blocks, D = E.decoder_blocks(model), model.config.hidden_size
     cfg = cfg_for(loss, layer, center=arch in ("gpt2", "neox"))  # as setup() decides: LayerNorm models
     torch.manual_seed(0)
-    sae, tokens = E.SAE(D, 4 * D), tokens_for(model, B=2, T=32)
+    sae, tokens = E.SAE(D, 4 * D, center=cfg.center), tokens_for(model, B=2, T=32)
     with torch.no_grad():
         sae.encoder.bias.add_(0.3)  # more active elements: a KL well away from 0
     ref_loss, ref_terms = reference_loss(cfg, model, blocks, sae, tokens)
@@ -401,7 +406,9 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
     blocks, tokens = E.decoder_blocks(model), tokens_for(model)
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states
-        with E.splice_sae(blocks[2], identity_sae(32)) as seen:
+        sae = identity_sae(32)
+        sae.center = False  # as setup() sets it for an RMSNorm model
+        with E.splice_sae(blocks[2], sae) as seen:
             spliced = model(tokens).logits
     assert torch.equal(seen.a, hidden[2]) and torch.allclose(spliced, model(tokens).logits, atol=1e-5)
     for loss in ("local", "e2e_ds"):
@@ -1033,7 +1040,7 @@ def test_saes_of_other_tools_are_read_exactly_and_evaluated_where_they_say(tmp_p
     metrics = json.loads((here / "metrics.json").read_text())
     assert json.loads((here / "compare.json").read_text())["cross"]["min"] == pytest.approx(1.0)
     cfg = E.parse_config(args)
-    m = E.evaluate(*tiny, E.load_sae(path)[0], E.load_data(cfg, None, 512)[0], 3, cfg.batch_size, center=True)
+    m = E.evaluate(*tiny, E.load_sae(path)[0], E.load_data(cfg, None, 512)[0], 3, cfg.batch_size)
     expected = json.loads(json.dumps(m))
     assert metrics.pop("downstream_mse") == pytest.approx(expected.pop("downstream_mse"), rel=1e-6)
     assert metrics == pytest.approx(expected, rel=1e-6)
@@ -1087,7 +1094,7 @@ def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processe
     assert json.loads((out / "config.json").read_text())["n_processes"] == 2
     assert_same_run(alone, out, tol=1e-5, windows=True)
     cfg = E.parse_config(run_args(out))
-    one = E.evaluate(*tiny, E.load_sae(out)[0], E.load_data(cfg, None, 512)[0], cfg.layer, 9, center=True)
+    one = E.evaluate(*tiny, E.load_sae(out)[0], E.load_data(cfg, None, 512)[0], cfg.layer, 9)
     pooled = json.loads((out / "metrics.json").read_text())
     assert pooled["n_eval_tokens"] == one["n_eval_tokens"] == 9 * 16
     assert pooled["alive_dict_elements"] == one["alive_dict_elements"]  # counts, pooled exactly
@@ -1097,24 +1104,31 @@ def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processe
     assert pooled["downstream_mse"] == pytest.approx({str(k): v for k, v in one["downstream_mse"].items()}, rel=1e-6)
 
 @pytest.mark.parametrize("n", [2, 3, 7])
-def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny, monkeypatch, n):
-    """n processes simulated (with 7, some shares of the 5 sequences are empty): their summed sums give one's metrics."""
+def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny, n):
+    """n processes simulated (with 7, some shares of the 5 sequences are empty): each evaluates its
+    share, and the sums its all_reduce adds up give one process's metrics."""
     torch.manual_seed(0)
-    sae, tokens, shares, seen, run_model = E.SAE(64, 128), tokens_for(tiny[0], B=5, T=12), [], [], E.run_model
+    sae, tokens, sums = E.SAE(64, 128), tokens_for(tiny[0], B=5, T=12), []
     one = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
-    monkeypatch.setattr(E, "WORLD_SIZE", n)
-    monkeypatch.setattr(E, "all_reduce", lambda sums: shares.append([t.clone() for t in sums]))
-    monkeypatch.setattr(E, "run_model", lambda model, x, **kw: seen.append((E.RANK, len(x))) or run_model(model, x, **kw))
-    for r in range(n):  # first pass: every process's own sums, over its own share of the sequences
-        monkeypatch.setattr(E, "RANK", r)
-        E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
-    # three runs of each sequence: clean, spliced, zero
-    assert [sum(b for rank, b in seen if rank == r) for r in range(n)] == [3 * len(t) for t in tokens.tensor_split(n)]
-    monkeypatch.setattr(E, "all_reduce", lambda sums: [t.copy_(sum(s[i] for s in shares)) for i, t in enumerate(sums)])
-    pooled = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)  # second pass: the sums the collective gives
-    assert pooled["n_eval_tokens"] == one["n_eval_tokens"] == 5 * 12
-    for k in METRIC_KEYS - {"downstream_mse"}:
-        assert pooled[k] == pytest.approx(one[k], rel=1e-6, abs=1e-7), k
+
+    class Collected(Exception):
+        pass
+
+    def collect(process_sums):  # first pass: every process's own sums, then stop
+        sums.append([t.clone() for t in process_sums])
+        raise Collected
+
+    def add_up(process_sums):  # what the collective gives every process: the sums of all
+        for i, t in enumerate(process_sums):
+            t.copy_(sum(s[i] for s in sums))
+
+    for share in tokens.tensor_split(n):
+        with pytest.raises(Collected):
+            E.evaluate(*tiny, sae, share, layer=4, batch_size=2, all_reduce=collect)
+    pooled = E.evaluate(*tiny, sae, tokens.tensor_split(n)[-1], 4, 2, all_reduce=add_up)
+    assert pooled["n_eval_tokens"] == 5 * 12, pooled["n_eval_tokens"]
+    for k in METRIC_KEYS - {"downstream_mse"}:  # fp32 sums per batch, pooled in float64
+        assert pooled[k] == pytest.approx(one[k], rel=1e-6, abs=2e-6), k
     assert pooled["downstream_mse"] == pytest.approx(one["downstream_mse"], rel=1e-6)
 
 def test_under_torchrun_flag_errors_are_said_once_and_others_by_each_process(tmp_path, monkeypatch, capsys):
