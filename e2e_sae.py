@@ -39,6 +39,7 @@ tutorial.md walks through it. Dimension letters in shape comments:
 
 import argparse, io, itertools, json, math, os, random, re, signal, socket, sys, time, typing
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -389,9 +390,7 @@ class UnembedKL(torch.autograd.Function):
         return None, (grad * (grad_kl / len(grad))).view(ctx.shape).to(ctx.dtype), None, None
 
 
-def unembed_kl(h_orig: torch.Tensor, h_sae: torch.Tensor, head: nn.Module, chunk_rows=None):
-    """KL(P_orig ‖ P_sae) from two runs' final hidden states (B, T, D), through UnembedKL."""
-    return UnembedKL.apply(h_orig, h_sae, head, chunk_rows)
+unembed_kl = UnembedKL.apply  # (h_orig, h_sae, head, chunk_rows or None) → KL(P_orig ‖ P_sae)
 
 
 def compute_loss(cfg, model, blocks, sae: nn.Module, tokens: torch.Tensor, kl_chunk_rows=None):
@@ -453,7 +452,7 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
     head, after = model.get_output_embeddings(), range(layer + 1, len(blocks))
     device, D, F_ = sae.decoder.bias.device, sae.encoder.in_features, sae.encoder.out_features
     zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums on the device: no waits
-    ce_orig, ce_sae, ce_zero, kl, kl_zero, agree, sse, sum_sq_a = (zeros(()) for _ in range(8))
+    ce, kl, agree, sse, sum_sq_a = zeros(3), zeros(2), zeros(()), zeros(()), zeros(())
     sum_a, fires, sse_ds = zeros(D), zeros(F_), zeros(len(after))  # (D,), (F,), (N,)
     for tokens in eval_tokens.split(batch_size) if len(eval_tokens) else []:
         tokens = tokens.to(device)  # (B, T)
@@ -466,10 +465,10 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
         hs = [run.last_hidden_state.flatten(0, 1) for run in (orig, spliced, zero)]  # (B·T, D)
         targets = F.pad(tokens[:, 1:], (0, 1), value=-100).flatten()  # (B·T,): −100 at t = T−1
         for rows, (log_p_orig, log_p_sae, log_p_zero) in log_softmax_chunks(head, hs):
-            for ce, log_p in (ce_orig, log_p_orig), (ce_sae, log_p_sae), (ce_zero, log_p_zero):
-                ce += F.nll_loss(log_p, targets[rows], reduction="sum")  # −100: no prediction
-            kl += F.kl_div(log_p_sae, log_p_orig, log_target=True, reduction="sum")
-            kl_zero += F.kl_div(log_p_zero, log_p_orig, log_target=True, reduction="sum")
+            ce += torch.stack([F.nll_loss(log_p, targets[rows], reduction="sum")  # −100: none
+                               for log_p in (log_p_orig, log_p_sae, log_p_zero)])  # orig, sae, zero
+            kl += torch.stack([F.kl_div(log_p, log_p_orig, log_target=True, reduction="sum")
+                               for log_p in (log_p_sae, log_p_zero)])  # sae, zero
             agree += (log_p_orig.argmax(-1) == log_p_sae.argmax(-1)).sum()
         a, a_hat = seen.a.double(), seen.a_hat.double()
         fires += (seen.c > 0).flatten(0, 1).sum(0)  # (F,): on how many tokens each element fired
@@ -481,21 +480,20 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
             sse_ds[i] += (in_basis(h_sae, seen.center, a_hat) -
                           in_basis(h_orig, seen.center)).pow(2).sum()
     counts = torch.tensor([eval_tokens.numel(), len(eval_tokens)], device=device)  # E·T, E
-    sums = [ce_orig, ce_sae, ce_zero, kl, kl_zero, agree, sse, sum_sq_a, sum_a, fires, sse_ds,
-            counts]
     if all_reduce:  # under torchrun: every process's sums
-        all_reduce(sums)
+        all_reduce([ce, kl, agree, sse, sum_sq_a, sum_a, fires, sse_ds, counts])
     n, n_sequences = (int(x) for x in counts.tolist())  # E·T positions, E sequences
     n_predictions, n_elements = n - n_sequences, n * D  # E·(T−1), E·T·D
+    (ce_orig, ce_sae, ce_zero), (kl_sae, kl_zero) = ce.tolist(), kl.tolist()
     return {
-        "ce_loss_orig": ce_orig.item() / n_predictions,
-        "ce_loss_sae": ce_sae.item() / n_predictions,
-        "ce_loss_increase": (ce_sae - ce_orig).item() / n_predictions,
-        "kl": kl.item() / n,
-        "ce_loss_zero": ce_zero.item() / n_predictions,
-        "kl_zero": kl_zero.item() / n,
-        "ce_loss_score": ((ce_zero - ce_sae) / (ce_zero - ce_orig)).item(),  # a 0/0 is NaN
-        "kl_score": ((kl_zero - kl) / kl_zero).item(),
+        "ce_loss_orig": ce_orig / n_predictions,
+        "ce_loss_sae": ce_sae / n_predictions,
+        "ce_loss_increase": (ce_sae - ce_orig) / n_predictions,
+        "kl": kl_sae / n,
+        "ce_loss_zero": ce_zero / n_predictions,
+        "kl_zero": kl_zero / n,
+        "ce_loss_score": ((ce[2] - ce[1]) / (ce[2] - ce[0])).item(),  # zero, sae, orig; 0/0: NaN
+        "kl_score": ((kl[1] - kl[0]) / kl[1]).item(),  # (kl_zero − kl) / kl_zero
         "l0": fires.sum().item() / n,
         "alive_dict_elements": (fires > 0).sum().item(),
         "explained_variance": 1 - (sse / (sum_sq_a - sum_a.pow(2).sum() / n)).item(),  # Σ‖a − ā‖²
@@ -523,11 +521,12 @@ def format_metrics(m):
 
 @torch.no_grad()
 def random_gpt2(config):
-    """A GPT-2 with random weights, the same every time, and PyTorch's fused attention (SDPA)."""
+    """A GPT-2 with random weights, the same every time, with fused attention (SDPA) and GELU."""
     config._attn_implementation = "sdpa"
+    config.activation_function = "gelu_pytorch_tanh"  # GPT-2's gelu_new, fused (see load_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return GPT2LMHeadModel(config)
+        return GPT2LMHeadModel(config).eval()  # as from_pretrained gives it: no dropout
 
 
 def tiny_gpt2():
@@ -574,8 +573,8 @@ def looks_like_path(name):
 
 def load_model(name, device):
     """A frozen causal LM in eval mode and its tokenizer (None where it has none). Weights are fp32
-    (autocast picks the compute dtype), and attention is PyTorch's fused SDPA (FlashAttention on
-    recent GPUs), which never holds the (T, T) attention matrix in memory."""
+    (autocast picks the compute dtype), attention is PyTorch's fused SDPA (FlashAttention on recent
+    GPUs), which never holds the (T, T) attention matrix in memory, and GELUs are fused."""
     model, tokenizer = RANDOM_MODELS[name]() if name in RANDOM_MODELS else None, None
     if model is None:
         local = Path(name).expanduser().is_dir()
@@ -589,6 +588,10 @@ def load_model(name, device):
         with suppress(OSError, ValueError, TypeError):  # no tokenizer: fine for pre-tokenised data
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
     tokenizer = tokenizer if tokenizer and len(tokenizer) > 1 else None  # (or an empty one)
+    for module in list(model.modules()):  # GPT-2's gelu_new: the tanh GELU in 8 kernels, and in
+        for name, child in module.named_children():  # fp32 under CUDA autocast. The same formula,
+            if isinstance(child, transformers.activations.NewGELUActivation):  # fused, in bf16:
+                setattr(module, name, nn.GELU(approximate="tanh"))
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
@@ -926,7 +929,7 @@ def load_checkpoint(out, run):
     path = out / "checkpoint.pt"
     need(path.is_file(), f"{out} holds no checkpoint.pt to resume from")
     with explain(f"{path} is not a valid checkpoint for this run"):
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # then to the run's device
         run.sae.load_state_dict(state.pop("sae"))
         run.optimizer.load_state_dict(state.pop("optimizer"))
         torch.set_rng_state(state.pop("rng"))
@@ -1003,7 +1006,7 @@ def setup(cfg, sae=None):
     return SimpleNamespace(
         device=device, model=model, tokenizer=tokenizer, blocks=blocks, sae=sae,
         step_sae=DDP(sae) if dist.is_initialized() else sae,
-        optimizer=torch.optim.Adam(sae.parameters(), lr=cfg.lr),
+        optimizer=torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=device.type == "cuda"),
         batch_size=cfg.batch_size // WORLD_SIZE,  # this process's share of each micro-batch
         autocast=partial(torch.autocast, device.type, torch.bfloat16, enabled=cfg.dtype == "bf16"),
         flops=flops_per_token(model, blocks, sae, cfg.loss, cfg.layer, cfg.n_ctx),
@@ -1020,11 +1023,10 @@ def lr_factor(step, warmup_steps, total_steps, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_step(cfg, run, micro_batches, stop=None):
-    """One optimiser step on a list of micro-batches (B, T) → the loss terms, L0 and the gradient
-    norm before clipping, averaged over the micro-batches and the processes (tensors on the device),
-    and "stop" > 0 if any process got a signal (stop, a StopSignal): all processes take the same
-    step, and stop after it."""
+def train_step(cfg, run, micro_batches):
+    """One optimiser step on micro-batches (B, T) → this process's loss terms, L0 and the gradient
+    norm before clipping, averaged over the micro-batches: tensors on the device. Nothing here
+    waits for the GPU; train() reads the terms when it logs (see read_window)."""
     terms = {}
     for i, tokens in enumerate(micro_batches):
         if isinstance(run.step_sae, DDP):  # DDP averages the gradients after the last micro-batch
@@ -1033,20 +1035,28 @@ def train_step(cfg, run, micro_batches, stop=None):
             loss, loss_terms, c = compute_loss(cfg, run.model, run.blocks, run.step_sae, tokens)
         (loss / len(micro_batches)).backward()
         l0 = (c > 0).sum(-1).float().mean()  # counts per token first: no fp32 copy of the mask
+        del c  # (B, T, F): not kept alive through the next micro-batch
         for k, v in {"loss": loss, **loss_terms, "l0": l0}.items():
             terms[k] = terms.get(k, 0.0) + v.detach() / len(micro_batches)
     terms["grad_norm"] = nn.utils.clip_grad_norm_(run.sae.parameters(), cfg.grad_clip)
-    signalled = float(stop is not None and stop.signum is not None)  # rides on the reduction:
-    terms["stop"] = torch.tensor(signalled, device=run.device)  # no collective of its own
-    terms = {k: v / WORLD_SIZE for k, v in zip(terms, all_reduce(list(terms.values())))}
-    values = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())  # one wait for the GPU per step
-    need(math.isfinite(terms["loss"] + terms["grad_norm"]), f"the loss or its gradient is not "
-         f"finite ({values}); the step stopped before the update, so any checkpoint in --out-dir "
-         "is intact, but resuming would repeat the same steps: start again with a lower --lr (and "
-         "--overwrite)")
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return terms
+
+
+def read_window(run, window, signalled, last_saved):
+    """The terms of the steps since the last log line (window), averaged over the steps and the
+    processes, and whether any process got a signal: the one wait for the GPU of a step that logs,
+    evaluates or checkpoints. A non-finite term stops the run before anything of it is written."""
+    keys = list(window[0])
+    sums = [sum(terms[k] for terms in window) / len(window) for k in keys]
+    values = all_reduce([torch.stack([*sums, torch.tensor(float(signalled), device=run.device)])])
+    *means, stop = (v / WORLD_SIZE for v in values[0].tolist())  # all processes' means
+    need(all(map(math.isfinite, means)), f"the loss or its gradient is not finite ("
+         + ", ".join(f"{k} {v:.4g}" for k, v in zip(keys, means)) + f"); nothing after step "
+         f"{last_saved} was written, so any checkpoint in --out-dir is intact, but resuming would "
+         "repeat the same steps: start again with a lower --lr (and --overwrite)")
+    return dict(zip(keys, means)), stop > 0
 
 
 class StopSignal:
@@ -1113,36 +1123,46 @@ def train(cfg):
            f"{run_info['d_model']} F={run_info['dict_size']} λ={cfg.sparsity_coeff:g}{beta} | "
            f"{n_steps} steps of {S} × {cfg.n_ctx} tokens | {run.device} {cfg.dtype}"
            f"{processes * TORCHRUN} → {out}")
+    def next_step():  # this process's share of the next step's sequences: (grad_accum, B / W, T)
+        seqs = torch.stack([next(train_seqs) for _ in range(S)]).view(cfg.grad_accum, -1, cfg.n_ctx)
+        seqs = seqs.tensor_split(WORLD_SIZE, 1)[RANK]  # every process reads all, keeps its share
+        return seqs.pin_memory() if run.device.type == "cuda" else seqs
+
     bar = tqdm(range(start, n_steps), "train", n_steps, initial=start, disable=not MAIN_PROCESS)
-    window, t0 = [], time.perf_counter()  # the steps since the last log line, and when they began
-    with StopSignal() as stop:
+    window, t0, saved = [], time.perf_counter(), start  # the steps since the last log line, ...
+    with StopSignal() as stop, ThreadPoolExecutor(1) as reader:
+        batches = reader.submit(next_step)  # the next step's sequences, read while the GPU works
         for step in bar:
-            lr = cfg.lr * lr_factor(step, warmup_steps, n_steps, cfg.lr_min_ratio)
-            run.optimizer.param_groups[0]["lr"] = lr
-            # Every process reads the same --batch-size sequences and trains on its share of them.
-            micro_batches = [torch.stack([next(train_seqs) for _ in range(cfg.batch_size)])
-                             .tensor_split(WORLD_SIZE)[RANK].to(run.device)  # (B, T) → (B / N, T)
-                             for _ in range(cfg.grad_accum)]
-            terms = train_step(cfg, run, micro_batches, stop)
-            window.append(terms)
+            run.optimizer.param_groups[0]["lr"] = cfg.lr * lr_factor(step, warmup_steps, n_steps,
+                                                                     cfg.lr_min_ratio)
+            tokens = batches.result().to(run.device, non_blocking=True)  # (grad_accum, B / W, T)
+            batches = reader.submit(next_step) if step + 1 < n_steps else None
+            window.append(train_step(cfg, run, list(tokens)))
             # ---- diagnostics: log, stop on a signal, evaluate, checkpoint ------------------------
-            done, t_pause = step + 1, time.perf_counter()
-            if done % cfg.log_every == 0 or done == n_steps:
+            done = step + 1
+            log = done % cfg.log_every == 0 or done == n_steps
+            evaluating, saving = due(cfg.eval_every, done, cfg), due(cfg.save_every, done, cfg)
+            if not (log or evaluating or saving or not TORCHRUN and stop.signum is not None):
+                continue  # a step that neither logs nor waits for the GPU
+            terms, stopping = read_window(run, window, stop.signum is not None, saved)
+            t_pause = time.perf_counter()
+            if log:
                 train_seconds += t_pause - t0
-                record = train_record(cfg, run, window, t_pause - t0)
+                record = train_record(cfg, run, terms, len(window), t_pause - t0)
                 log_line(log_file, cfg, done, record)
                 bar.set_postfix_str(" ".join(f"{k[6:] or k} {v:.3g}" for k, v in record.items()))
-                window, t0 = [], time.perf_counter()
-            if terms["stop"] > 0:
-                save_checkpoint(out, run, done, train_seconds, due(cfg.eval_every, done, cfg))
+                window, t0 = [], t_pause
+            if stopping:
+                save_checkpoint(out, run, done, train_seconds, evaluating)
                 name = signal.Signals(stop.signum).name if stop.signum else "a signal to a process"
                 raise Interrupted(stop.signum or signal.SIGTERM, f"{name} after step {done} of "
                                   f"{n_steps}: checkpoint written to {out}; continue with: "
                                   f"python e2e_sae.py --resume {out}")
-            if due(cfg.eval_every, done, cfg):
+            if evaluating:
                 evaluate_and_log(cfg, run, eval_tokens, log_file, done)
-            if due(cfg.save_every, done, cfg):
+            if saving:
                 save_checkpoint(out, run, done, train_seconds)
+                saved = done
             t0 += time.perf_counter() - t_pause  # evaluations and checkpoints are not training time
     if start < n_steps:  # the final evaluation can take minutes: a run stopped in it resumes here
         save_checkpoint(out, run, n_steps, train_seconds)
@@ -1152,13 +1172,12 @@ def train(cfg):
     return metrics
 
 
-def train_record(cfg, run, window, seconds):
-    """A training line of log.jsonl: each term averaged over the window's steps (float() waits for
-    the GPU), the learning rate, tokens/s, and on a GPU of known peak the model FLOP utilisation."""
-    record = {f"train/{k}": sum(float(terms[k]) for terms in window) / len(window)
-              for k in window[0] if k != "stop"}
+def train_record(cfg, run, terms, n_steps, seconds):
+    """A training line of log.jsonl: the terms of the last n_steps steps, averaged (read_window),
+    the learning rate, tokens/s, and on a GPU of known peak the model FLOP utilisation."""
+    record = {f"train/{k}": v for k, v in terms.items()}
     record["train/lr"] = run.optimizer.param_groups[0]["lr"]
-    record["tokens_per_s"] = len(window) * cfg.samples_per_step * cfg.n_ctx / seconds
+    record["tokens_per_s"] = n_steps * cfg.samples_per_step * cfg.n_ctx / seconds
     if run.peak:  # the FLOPs the method needs per second, over the GPUs' peak
         record["mfu"] = record["tokens_per_s"] * run.flops / run.peak
     return record

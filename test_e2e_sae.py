@@ -142,7 +142,7 @@ def test_kl_direction_is_orig_to_sae():
     assert E.kl_div(logits_orig, logits_sae).item() == pytest.approx(forward, rel=1e-5)
     head = torch.nn.Linear(3, 3, bias=False).requires_grad_(False)
     head.weight.copy_(torch.eye(3))  # an identity unembedding: the hidden states are the logits
-    assert E.unembed_kl(logits_orig, logits_sae, head).item() == pytest.approx(forward, rel=1e-5)
+    assert E.unembed_kl(logits_orig, logits_sae, head, None).item() == pytest.approx(forward, rel=1e-5)
 
 def test_losses_equal_hand_computations(tiny):
     g, (B, T, D, Fd, V, phi, beta) = torch.Generator().manual_seed(0), (2, 3, 4, 6, 5, 2.0 / 4, 2.5)
@@ -870,9 +870,10 @@ def plant_nan(out):  # NaN into the KL term and the loss of compute_loss's resul
                 ("evaluate", 2, signal.SIGINT, "KeyboardInterrupt")], 16),
     # a hard kill, where no handler runs: back to the checkpoint of step 12, the log lines after it rewritten
     ("random", [("train_step", 15, RuntimeError("killed"), "RuntimeError killed")], 12),
-    # a NaN in the first micro-batch of step 11: the step stops before the update; the checkpoint of 8 is intact
+    # a NaN in the first micro-batch of step 11, read at step 12's log line, before its evaluation and checkpoint:
+    # the checkpoint of 8 is intact
     ("random", [("compute_loss", 2 * 11 - 1, plant_nan, "UserError the loss or its gradient is not finite \\(loss nan, "
-                 "kl nan, sparsity .*; the step stopped before the update, so any checkpoint in --out-dir is intact, "
+                 "kl nan, sparsity .*; nothing after step 8 was written, so any checkpoint in --out-dir is intact, "
                  "but resuming would repeat the same steps: start again with a lower --lr \\(and --overwrite\\)")], 8),
 ], ids=["signal", "signal-jsonl", "before-an-evaluation", "during-evaluations", "hard-kill", "nan"])
 def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alone, data, stops, step):
@@ -1397,3 +1398,87 @@ def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
     exec(compile(section(9).split("```python\n")[1].split("\n```")[0], "tutorial.md", "exec"), {})
     assert [(len(c.args[0]), c.kwargs["label"]) for c in ax.plot.call_args_list] == [(3, "e2e"), (3, "local")]
     fig.savefig.assert_called_once_with("figures/kl_vs_l0.png", dpi=150)
+
+
+# =====================================================================================================
+# From a notebook, and on a GPU: the SAE's basis travels with it, evaluation reads no process state,
+# logits are read in chunks, GPT-2's GELU is fused, a GPU's checkpoint resumes on a CPU
+# =====================================================================================================
+@pytest.mark.parametrize("basis", [[], ["--no-center"]], ids=["centred", "raw"])
+def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path, basis):
+    """What a notebook does with a finished run: load_sae(), the tiny model, the run's held-out
+    sequences, evaluate() with its defaults. The numbers are the run's metrics.json."""
+    out = tmp_path / "run"
+    E.main(["--model", "tiny", "--n-samples", "16", "--eval-samples", "8", "--eval-every", "0",
+            "--out-dir", str(out), *basis])
+    saved = json.loads((out / "metrics.json").read_text())
+    sae, cfg = E.load_sae(out)
+    assert sae.center == (basis == []), f"sae.center {sae.center}"
+    model = E.tiny_gpt2()
+    eval_tokens = E.load_data(cfg, None, model.config.vocab_size)[0]
+    m = E.evaluate(model, E.decoder_blocks(model), sae, eval_tokens, cfg.layer)
+    for k in ("kl", "mse", "ce_loss_orig", "ce_loss_sae", "explained_variance", "l0"):
+        # to rounding: the saved dictionary, already unit-norm, is normalised again when loaded
+        assert m[k] == pytest.approx(saved[k], rel=1e-6), f"{k}: {m[k]} against {saved[k]}"
+
+
+def test_evaluate_reads_no_process_state(tiny, monkeypatch):
+    """WORLD_SIZE=2, RANK=0 in the module (as torchrun's environment sets them) without a process
+    group: evaluate() gives the plain result. Splitting and adding up is its caller's work."""
+    sae, tokens = E.SAE(64, 128), tokens_for(tiny[0], B=3)
+    plain = E.evaluate(*tiny, sae, tokens, layer=4)
+    for name, value in dict(TORCHRUN=True, RANK=0, WORLD_SIZE=2).items():
+        monkeypatch.setattr(E, name, value)
+    under_torchrun = E.evaluate(*tiny, sae, tokens, layer=4)
+    assert under_torchrun == plain, (under_torchrun, plain)
+
+
+def test_evaluation_reads_logits_in_chunks_with_the_same_metrics(tiny, monkeypatch):
+    """Chunks of 7 positions (ragged: 7 does not divide 2 · 16) give what one chunk gives, and no
+    (B·T, V) tensor is made."""
+    sae, tokens = E.SAE(64, 128), tokens_for(tiny[0])
+    one_chunk = E.evaluate(*tiny, sae, tokens, layer=4)
+    sizes, chunks = [], E.log_softmax_chunks
+
+    def seven_rows(head, hs, chunk_rows=None):
+        for rows, log_ps in chunks(head, hs, 7):
+            sizes.append(log_ps[0].shape)
+            yield rows, log_ps
+
+    monkeypatch.setattr(E, "log_softmax_chunks", seven_rows)
+    chunked = E.evaluate(*tiny, sae, tokens, layer=4)
+    assert max(rows for rows, _ in sizes) == 7, sizes
+    assert chunked.pop("downstream_mse") == one_chunk.pop("downstream_mse")
+    assert chunked == pytest.approx(one_chunk, rel=1e-6, abs=2e-6)  # fp32 sums per chunk
+
+
+def test_gpt2s_gelu_is_the_fused_tanh_gelu_with_gelu_news_logits(tmp_path):
+    """A GPT-2 saved with gelu_new (as the hub's is) loads with torch's fused tanh GELU, the same
+    formula: the logits agree to rounding."""
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, initializer_range=0.2,
+                        activation_function="gelu_new")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    reference = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    model = E.load_model(str(tmp_path / "gpt2"), torch.device("cpu"))[0]
+    assert isinstance(model.transformer.h[0].mlp.act, torch.nn.GELU), model.transformer.h[0].mlp
+    assert model.transformer.h[0].mlp.act.approximate == "tanh"
+    tokens = tokens_for(model, T=64)
+    with torch.no_grad():
+        difference = (model(tokens).logits - reference(tokens).logits).abs().max().item()
+    assert difference < 1e-4, f"largest logit difference {difference}"
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch, alone):
+    """checkpoint.pt re-saved with its tensors on cuda:0 (as a GPU run writes it; the CPU build
+    writes such a file when told that location) resumes with --device cpu to the run left alone."""
+    out = tmp_path / "run"
+    assert isinstance(stopped(monkeypatch, run_args(out), "train_step", 9), E.Interrupted)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location meets
+        torch.load(out / "checkpoint.pt", weights_only=True)
+    E.train(E.parse_config(["--resume", str(out), "--device", "cpu"]))
+    assert_same_run(alone, out)
