@@ -465,9 +465,11 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
         hs = [run.last_hidden_state.flatten(0, 1) for run in (orig, spliced, zero)]  # (B·T, D)
         targets = F.pad(tokens[:, 1:], (0, 1), value=-100).flatten()  # (B·T,): −100 at t = T−1
         for rows, (log_p_orig, log_p_sae, log_p_zero) in log_softmax_chunks(head, hs):
-            ce += torch.stack([F.nll_loss(log_p, targets[rows], reduction="sum")  # −100: none
-                               for log_p in (log_p_orig, log_p_sae, log_p_zero)])  # orig, sae, zero
-            kl += torch.stack([F.kl_div(log_p, log_p_orig, log_target=True, reduction="sum")
+            sum_rows = partial(torch.sum, dtype=torch.float64)  # per position in fp32, then exact
+            ce += torch.stack([sum_rows(F.nll_loss(log_p, targets[rows], reduction="none"))
+                               for log_p in (log_p_orig, log_p_sae, log_p_zero)])  # −100: none
+            kl += torch.stack([sum_rows(F.kl_div(log_p, log_p_orig, log_target=True,
+                                                 reduction="none").sum(-1))
                                for log_p in (log_p_sae, log_p_zero)])  # sae, zero
             agree += (log_p_orig.argmax(-1) == log_p_sae.argmax(-1)).sum()
         a, a_hat = seen.a.double(), seen.a_hat.double()
@@ -521,17 +523,23 @@ def format_metrics(m):
 
 @torch.no_grad()
 def random_gpt2(config):
-    """A GPT-2 with random weights, the same every time, with fused attention (SDPA) and GELU."""
+    """A GPT-2 with random weights, the same every time, with fused attention (SDPA) and GELU. Its
+    biases are random too (GPT-2's init zeroes them): a trained model's are not zero, and without
+    them a zeroed stream would give uniform logits at every layer."""
     config._attn_implementation = "sdpa"
     config.activation_function = "gelu_pytorch_tanh"  # GPT-2's gelu_new, fused (see load_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return GPT2LMHeadModel(config).eval()  # as from_pretrained gives it: no dropout
+        model = GPT2LMHeadModel(config).eval()  # as from_pretrained gives it: no dropout
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, config.initializer_range)
+        return model
 
 
 def tiny_gpt2():
     """GPT-2 small's 12 blocks at width 64, vocabulary 512. Weights are drawn 10× wider than GPT-2's
-    init, so that the next-token distribution is far from uniform (entropy ≈ 4.9 nats, not
+    init, so that the next-token distribution is far from uniform (entropy ≈ 5.0 nats, not
     ln 512 = 6.2) and the KL has something to preserve."""
     return random_gpt2(GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=1024,
                                   initializer_range=0.2, bos_token_id=511, eos_token_id=511))
