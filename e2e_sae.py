@@ -32,9 +32,14 @@ Run it:
 The file reads top to bottom: the configuration; the method (the SAE, the hook that splices it into
 the model, the losses, evaluation); then the engineering around it (models and data, many processes,
 the output folder and checkpoints, the training loop, speed, analysis, the command line).
-tutorial.md walks through it. Dimension letters in shape comments:
+tutorial.md walks through it. One symbol per quantity, in the paper's letters where it has one:
     B batch (sequences)   T positions   D model width   F dictionary size   V vocabulary
-    E evaluation sequences   N downstream layers (the blocks after L)
+    E evaluation sequences   N downstream layers (the blocks after L)   L the SAE's layer
+    a, â, c   the stream entering block L, its reconstruction, the sparse code
+    W_e, b_e, D_n, b_d   encoder, its bias, dictionary (decoder, unit-norm columns), decoder bias
+    λ, φ = λ/D   sparsity coefficient      α, κ, β   weights of MSE(â, a), the KL, downstream MSE
+    P_orig, P_sae   the next-token distributions of the clean and the spliced model
+In code, F is torch.nn.functional, as everywhere in PyTorch; the dictionary size is dict_size.
 """
 
 import argparse, io, itertools, json, math, os, random, re, signal, socket, sys, time, typing
@@ -450,10 +455,10 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
     With many processes, each passes its share of the sequences and an all_reduce that adds up
     every process's sums (a list of tensors, in place)."""
     head, after = model.get_output_embeddings(), range(layer + 1, len(blocks))
-    device, D, F_ = sae.decoder.bias.device, sae.encoder.in_features, sae.encoder.out_features
+    device, (dict_size, D) = sae.decoder.bias.device, sae.encoder.weight.shape
     zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums on the device: no waits
     ce, kl, agree, sse, sum_sq_a = zeros(3), zeros(2), zeros(()), zeros(()), zeros(())
-    sum_a, fires, sse_ds = zeros(D), zeros(F_), zeros(len(after))  # (D,), (F,), (N,)
+    sum_a, fires, sse_ds = zeros(D), zeros(dict_size), zeros(len(after))  # (D,), (F,), (N,)
     for tokens in eval_tokens.split(batch_size) if len(eval_tokens) else []:
         tokens = tokens.to(device)  # (B, T)
         with autocast():
@@ -706,11 +711,11 @@ def load_data(cfg, tokenizer, vocab_size):
 
 
 # -----------------------------------------------------------------------------
-# Many processes. `torchrun --nproc_per_node=N e2e_sae.py ...` starts N copies of this file, each
-# told its RANK (0 … N−1), LOCAL_RANK (its GPU) and the WORLD_SIZE N. They train one SAE together:
-# each micro-batch of --batch-size sequences is split N ways, DDP averages the SAE's gradients,
-# all_reduce adds up the logged terms and the evaluation sums, and rank 0 alone prints and writes.
-# A plain `python e2e_sae.py` is rank 0 of 1, and none of this acts.
+# Many processes. `torchrun --nproc_per_node=8 e2e_sae.py ...` starts 8 copies of this file, each
+# told its RANK (0 … WORLD_SIZE − 1), LOCAL_RANK (its GPU) and the WORLD_SIZE. They train one SAE
+# together: each micro-batch of --batch-size sequences is split WORLD_SIZE ways, DDP averages the
+# SAE's gradients, all_reduce adds up the logged terms and the evaluation sums, and rank 0 alone
+# prints and writes. A plain `python e2e_sae.py` is rank 0 of 1, and none of this acts.
 
 TORCHRUN = all(v in os.environ for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 RANK, WORLD_SIZE = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if TORCHRUN else (0, 1)
@@ -1131,9 +1136,9 @@ def train(cfg):
            f"{run_info['d_model']} F={run_info['dict_size']} λ={cfg.sparsity_coeff:g}{beta} | "
            f"{n_steps} steps of {S} × {cfg.n_ctx} tokens | {run.device} {cfg.dtype}"
            f"{processes * TORCHRUN} → {out}")
-    def next_step():  # this process's share of the next step's sequences: (grad_accum, B / W, T)
+    def next_step():  # this process's share of the next step's sequences
         seqs = torch.stack([next(train_seqs) for _ in range(S)]).view(cfg.grad_accum, -1, cfg.n_ctx)
-        seqs = seqs.tensor_split(WORLD_SIZE, 1)[RANK]  # every process reads all, keeps its share
+        seqs = seqs.tensor_split(WORLD_SIZE, 1)[RANK]  # (grad_accum, B / WORLD_SIZE, T)
         return seqs.pin_memory() if run.device.type == "cuda" else seqs
 
     bar = tqdm(range(start, n_steps), "train", n_steps, initial=start, disable=not MAIN_PROCESS)
@@ -1143,7 +1148,7 @@ def train(cfg):
         for step in bar:
             run.optimizer.param_groups[0]["lr"] = cfg.lr * lr_factor(step, warmup_steps, n_steps,
                                                                      cfg.lr_min_ratio)
-            tokens = batches.result().to(run.device, non_blocking=True)  # (grad_accum, B / W, T)
+            tokens = batches.result().to(run.device, non_blocking=True)  # from pinned memory
             batches = reader.submit(next_step) if step + 1 < n_steps else None
             window.append(train_step(cfg, run, list(tokens)))
             # ---- diagnostics: log, stop on a signal, evaluate, checkpoint ------------------------
@@ -1255,10 +1260,10 @@ def flops_per_token(model, blocks, sae, loss, layer, n_ctx):
       e2e(ds)  the clean run (n blocks); the spliced run (n blocks, and the backward of the n − L
                from block L on); the SAE; three unembeddings in unembed_kl (both runs' logits, and
                the gradient (q − p) W_U). The downstream MSE adds no matmul."""
-    D, F_ = sae.encoder.in_features, sae.encoder.out_features
-    n, V = len(blocks), model.config.vocab_size
+    (dict_size, D), n, V = sae.encoder.weight.shape, len(blocks), model.config.vocab_size
     P = sum(p.numel() for p in blocks[0].parameters() if p.ndim == 2)
-    block_fwd, block_bwd, sae_flops = 2 * P + 4 * n_ctx * D, 2 * P + 8 * n_ctx * D, 10 * D * F_
+    block_fwd, block_bwd = 2 * P + 4 * n_ctx * D, 2 * P + 8 * n_ctx * D
+    sae_flops = 10 * D * dict_size
     if loss == "local":
         return layer * block_fwd + sae_flops
     return 2 * n * block_fwd + (n - layer) * block_bwd + 3 * 2 * D * V + sae_flops
@@ -1272,7 +1277,7 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH2
 
 
 def peak_flops(device, dtype):
-    """The bf16 peak in FLOP/s of the run's GPUs (under torchrun, all N of them), or None where
+    """The bf16 peak in FLOP/s of the run's GPUs (under torchrun, all of them), or None where
     unknown (CPU, fp32, a GPU not in the table)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" and dtype == "bf16" else ""
     return next((peak * WORLD_SIZE for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
@@ -1294,7 +1299,7 @@ def benchmark(cfg):
                 torch.cuda.synchronize(run.device)
                 torch.cuda.reset_peak_memory_stats(run.device)
             t0 = time.perf_counter()
-        shape = (cfg.grad_accum, run.batch_size, cfg.n_ctx)  # micro-batches of (B / N, T)
+        shape = (cfg.grad_accum, run.batch_size, cfg.n_ctx)  # micro-batches of (B / WORLD_SIZE, T)
         tokens = torch.randint(run.model.config.vocab_size, shape, generator=g)
         train_step(cfg, run, list(tokens.to(run.device)))
     if cuda:
