@@ -1,6 +1,8 @@
-"""Tests for e2e_sae.py: offline, on tiny random models, each against an independent computation; the method first,
-then the engineering around it. Run: python -m pytest -q test_e2e_sae.py. Every process computes on one thread (tiny
-tensors gain nothing from more), so that this one's results and its subprocesses' stay bitwise comparable."""
+"""Tests for e2e_sae.py: offline, on tiny random models, each against an independent computation;
+the method first (each test building its tiny GPT-2 and SAE in a few visible lines, to be read on
+its own), then the engineering around it. Run: python -m pytest -q test_e2e_sae.py. Every process
+computes on one thread (tiny tensors gain nothing from more), so that this one's results and its
+subprocesses' stay bitwise comparable."""
 
 import bdb, copy, dataclasses, io, itertools, json, logging, math, os, pdb, re, shlex, signal, socket
 import subprocess, sys, textwrap, time
@@ -16,17 +18,19 @@ from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
-                          GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel,
+                          GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
 import e2e_sae as E
 
 torch.set_num_threads(1)
 HERE = Path(__file__).parent
-METRIC_KEYS = set("ce_loss_orig ce_loss_sae ce_loss_increase kl l0 alive_dict_elements ce_loss_zero kl_zero "
-                  "ce_loss_score kl_score explained_variance mse top1_agreement downstream_mse n_eval_tokens".split())
-OUTPUT_FILES = {"sae.safetensors", "config.json", "metrics.json", "log.jsonl", "cfg.json", "sae_weights.safetensors"}
+METRIC_KEYS = set("ce_loss_orig ce_loss_sae ce_loss_increase kl l0 alive_dict_elements "
+                  "ce_loss_zero kl_zero ce_loss_score kl_score explained_variance mse "
+                  "top1_agreement downstream_mse n_eval_tokens".split())
+OUTPUT_FILES = {"sae.safetensors", "config.json", "metrics.json", "log.jsonl", "cfg.json",
+                "sae_weights.safetensors"}
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -34,7 +38,7 @@ def tiny():
     return model, E.decoder_blocks(model)
 
 def identity_sae(d_model: int) -> E.SAE:
-    """F = 2D, encoder [I; −I], decoder [I, −I], zero biases: c = (a⁺, a⁻), â = a⁺ − a⁻ = a exactly."""
+    """F = 2D, encoder [I; −I], decoder [I, −I], zero biases: c = (a⁺, a⁻), â = a⁺ − a⁻ = a."""
     sae, eye = E.SAE(d_model, 2 * d_model), torch.eye(d_model)
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.cat([eye, -eye], 0))  # (2D, D)
@@ -44,51 +48,77 @@ def identity_sae(d_model: int) -> E.SAE:
     return sae
 
 def tokens_for(model, B=2, T=16, seed=0):
-    return torch.randint(model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(model.config.vocab_size, (B, T), generator=g)
 def cfg_for(loss="e2e", layer=6, **kw):
-    return E.Config(**{"model": "tiny", "dataset": "random", "loss": loss, "layer": layer, "device": "cpu", **kw})
+    return E.Config(**{"model": "tiny", "dataset": "random", "loss": loss, "layer": layer,
+                       "device": "cpu", **kw})
 
+# Hand computations in plain Python, over lists: independent of torch's reductions
 def kl_by_hand(logits_p, logits_q):
-    """KL(P ‖ Q) averaged over positions, with explicit loops."""
+    """KL(P ‖ Q) averaged over positions, P and Q the softmax of each row of logits."""
+    softmax = lambda z: [math.exp(x) / sum(map(math.exp, z)) for x in z]
     rows, total = list(zip(logits_p.flatten(0, -2).tolist(), logits_q.flatten(0, -2).tolist())), 0.0
     for zp, zq in rows:
-        p, q = [math.exp(x) / sum(map(math.exp, zp)) for x in zp], [math.exp(x) / sum(map(math.exp, zq)) for x in zq]
+        p, q = softmax(zp), softmax(zq)
         total += sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p, q))
     return total / len(rows)
 
 def mse_by_hand(x, y):
-    return sum((u - v) ** 2 for u, v in zip(x.flatten().tolist(), y.flatten().tolist())) / x.numel()
+    """The mean over all elements of (x − y)²."""
+    pairs = zip(x.flatten().tolist(), y.flatten().tolist())
+    return sum((u - v) ** 2 for u, v in pairs) / x.numel()
 def l1_by_hand(c):
-    return sum(sum(abs(v) for v in row) for row in c.flatten(0, -2).tolist()) / c.flatten(0, -2).shape[0]
+    """The mean over positions of ‖c‖₁."""
+    rows = c.flatten(0, -2).tolist()
+    return sum(sum(abs(v) for v in row) for row in rows) / len(rows)
 
 
-# =====================================================================================================
+# =================================================================================================
 # The method: the SAE spliced into the residual stream, the three losses, evaluation
-# =====================================================================================================
+# =================================================================================================
 @pytest.mark.parametrize("layer", [0, 6, 11])
 @pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
-def test_identity_dictionary_gives_zero_kl(tiny, layer, center):
-    """â = a, in either basis: every loss is its sparsity term alone; evaluation sees KL 0, CE increase 0, downstream
-    MSE 0, and scores of 1."""
-    model, blocks = tiny
-    sae, tokens, phi = identity_sae(64), tokens_for(model), 0.1
-    sae.center = center
-    for loss in ("local", "e2e", "e2e_ds")[:3 if layer < 11 else 2]:  # e2e_ds needs a block after L
-        cfg = cfg_for(loss, layer, sparsity_coeff=phi * 64, center=center)
+def test_identity_dictionary_gives_zero_kl(layer, center):
+    """F = 2D, encoder [I; −I], decoder [I, −I], zero biases: c = (a⁺, a⁻), â = a⁺ − a⁻ = a
+    exactly, in either basis. Every loss is its sparsity term alone; evaluation sees KL 0, CE
+    increase 0, downstream MSE 0, and scores of 1."""
+    model = E.tiny_gpt2().eval().requires_grad_(False)  # 12 blocks, width D = 64, vocabulary 512
+    blocks, D = E.decoder_blocks(model), 64
+    sae, eye = E.SAE(D, 2 * D, center=center), torch.eye(D)  # center: the basis it reads
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.cat([eye, -eye], 0))  # (2D, D)
+        sae.decoder.weight.copy_(torch.cat([eye, -eye], 1))  # (D, 2D), columns already unit norm
+        sae.encoder.bias.zero_()
+        sae.decoder.bias.zero_()
+    tokens = torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
+    losses = ["local", "e2e", "e2e_ds"] if layer < 11 else ["local", "e2e"]  # e2e_ds needs L + 1
+    for loss in losses:  # λ = 6.4 is φ = λ / D = 0.1
+        cfg = E.Config(loss=loss, layer=layer, sparsity_coeff=6.4)
         total, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens)
-        assert torch.allclose(terms["sparsity"], phi * c.sum(-1).mean())  # = φ · mean ‖a‖₁
-        assert torch.allclose(total, terms["sparsity"], atol=1e-6), (loss, terms)
-        assert all(abs(v.item()) < 1e-6 for k, v in terms.items() if k != "sparsity"), (loss, terms)
-    m = E.evaluate(model, blocks, sae, tokens_for(model, B=3, seed=1), layer, batch_size=2)
-    assert abs(m["kl"]) < 1e-6 and abs(m["ce_loss_increase"]) < 1e-6 and m["n_eval_tokens"] == 3 * 16
-    assert m["top1_agreement"] == 1.0 and m["mse"] == 0.0 and m["explained_variance"] == 1.0
-    assert m["kl_score"] == pytest.approx(1) and m["ce_loss_score"] == pytest.approx(1) and m["kl_zero"] > 0.1
-    assert m["downstream_mse"] == pytest.approx(dict.fromkeys(range(layer + 1, 12), 0.0), abs=1e-10)
+        l1 = 0.1 * c.sum(-1).mean()  # φ · mean ‖c‖₁ = φ · mean ‖a‖₁
+        assert torch.allclose(terms["sparsity"], l1), f"{loss}: {terms['sparsity']}, not {l1}"
+        assert torch.allclose(total, terms["sparsity"], atol=1e-6), f"{loss}: {total}, {terms}"
+        for name in terms.keys() - {"sparsity"}:
+            assert abs(terms[name].item()) < 1e-6, f"{loss}: {name} {terms[name].item()}"
+    eval_tokens = torch.randint(512, (3, 16), generator=torch.Generator().manual_seed(1))
+    m = E.evaluate(model, blocks, sae, eval_tokens, layer, batch_size=2)
+    assert abs(m["kl"]) < 1e-6, f"KL {m['kl']}"
+    assert abs(m["ce_loss_increase"]) < 1e-6, f"CE increase {m['ce_loss_increase']}"
+    assert m["mse"] == 0.0, f"MSE {m['mse']}"
+    assert m["explained_variance"] == 1.0, f"explained variance {m['explained_variance']}"
+    assert m["top1_agreement"] == 1.0, f"top-1 agreement {m['top1_agreement']}"
+    assert abs(m["kl_score"] - 1) <= 1e-6, f"KL score {m['kl_score']}"
+    assert abs(m["ce_loss_score"] - 1) <= 1e-6, f"CE loss score {m['ce_loss_score']}"
+    assert m["kl_zero"] > 0.1, f"KL of the zero-ablated model {m['kl_zero']}"
+    assert m["n_eval_tokens"] == 3 * 16, f"{m['n_eval_tokens']} tokens"
+    assert set(m["downstream_mse"]) == set(range(layer + 1, 12)), f"blocks {m['downstream_mse']}"
+    assert max(m["downstream_mse"].values(), default=0.0) <= 1e-10, f"{m['downstream_mse']}"
 
 def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(tiny):
-    """The paper's basis: the SAE reads hidden_states[L] minus its mean over D, and the local loss is measured there;
-    â + k·1 gives the model the same logits, since every reader of the stream is a LayerNorm (RMSNorm models keep the
-    raw stream: test_models_load_frozen_with_fused_attention_and_findable_blocks)."""
+    """The paper's basis: the SAE reads hidden_states[L] minus its mean over D, and the local loss
+    is measured there; â + k·1 gives the same logits, as every reader of the stream is a LayerNorm
+    (RMSNorm models keep the raw one: see test_models_load_frozen_with_fused_attention_...)."""
     model, blocks = tiny
     torch.manual_seed(0)
     tokens, sae = tokens_for(model), E.SAE(64, 128)
@@ -97,79 +127,118 @@ def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(
         a_c = h - h.mean(-1, keepdim=True)
         with E.splice_sae(blocks[5], sae) as seen:  # an SAE reads the centred stream by default
             logits = model(tokens).logits
-        assert torch.allclose(seen.a, a_c, atol=1e-6) and torch.equal(seen.a_hat, sae(seen.a)[0])
+        assert torch.allclose(seen.a, a_c, atol=1e-6), f"|a − a_c| {(seen.a - a_c).abs().max()}"
+        assert torch.equal(seen.a_hat, sae(seen.a)[0]), "â is not the SAE's output on a"
         for k in (-3.0, 0.5, 40.0):
-            shifted = copy.deepcopy(sae)
-            shifted.decoder.bias += k  # â + k·1
-            with E.splice_sae(blocks[5], shifted):
-                assert torch.allclose(model(tokens).logits, logits, atol=1e-4), k
-    _, terms, c = E.compute_loss(cfg_for("local", 5, sparsity_coeff=6.4), model, blocks, sae, tokens)
-    assert terms["mse"].item() == pytest.approx(mse_by_hand(sae(a_c)[0], a_c), rel=1e-5)
-    assert terms["sparsity"].item() == pytest.approx(0.1 * l1_by_hand(sae(a_c)[1].detach()), rel=1e-5)
+            moved = copy.deepcopy(sae)
+            moved.decoder.bias += k  # â + k·1
+            with E.splice_sae(blocks[5], moved):
+                shifted = model(tokens).logits
+            assert torch.allclose(shifted, logits, atol=1e-4), f"k = {k}"
+    cfg = cfg_for("local", 5, sparsity_coeff=6.4)
+    _, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens)
+    mse_c, l1_c = mse_by_hand(sae(a_c)[0], a_c), 0.1 * l1_by_hand(sae(a_c)[1].detach())
+    assert terms["mse"].item() == pytest.approx(mse_c, rel=1e-5), f"MSE {terms['mse']}, {mse_c}"
+    assert terms["sparsity"].item() == pytest.approx(l1_c, rel=1e-5), f"φ‖c‖₁ {terms['sparsity']}"
+    raw_cfg = cfg_for("local", 5, center=False)
     sae.center = False
-    raw = E.compute_loss(cfg_for("local", 5, center=False), model, blocks, sae, tokens)[1]["mse"].item()
-    assert raw == pytest.approx(mse_by_hand(sae(h)[0], h), rel=1e-5) and raw != pytest.approx(terms["mse"].item(), rel=1e-3)
+    raw = E.compute_loss(raw_cfg, model, blocks, sae, tokens)[1]["mse"].item()
+    assert raw == pytest.approx(mse_by_hand(sae(h)[0], h), rel=1e-5), f"raw MSE {raw}"
+    assert raw != pytest.approx(terms["mse"].item(), rel=1e-3), f"raw MSE {raw} = centred MSE"
 
 @pytest.mark.parametrize("layer", [0, 5, 11])
-def test_splice_hook_sees_hf_hidden_states_and_cleans_up(tiny, layer):
-    """The hook sees exactly HF's hidden_states[L] (run_model's too), puts â in its place, can end the pass, comes off."""
-    model, blocks = tiny
-    tokens, sae = tokens_for(model), E.SAE(64, 128, center=False)  # the raw stream
+def test_splice_hook_sees_hf_hidden_states_and_cleans_up(layer):
+    """The hook sees HF's hidden_states[L] exactly, puts â in its place, can end the pass, goes."""
+    model = E.tiny_gpt2().eval().requires_grad_(False)
+    blocks, sae = E.decoder_blocks(model), E.SAE(64, 128, center=False)  # the raw stream
+    tokens = torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
     with torch.no_grad():
         clean = model(tokens, output_hidden_states=True)
-        base = E.run_model(model, tokens, hidden_states=True)
-        assert all(torch.equal(x, y) for x, y in zip(base.hidden_states, clean.hidden_states))
-        assert torch.equal(model.lm_head(base.last_hidden_state), clean.logits)
+        a = clean.hidden_states[layer]  # (B, T, D): the input of block L
+        ours = E.run_model(model, tokens, hidden_states=True)
+        for k, (h, h_hf) in enumerate(zip(ours.hidden_states, clean.hidden_states)):
+            assert torch.equal(h, h_hf), f"hidden_states[{k}] off by {(h - h_hf).abs().max()}"
+        logits = model.lm_head(ours.last_hidden_state)
+        assert torch.equal(logits, clean.logits), f"off by {(logits - clean.logits).abs().max()}"
         with E.splice_sae(blocks[layer], sae) as seen:
             spliced = model(tokens).logits
-        assert torch.equal(seen.a, clean.hidden_states[layer])
-        assert torch.equal(seen.a_hat, sae(seen.a)[0]) and torch.equal(seen.c, sae(seen.a)[1])
-        assert not torch.allclose(spliced, clean.logits)  # the splice did change the output
+        a_hat, c = sae(seen.a)
+        assert torch.equal(seen.a, a), f"a off by {(seen.a - a).abs().max()}"
+        assert torch.equal(seen.a_hat, a_hat), f"â off by {(seen.a_hat - a_hat).abs().max()}"
+        assert torch.equal(seen.c, c), f"c off by {(seen.c - c).abs().max()}"
+        assert not torch.allclose(spliced, clean.logits), "the splice left the logits unchanged"
         with E.splice_sae(blocks[layer], sae, stop=True) as seen:
             assert E.run_model(model, tokens) is None  # ended once the SAE had run
-        assert torch.equal(seen.a, clean.hidden_states[layer]) and seen.c.shape == (2, 16, 128)
+        assert torch.equal(seen.a, a), f"a off by {(seen.a - a).abs().max()}"
+        assert seen.c.shape == (2, 16, 128), f"c of shape {seen.c.shape}"
         with pytest.raises(E.StopForward), E.splice_sae(blocks[layer], sae, stop=True):
             model(tokens)
         after = model(tokens).logits
-    assert torch.equal(after, clean.logits) and all(len(b._forward_pre_hooks) == 0 for b in blocks)
+    assert torch.equal(after, clean.logits), f"off by {(after - clean.logits).abs().max()}"
+    for k, block in enumerate(blocks):
+        assert len(block._forward_pre_hooks) == 0, f"block {k} keeps {block._forward_pre_hooks}"
 
 def test_kl_direction_is_orig_to_sae():
-    """P_orig peaked, P_sae flat: KL(orig ‖ sae) and KL(sae ‖ orig) differ a lot; both KLs of the file are the first."""
+    """P_orig peaked, P_sae flat: KL(orig ‖ sae) ≠ KL(sae ‖ orig); the file's KLs are the first."""
     logits_orig = torch.tensor([[[4.0, 0.0, 0.0], [0.0, 3.0, -1.0]]])  # (B=1, T=2, V=3)
     logits_sae = torch.tensor([[[0.0, 0.0, 0.0], [0.5, 0.0, 0.0]]])
     forward, backward = kl_by_hand(logits_orig, logits_sae), kl_by_hand(logits_sae, logits_orig)
-    assert abs(forward - backward) > 0.2
-    assert E.kl_div(logits_orig, logits_sae).item() == pytest.approx(forward, rel=1e-5)
+    assert abs(forward - backward) > 0.2, f"KL(orig ‖ sae) {forward}, KL(sae ‖ orig) {backward}"
+    kl = E.kl_div(logits_orig, logits_sae).item()
+    assert kl == pytest.approx(forward, rel=1e-5), f"kl_div {kl}, KL(orig ‖ sae) {forward}"
     head = torch.nn.Linear(3, 3, bias=False).requires_grad_(False)
     head.weight.copy_(torch.eye(3))  # an identity unembedding: the hidden states are the logits
-    assert E.unembed_kl(logits_orig, logits_sae, head, None).item() == pytest.approx(forward, rel=1e-5)
+    kl = E.unembed_kl(logits_orig, logits_sae, head, None).item()
+    assert kl == pytest.approx(forward, rel=1e-5), f"unembed_kl {kl}, KL(orig ‖ sae) {forward}"
 
-def test_losses_equal_hand_computations(tiny):
-    g, (B, T, D, Fd, V, phi, beta) = torch.Generator().manual_seed(0), (2, 3, 4, 6, 5, 2.0 / 4, 2.5)
+def test_losses_equal_hand_computations():
+    """Each loss of the paper against the same formula in plain Python, on random tensors:
+    local  MSE(â, a) + φ · mean ‖c‖₁
+    e2e    KL(P_orig ‖ P_sae) + φ · mean ‖c‖₁
+    e2e_ds ½ KL + φ · mean ‖c‖₁ + β · mean over the later blocks k of MSE(a_k^sae, a_k^orig)"""
+    g, phi, beta = torch.Generator().manual_seed(0), 0.5, 2.5
     randn = lambda *shape: torch.randn(*shape, generator=g)
-    a, a_hat, c, lo, ls = randn(B, T, D), randn(B, T, D), randn(B, T, Fd).relu(), randn(B, T, V) * 2, randn(B, T, V) * 2
-    resid_orig, resid_sae = ([randn(B, T, D) for _ in range(3)] for _ in range(2))
+    a, a_hat, c = randn(2, 3, 4), randn(2, 3, 4), randn(2, 3, 6).relu()  # (B, T, D), (B, T, F)
+    logits_orig, logits_sae = randn(2, 3, 5) * 2, randn(2, 3, 5) * 2  # (B, T, V)
+    resid_orig = [randn(2, 3, 4) for _ in range(3)]  # three later blocks' inputs, (B, T, D) each
+    resid_sae = [randn(2, 3, 4) for _ in range(3)]
+    mse, l1, kl = mse_by_hand(a_hat, a), l1_by_hand(c), kl_by_hand(logits_orig, logits_sae)
+    downstream = sum(mse_by_hand(s, o) for s, o in zip(resid_sae, resid_orig)) / 3
+    # local
     loss, terms = E.local_loss(a, a_hat, c, phi)
-    assert loss.item() == pytest.approx(mse_by_hand(a_hat, a) + phi * l1_by_hand(c), rel=1e-5)
-    assert terms["mse"].item() == pytest.approx(mse_by_hand(a_hat, a), rel=1e-5)
-    loss, terms = E.e2e_loss(E.kl_div(lo, ls), c, phi)
-    assert loss.item() == pytest.approx(kl_by_hand(lo, ls) + phi * l1_by_hand(c), rel=1e-5)
-    ds_by_hand = sum(mse_by_hand(s, o) for s, o in zip(resid_sae, resid_orig)) / 3
-    loss, terms = E.e2e_ds_loss(E.kl_div(lo, ls), c, resid_orig, resid_sae, phi, beta)
-    assert loss.item() == pytest.approx(0.5 * kl_by_hand(lo, ls) + phi * l1_by_hand(c) + beta * ds_by_hand, rel=1e-5)
-    assert terms["downstream"].item() == pytest.approx(ds_by_hand, rel=1e-5)
-    model, blocks = tiny  # φ = λ / D with D the model's width: λ = 6.4 at D = 64 is φ = 0.1
-    _, terms, c = E.compute_loss(cfg_for("local", 3, sparsity_coeff=6.4), model, blocks, E.SAE(64, 256), tokens_for(model))
-    assert terms["sparsity"].item() == pytest.approx(0.1 * l1_by_hand(c.detach()), rel=1e-5)
+    assert loss.item() == pytest.approx(mse + phi * l1, rel=1e-5), f"local {loss.item()}"
+    assert terms["mse"].item() == pytest.approx(mse, rel=1e-5), f"MSE {terms['mse']}, not {mse}"
+    # e2e
+    kl_term = E.kl_div(logits_orig, logits_sae)
+    loss, _ = E.e2e_loss(kl_term, c, phi)
+    assert loss.item() == pytest.approx(kl + phi * l1, rel=1e-5), f"e2e {loss.item()}"
+    # e2e_ds
+    loss, terms = E.e2e_ds_loss(kl_term, c, resid_orig, resid_sae, phi, beta)
+    by_hand = 0.5 * kl + phi * l1 + beta * downstream
+    assert loss.item() == pytest.approx(by_hand, rel=1e-5), f"e2e_ds {loss.item()}, not {by_hand}"
+    ds = terms["downstream"].item()
+    assert ds == pytest.approx(downstream, rel=1e-5), f"downstream {ds}, not {downstream}"
+
+def test_sparsity_coeff_is_divided_by_the_models_width():
+    """φ = λ / D with D the model's width: λ = 6.4 at D = 64 is φ = 0.1."""
+    model = E.tiny_gpt2().eval().requires_grad_(False)
+    tokens = torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
+    cfg = E.Config(loss="local", layer=3, sparsity_coeff=6.4)
+    _, terms, c = E.compute_loss(cfg, model, E.decoder_blocks(model), E.SAE(64, 256), tokens)
+    by_hand = 0.1 * l1_by_hand(c.detach())
+    sparsity = terms["sparsity"].item()
+    assert sparsity == pytest.approx(by_hand, rel=1e-5), f"φ‖c‖₁ {sparsity}, not {by_hand}"
 
 @pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
 def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
-    """On a fixed batch the total falls by 30% in 20 steps, and so does the loss's own term, not only the sparsity;
-    the decoder starts orthogonal, and its columns, the dictionary D_n, keep unit norm, whatever the raw weight does."""
+    """On a fixed batch the total falls by 30% in 20 steps, and so does the loss's own term; the
+    decoder starts orthogonal, and its columns D_n keep unit norm, whatever the raw weight does."""
     model, blocks = tiny
     torch.manual_seed(0)
-    cfg, sae, tokens, history = cfg_for(loss, 5, sparsity_coeff=0.5), E.SAE(64, 256), tokens_for(model), []
-    assert torch.allclose(sae.decoder.weight @ sae.decoder.weight.T, torch.eye(64), atol=1e-5)  # orthonormal rows
+    cfg, tokens, history = cfg_for(loss, 5, sparsity_coeff=0.5), tokens_for(model), []
+    sae = E.SAE(64, 256)
+    rows = sae.decoder.weight @ sae.decoder.weight.T  # (D, D)
+    assert torch.allclose(rows, torch.eye(64), atol=1e-5), "the decoder's rows are not orthonormal"
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for _ in range(20):
         total, terms, _ = E.compute_loss(cfg, model, blocks, sae, tokens)
@@ -177,29 +246,36 @@ def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
         opt.step()
         opt.zero_grad()
         history.append({k: v.item() for k, v in {"total": total, **terms}.items()})
-    first, last, own = history[0], history[-1], {"local": "mse", "e2e": "kl", "e2e_ds": "downstream"}[loss]
-    assert last["total"] < 0.7 * first["total"] and last[own] < first[own], (first, last)
-    norms = sae.decoder.weight.norm(dim=0)  # (F,): the raw weight's columns moved from their √(D/F) = 0.5 ...
-    assert not torch.allclose(norms, torch.full_like(norms, 0.5))
-    assert torch.allclose(sae.dictionary.norm(dim=0), torch.ones(256))  # ... and D_n's are unit vectors all the same
+    own = {"local": "mse", "e2e": "kl", "e2e_ds": "downstream"}[loss]  # the loss's own term
+    first, last = history[0], history[-1]
+    assert last["total"] < 0.7 * first["total"], (first, last)
+    assert last[own] < first[own], (first, last)
+    norms = sae.decoder.weight.norm(dim=0)  # (F,): the raw columns moved from √(D/F) = 0.5 ...
+    assert not torch.allclose(norms, torch.full_like(norms, 0.5)), f"column norms {norms}"
+    unit = sae.dictionary.norm(dim=0)  # ... and D_n's are unit vectors all the same
+    assert torch.allclose(unit, torch.ones(256)), f"D_n's column norms {unit}"
 
 @pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
 def test_mse_coeff_adds_alpha_mse_and_its_default_changes_no_loss(tiny, loss):
-    """The losses are one family: --mse-coeff α weighs MSE(â, a), by default 1 for local, 0 for the others, which then
-    are bitwise what they were (no MSE term computed); α = 0.7 adds 0.7·MSE(â, a_c) to them, by hand."""
+    """--mse-coeff α weighs MSE(â, a), by default 1 for local, 0 for the others, which then are
+    bitwise what they were (no MSE term); α = 0.7 adds 0.7·MSE(â, a_c), by hand."""
     model, blocks = tiny
     torch.manual_seed(0)
     sae, tokens, default = E.SAE(64, 128), tokens_for(model), float(loss == "local")
-    (base, base_terms, _), (same, same_terms, _) = (E.compute_loss(cfg_for(loss, 5, **kw), model, blocks, sae, tokens)
-                                                    for kw in ({}, {"mse_coeff": default}))
-    assert torch.equal(base, same) and base_terms.keys() == same_terms.keys() and ("mse" in base_terms) == (loss == "local")
+    base, base_terms, _ = E.compute_loss(cfg_for(loss, 5), model, blocks, sae, tokens)
+    same, same_terms, _ = E.compute_loss(cfg_for(loss, 5, mse_coeff=default), model, blocks, sae,
+                                         tokens)
+    assert torch.equal(base, same), f"{base} with no --mse-coeff, {same} with {default}"
+    assert base_terms.keys() == same_terms.keys(), f"terms {list(base_terms)}, {list(same_terms)}"
+    assert ("mse" in base_terms) == (loss == "local"), f"terms {list(base_terms)}"
     loss_a, terms, _ = E.compute_loss(cfg_for(loss, 5, mse_coeff=0.7), model, blocks, sae, tokens)
     with torch.no_grad():
         h = model(tokens, output_hidden_states=True).hidden_states[5]
         a_c = h - h.mean(-1, keepdim=True)
-        by_hand = 0.7 * mse_by_hand(sae(a_c)[0], a_c) + base.item() - default * base_terms.get("mse", 0.0)
-    assert terms["mse"].item() == pytest.approx(mse_by_hand(sae(a_c)[0], a_c), rel=1e-5)
-    assert loss_a.item() == pytest.approx(float(by_hand), rel=1e-5)
+        mse = mse_by_hand(sae(a_c)[0], a_c)
+        by_hand = 0.7 * mse + base.item() - default * base_terms.get("mse", 0.0)
+    assert terms["mse"].item() == pytest.approx(mse, rel=1e-5), f"MSE {terms['mse']}, not {mse}"
+    assert loss_a.item() == pytest.approx(float(by_hand), rel=1e-5), f"{loss_a}, not {by_hand}"
 
 def zero_input(module, args, kwargs):
     """A forward pre-hook: the block's input replaced by zeros."""
@@ -209,16 +285,17 @@ def zero_input(module, args, kwargs):
 
 @pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
 def test_evaluate_matches_independent_computations(tiny, center):
-    """Every metric against HF's own loss, hidden_states and plain sums, in the SAE's basis (TransformerLens's centred
-    one: a − mean_D(a), later streams centred, the spliced ones keeping mean_D(â)); the spliced logits against blocks
-    run by hand; the scores against a zero ablation by a hook of the test's own."""
+    """Every metric against HF's own loss, hidden_states and plain sums, in the SAE's basis (centred
+    a − mean_D(a), the spliced streams keeping mean_D(â)); the spliced logits against blocks run
+    by hand; the scores against a zero ablation by a hook of the test's own."""
     model, blocks = tiny
     L, tokens = 3, tokens_for(model, B=5, T=12, seed=3)
     torch.manual_seed(0)
-    sae, basis = identity_sae(64), (lambda h: h - h.mean(-1, keepdim=True)) if center else (lambda h: h)
+    sae = identity_sae(64)
     sae.center = center
+    basis = (lambda h: h - h.mean(-1, keepdim=True)) if center else (lambda h: h)
     with torch.no_grad():
-        sae.decoder.weight.add_(0.03 * torch.randn(64, 128))  # the output changes, but not beyond recognition
+        sae.decoder.weight.add_(0.03 * torch.randn(64, 128))  # changed, not beyond recognition
         sae.decoder.bias.add_(0.1 * torch.randn(64))
         sae.encoder.bias[:10] = -100.0  # these elements never fire
         clean = model(tokens, labels=tokens, output_hidden_states=True)
@@ -231,36 +308,46 @@ def test_evaluate_matches_independent_computations(tiny, center):
         handle = blocks[L].register_forward_pre_hook(zero_input, with_kwargs=True)  # the zero model
         zero = model(tokens, labels=tokens)
         handle.remove()
-    assert torch.allclose(spliced.logits, model.lm_head(model.transformer.ln_f(x)), atol=1e-5)
+    by_hand = model.lm_head(model.transformer.ln_f(x))
+    off = (spliced.logits - by_hand).abs().max()
+    assert torch.allclose(spliced.logits, by_hand, atol=1e-5), f"spliced logits off by {off}"
     m = E.evaluate(model, blocks, sae, tokens, L, batch_size=2)
-    p, q, z = clean.logits.log_softmax(-1), spliced.logits.log_softmax(-1), zero.logits.log_softmax(-1)
-    a, a_hat = basis(clean.hidden_states[L]).double().numpy().reshape(-1, 64), a_hat.double().numpy().reshape(-1, 64)
-    kl, kl_zero = (p.exp() * (p - q)).sum(-1).mean().item(), (p.exp() * (p - z)).sum(-1).mean().item()
-    expected = {"ce_loss_orig": clean.loss.item(), "ce_loss_sae": spliced.loss.item(),  # HF's: over B·(T−1) predictions
-                "ce_loss_increase": spliced.loss.item() - clean.loss.item(), "ce_loss_zero": zero.loss.item(),
-                "ce_loss_score": (zero.loss.item() - spliced.loss.item()) / (zero.loss.item() - clean.loss.item()),
+    p, q, z = (run.logits.log_softmax(-1) for run in (clean, spliced, zero))
+    a = basis(clean.hidden_states[L]).double().numpy().reshape(-1, 64)  # (B·T, D)
+    a_hat = a_hat.double().numpy().reshape(-1, 64)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    kl_zero = (p.exp() * (p - z)).sum(-1).mean().item()
+    ce_orig, ce_sae, ce_zero = clean.loss.item(), spliced.loss.item(), zero.loss.item()  # HF's
+    agree = clean.logits.argmax(-1) == spliced.logits.argmax(-1)  # (B, T)
+    expected = {"ce_loss_orig": ce_orig, "ce_loss_sae": ce_sae,  # over B·(T−1) predictions
+                "ce_loss_increase": ce_sae - ce_orig, "ce_loss_zero": ce_zero,
+                "ce_loss_score": (ce_zero - ce_sae) / (ce_zero - ce_orig),
                 "kl": kl, "kl_zero": kl_zero, "kl_score": (kl_zero - kl) / kl_zero,
                 "l0": (c > 0).float().sum(-1).mean().item(),
                 "alive_dict_elements": int((c > 0).reshape(-1, 128).any(0).sum()),
                 "explained_variance": 1 - ((a - a_hat) ** 2).sum() / ((a - a.mean(0)) ** 2).sum(),
                 "mse": ((a - a_hat) ** 2).mean(), "n_eval_tokens": 5 * 12,
-                "top1_agreement": (clean.logits.argmax(-1) == spliced.logits.argmax(-1)).float().mean().item()}
-    assert 0 < expected["alive_dict_elements"] <= 118 and 0 < expected["top1_agreement"] < 1 and set(m) == METRIC_KEYS
+                "top1_agreement": agree.float().mean().item()}
+    alive, top1 = expected["alive_dict_elements"], expected["top1_agreement"]
+    assert 0 < alive <= 118, f"{alive} elements alive: the test would check little"
+    assert 0 < top1 < 1, f"top-1 agreement {top1}: the test would check little"
+    assert set(m) == METRIC_KEYS, f"metrics {sorted(m)}"
     for k, v in expected.items():
         assert m[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    shift = torch.from_numpy(a_hat.mean(-1)).view(5, 12, 1) if center else 0  # â's mean stays
     for k in range(L + 1, 12):
-        shift = torch.from_numpy(a_hat.mean(-1)).view(5, 12, 1) if center else 0  # the mean of â stays in the stream
         d = (basis(spliced.hidden_states[k]) + shift - basis(clean.hidden_states[k])).double()
         assert m["downstream_mse"][k] == pytest.approx(d.pow(2).mean().item(), rel=1e-4), k
 
 @pytest.mark.parametrize("chunk_rows", [1, 4, 7, 100])
 def test_unembed_kl_equals_kl_of_full_logits_and_its_gradient(chunk_rows):
-    """The chunked KL from hidden states: kl_div's value on the full logits (and the sums'), autograd's gradient."""
+    """The chunked KL from hidden states: kl_div's on the full logits, and autograd's gradient."""
     g, (B, T, D, V) = torch.Generator().manual_seed(1), (2, 5, 4, 7)
     head = torch.nn.Linear(D, V).requires_grad_(False)
     head.weight.copy_(torch.randn(V, D, generator=g))
     head.bias.copy_(torch.randn(V, generator=g))
-    h_orig, h_sae = torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g, requires_grad=True)
+    h_orig = torch.randn(B, T, D, generator=g)
+    h_sae = torch.randn(B, T, D, generator=g, requires_grad=True)
     h_ref = h_sae.detach().clone().requires_grad_(True)
     kl, ref = E.unembed_kl(h_orig, h_sae, head, chunk_rows), E.kl_div(head(h_orig), head(h_ref))
     (3.0 * kl + 3.0 * ref).backward()  # h_sae's gradient from kl, h_ref's from ref
@@ -269,17 +356,18 @@ def test_unembed_kl_equals_kl_of_full_logits_and_its_gradient(chunk_rows):
     assert torch.allclose(h_sae.grad, h_ref.grad, atol=1e-6)
 
 
-# =====================================================================================================
+# =================================================================================================
 # The engineering: fast-path guards, data, configuration and command line, the output folder and
 # checkpoints, many processes, speed, looking inside, the tutorial
-# =====================================================================================================
+# =================================================================================================
 
 # --- The training path equals the plain computation
 @contextmanager
 def block_inputs(blocks, ks):
     """The inputs of blocks ks in the next forward pass, read by hooks of the test's own."""
     seen = {}
-    hook = lambda k: lambda m, args, kwargs: seen.__setitem__(k, args[0] if args else kwargs["hidden_states"])
+    hook = lambda k: lambda m, args, kwargs: seen.__setitem__(
+        k, args[0] if args else kwargs["hidden_states"])
     handles = [blocks[k].register_forward_pre_hook(hook(k), with_kwargs=True) for k in ks]
     try:
         yield seen
@@ -288,45 +376,50 @@ def block_inputs(blocks, ks):
             h.remove()
 
 def reference_loss(cfg, model, blocks, sae, tokens):
-    """The e2e losses the plain way: whole passes, full (B, T, V) logits, kl_div, downstream streams from hooks, centred
-    by hand (the spliced ones keep â's mean)."""
+    """The e2e losses the plain way: whole passes, full (B, T, V) logits, kl_div, downstream streams
+    from hooks, centred by hand (the spliced ones keep â's mean)."""
     L, phi = cfg.layer, cfg.sparsity_coeff / sae.encoder.in_features
     ds = range(L + 1, len(blocks)) if cfg.loss == "e2e_ds" else []
     with torch.no_grad(), block_inputs(blocks, ds) as orig:
         logits_orig = model(tokens).logits
-    with E.splice_sae(blocks[L], sae) as seen, block_inputs(blocks, ds) as spliced:
-        logits_sae = model(tokens).logits
+    with E.splice_sae(blocks[L], sae) as seen:
+        with block_inputs(blocks, ds) as spliced:
+            logits_sae = model(tokens).logits
     kl = E.kl_div(logits_orig, logits_sae)
     if cfg.loss == "e2e":
         return E.e2e_loss(kl, seen.c, phi, cfg.kl_coeff)
-    basis, shift = (lambda h: h - h.mean(-1, keepdim=True) * sae.center), seen.a_hat.mean(-1, keepdim=True) * sae.center
-    return E.e2e_ds_loss(kl, seen.c, [basis(orig[k]) for k in ds], [basis(spliced[k]) + shift for k in ds], phi,
-                         cfg.downstream_coeff, cfg.kl_coeff)
+    basis = lambda h: h - h.mean(-1, keepdim=True) * sae.center
+    shift = seen.a_hat.mean(-1, keepdim=True) * sae.center
+    resid_orig, resid_sae = [basis(orig[k]) for k in ds], [basis(spliced[k]) + shift for k in ds]
+    return E.e2e_ds_loss(kl, seen.c, resid_orig, resid_sae, phi, cfg.downstream_coeff, cfg.kl_coeff)
 
 @pytest.fixture(scope="module")
 def other_models():
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=300)
+    neox = GPTNeoXConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         intermediate_size=64, vocab_size=100)
+    # qwen: blocks 2 and 3 attend over a sliding window of 8 positions, 0 and 1 over all
+    qwen = Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    # gemma: alternating sliding-window and global layers, each kind with its own rotary embeddings
+    gemma = Gemma3TextConfig(**small, head_dim=8, sliding_window=8, sliding_window_pattern=2)
     return {k: m.eval().requires_grad_(False) for k, m in {
         "llama": LlamaForCausalLM(LlamaConfig(**small)),
-        "neox": GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                                 intermediate_size=64, vocab_size=100)),
-        # blocks 2 and 3 attend over a sliding window of 8 positions, 0 and 1 over all
-        "qwen": Qwen2ForCausalLM(Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=2)),
-        # alternating sliding-window and global layers, each kind with its own rotary embeddings
-        "gemma": Gemma3ForCausalLM(Gemma3TextConfig(**small, head_dim=8, sliding_window=8, sliding_window_pattern=2)),
+        "neox": GPTNeoXForCausalLM(neox),
+        "qwen": Qwen2ForCausalLM(qwen),
+        "gemma": Gemma3ForCausalLM(gemma),
     }.items()}
 
-@pytest.mark.parametrize("arch, loss, layer", [("gpt2", "e2e", 5), ("gpt2", "e2e_ds", 0), ("gpt2", "e2e_ds", 10),
-                                               ("llama", "e2e_ds", 1), ("neox", "e2e", 2), ("qwen", "e2e_ds", 1),
-                                               ("gemma", "e2e", 0)])
+@pytest.mark.parametrize("arch, loss, layer", [
+    ("gpt2", "e2e", 5), ("gpt2", "e2e_ds", 0), ("gpt2", "e2e_ds", 10), ("llama", "e2e_ds", 1),
+    ("neox", "e2e", 2), ("qwen", "e2e_ds", 1), ("gemma", "e2e", 0)])
 def test_fast_path_matches_the_plain_computation(tiny, other_models, arch, loss, layer):
-    """compute_loss (unembed_kl in ragged chunks, hidden_states, bf16) against reference_loss in fp32: each term and
-    gradient within 1e-5 in fp32; under bf16, terms within 1%, ‖g − g_ref‖ / ‖g_ref‖ < 5% (measured 0.1%, 1.6%)."""
+    """compute_loss (unembed_kl in ragged chunks, bf16) against reference_loss in fp32: terms and
+    gradients within 1e-5; in bf16, terms within 1%, ‖g − g_ref‖ / ‖g_ref‖ < 5% (seen: 0.1, 1.6%)"""
     model = tiny[0] if arch == "gpt2" else other_models[arch]
     blocks, D = E.decoder_blocks(model), model.config.hidden_size
-    cfg = cfg_for(loss, layer, center=arch in ("gpt2", "neox"))  # as setup() decides: LayerNorm models
+    cfg = cfg_for(loss, layer, center=arch in ("gpt2", "neox"))  # as setup() decides: LayerNorm
     torch.manual_seed(0)
     sae, tokens = E.SAE(D, 4 * D, center=cfg.center), tokens_for(model, B=2, T=32)
     with torch.no_grad():
@@ -337,8 +430,8 @@ def test_fast_path_matches_the_plain_computation(tiny, other_models, arch, loss,
     assert ref_terms["kl"] > 1e-3
     for bf16, rel in ((False, 1e-5), (True, 1e-2)):
         sae.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, terms, _ = E.compute_loss(cfg, model, blocks, sae, tokens, kl_chunk_rows=37)  # 37 ∤ 64 rows
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # chunks: 37 ∤ 64 rows
+            loss, terms, _ = E.compute_loss(cfg, model, blocks, sae, tokens, kl_chunk_rows=37)
         loss.backward()
         assert all(p.grad is None for p in model.parameters())  # the frozen model gets no gradient
         for k in ref_terms:
@@ -347,34 +440,37 @@ def test_fast_path_matches_the_plain_computation(tiny, other_models, arch, loss,
             assert (p.grad - g_ref).norm() / g_ref.norm() < (5e-2 if bf16 else 1e-5), bf16
 
 class Probe(TorchDispatchMode):
-    """The largest tensor made, and FLOPs by torch's formulas (FlopCounterMode's tracker cannot follow unembed_kl)."""
+    """The largest tensor made, and FLOPs by torch's formulas (FlopCounterMode misses unembed_kl)"""
     largest = flops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest] + sizes)
         if func._overloadpacket in flop_registry:
             self.flops += flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
         return out
 
 def test_each_loss_runs_what_it_counts_and_no_batch_by_vocabulary_tensor():
-    """local runs blocks 0 … L−1; e2e the clean model, then the spliced one, and unembeds rows a chunk at a time (never
-    through the lm_head module), so no (B, T, V) tensor is made; flops_per_token equals torch's count of one step."""
+    """local runs blocks 0 … L−1; e2e the clean model, then the spliced one, unembedding a chunk of
+    rows at a time: no (B, T, V) tensor; flops_per_token equals torch's count of one step."""
     model = E.tiny_gpt2().eval().requires_grad_(False)  # a model of its own, for the hooks
     model.config._attn_implementation = "eager"  # whose matmuls the count sees on the CPU
     blocks, calls, sae, (B, T, V) = E.decoder_blocks(model), [], E.SAE(64, 128), (2, 64, 512)
     for k, b in enumerate(blocks):
         b.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
     model.lm_head.register_forward_hook(lambda m, i, o: calls.append(("lm_head", i[0].dim())))
-    for loss, L, expected in [("local", 4, [0, 1, 2, 3]), ("e2e", 7, [*range(12)] * 2)]:  # no lm_head call
+    for loss, L, expected in [("local", 4, [0, 1, 2, 3]), ("e2e", 7, [*range(12)] * 2)]:  # no head
         calls.clear()
         E.compute_loss(cfg_for(loss, L), model, blocks, sae, tokens_for(model))
         assert calls == expected, loss
     tokens = tokens_for(model, B=B, T=T)  # F = 128 < V: c is smaller than (B, T, V)
     for loss in ("local", "e2e", "e2e_ds"):
         with Probe() as probe:
-            E.compute_loss(cfg_for(loss, 4), model, blocks, sae, tokens, kl_chunk_rows=16)[0].backward()
-        assert probe.flops == E.flops_per_token(model, blocks, sae, loss, 4, T) * tokens.numel()
+            cfg = cfg_for(loss, 4)
+            E.compute_loss(cfg, model, blocks, sae, tokens, kl_chunk_rows=16)[0].backward()
+        counted = E.flops_per_token(model, blocks, sae, loss, 4, T) * tokens.numel()
+        assert probe.flops == counted, f"{loss}: torch counts {probe.flops}, we {counted}"
         assert B * T * V > probe.largest >= (16 * V if loss != "local" else 0), probe.largest
         if loss != "local":  # the probe does see the plain way's (B, T, V) logits
             with Probe() as probe:
@@ -383,25 +479,35 @@ def test_each_loss_runs_what_it_counts_and_no_batch_by_vocabulary_tensor():
 
 def test_bf16_autocast_keeps_logits_and_the_residual_stream_fp32(tiny):
     model, blocks = tiny
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        assert blocks[0].attn.c_attn(torch.randn(2, 64)).dtype == torch.bfloat16  # the blocks do run in bf16
-        assert E.unembed(model.lm_head, E.run_model(model, tokens_for(model)).last_hidden_state).dtype == torch.float32
-        with E.splice_sae(blocks[6], identity_sae(64)) as seen, block_inputs(blocks, [6]) as entering:
-            E.run_model(model, tokens_for(model))
-    assert seen.a_hat.dtype == torch.bfloat16 and entering[6].dtype == torch.float32  # â goes in as fp32
-    m = E.evaluate(*tiny, identity_sae(64), tokens_for(model), 6, 2, partial(torch.autocast, "cpu", dtype=torch.bfloat16))
-    assert 0 <= m["kl"] < 0.05 and m["explained_variance"] > 0.99
+    bf16 = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    with bf16(), torch.no_grad():
+        qkv = blocks[0].attn.c_attn(torch.randn(2, 64))
+        assert qkv.dtype == torch.bfloat16, qkv.dtype  # the blocks do run in bf16
+        logits = E.unembed(model.lm_head, E.run_model(model, tokens_for(model)).last_hidden_state)
+        assert logits.dtype == torch.float32, logits.dtype
+        with E.splice_sae(blocks[6], identity_sae(64)) as seen:
+            with block_inputs(blocks, [6]) as entering:
+                E.run_model(model, tokens_for(model))
+    assert seen.a_hat.dtype == torch.bfloat16, seen.a_hat.dtype
+    assert entering[6].dtype == torch.float32, entering[6].dtype  # â goes in as fp32
+    m = E.evaluate(*tiny, identity_sae(64), tokens_for(model), 6, 2, bf16)
+    assert 0 <= m["kl"] < 0.05, f"KL {m['kl']}"
+    assert m["explained_variance"] > 0.99, f"explained variance {m['explained_variance']}"
 
 # --- Models and data
-def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, monkeypatch, capsys, other_models):
-    """Models load frozen, in eval mode, with SDPA; the hook sees Llama's hidden_states[L]; a Llama-style run trains, in
-    the raw stream (RMSNorm), and says its λ and β; GPT-2 and GPT-NeoX read the centred one; --dtype fp32 is no TF32."""
+def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, monkeypatch, capsys,
+                                                                     other_models):
+    """Models load frozen, in eval mode, with SDPA; the hook sees Llama's hidden_states[L]; a Llama
+    run trains in the raw stream (RMSNorm); GPT-2 and NeoX read the centred one; fp32 is no TF32."""
     assert E.load_model("tiny", torch.device("cpu"))[0].config._attn_implementation == "sdpa"
-    for name, m in {"gpt2": E.tiny_gpt2(), "llama": other_models["llama"], "neox": other_models["neox"]}.items():
+    saved = {"gpt2": E.tiny_gpt2(), "llama": other_models["llama"], "neox": other_models["neox"]}
+    for name, m in saved.items():
         m.save_pretrained(tmp_path / name)
     for name in ("gpt2", "llama"):
         model, tokenizer = E.load_model(str(tmp_path / name), torch.device("cpu"))
-        assert model.config._attn_implementation == "sdpa" and tokenizer is None and not model.training
+        assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+        assert tokenizer is None, tokenizer
+        assert not model.training
         assert not any(p.requires_grad for p in model.parameters())
     blocks, tokens = E.decoder_blocks(model), tokens_for(model)
     with torch.no_grad():
@@ -410,23 +516,31 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
         sae.center = False  # as setup() sets it for an RMSNorm model
         with E.splice_sae(blocks[2], sae) as seen:
             spliced = model(tokens).logits
-    assert torch.equal(seen.a, hidden[2]) and torch.allclose(spliced, model(tokens).logits, atol=1e-5)
+        logits = model(tokens).logits
+    assert torch.equal(seen.a, hidden[2]), f"a off by {(seen.a - hidden[2]).abs().max()}"
+    assert torch.allclose(spliced, logits, atol=1e-5), f"off by {(spliced - logits).abs().max()}"
     for loss in ("local", "e2e_ds"):
-        metrics = E.train(cfg_for(loss, 2, model=str(tmp_path / "llama"), n_samples=16, batch_size=2, grad_accum=2,
-                                  n_ctx=16, eval_samples=4, dict_ratio=2, out_dir=str(tmp_path / loss)))
+        metrics = E.train(cfg_for(loss, 2, model=str(tmp_path / "llama"), n_samples=16,
+                                  batch_size=2, grad_accum=2, n_ctx=16, eval_samples=4,
+                                  dict_ratio=2, out_dir=str(tmp_path / loss)))
         config = check_output_folder(tmp_path / loss, loss, 4, 2)[1]
-        assert set(metrics) == METRIC_KEYS and set(metrics["downstream_mse"]) == {3}
+        assert set(metrics) == METRIC_KEYS, sorted(metrics)
+        assert set(metrics["downstream_mse"]) == {3}, metrics["downstream_mse"]
         assert config["center"] is False  # RMSNorm: TransformerLens does not centre it, nor do we
-    assert f"e2e_ds SAE at layer 2 of {tmp_path}/llama (uncentred stream): D=32 F=64 λ=10 β=2.5 |" in capsys.readouterr().out
+    said = f"e2e_ds SAE at layer 2 of {tmp_path}/llama (uncentred stream): D=32 F=64 λ=10 β=2.5 |"
+    assert said in capsys.readouterr().out
     for name, centred in (("neox", True), ("llama", False), ("gpt2", True)):
         E.setup(cfg := cfg_for(layer=1, model=str(tmp_path / name)))
         assert cfg.center is centred, name
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     for dtype in ("fp32", "bf16"):
         E.setup(cfg_for(dtype=dtype))  # TF32 only for a bf16 run's fp32 matmuls
-        assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is (dtype == "bf16")
+        assert torch.backends.cuda.matmul.allow_tf32 is (dtype == "bf16"), dtype
+        assert torch.backends.cudnn.allow_tf32 is (dtype == "bf16"), dtype
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    assert E.decoder_blocks(neox := other_models["neox"]) is neox.gpt_neox.layers and len(neox.gpt_neox.layers) == 4
+    neox = other_models["neox"]
+    assert E.decoder_blocks(neox) is neox.gpt_neox.layers
+    assert len(neox.gpt_neox.layers) == 4, len(neox.gpt_neox.layers)
     with pytest.raises(E.UserError, match="cannot find the decoder blocks"):
         E.decoder_blocks(torch.nn.Linear(2, 2))
     capped = E.tiny_gpt2()
@@ -437,36 +551,58 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
 
 def write_sources(folder, rows):
     """The same pre-tokenised rows as a save_to_disk folder, a .jsonl and a .parquet file."""
-    ds, names = datasets.Dataset.from_dict({"input_ids": rows}), ("disk", "rows.jsonl", "rows.parquet")
+    ds = datasets.Dataset.from_dict({"input_ids": rows})
+    names = ("disk", "rows.jsonl", "rows.parquet")
     for save, name in zip((ds.save_to_disk, ds.to_json, ds.to_parquet), names):
         save(str(folder / name))
     return [str(folder / name) for name in names]
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_eval_and_training_sequences_never_overlap(tmp_path, monkeypatch, streamed):
-    """The first sequences are held out, of local sources (held, shuffled whole), streamed ones (a buffer, re-opened
-    when they end; checked on the same files) and `random`; each epoch reads each row once, in the seed's order."""
+    """The first sequences are held out, of local sources (held, shuffled whole) and streamed ones
+    (a buffer, re-opened at their end); each epoch reads every other sequence once, reshuffled."""
     monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)
-    rows = [list(range(i, i + 8 + i % 3)) for i in range(40)]  # row i is [i, i+1, ...], of 8, 9 or 10 tokens
+    rows = [list(range(i, i + 8 + i % 3)) for i in range(40)]  # row i: [i, i+1, ...], 8 to 10 long
     rows.insert(5, [1, 2, 3])  # too short: skipped
-    expected = [tuple(r[:8]) for r in rows if len(r) >= 8]
+    sequences = [tuple(row[:8]) for row in rows if len(row) >= 8]  # 40 of n_ctx = 8 tokens
+    held_out, others = sequences[:10], sequences[10:]
     for source in write_sources(tmp_path, rows):
-        eval_tokens, train = E.load_data(cfg_for(dataset=source, n_ctx=8, eval_samples=10, shuffle_buffer=7), None, 512)
-        assert [tuple(r) for r in eval_tokens.tolist()] == expected[:10], source
-        seen = [tuple(next(train).tolist()) for _ in range(3 * 30)]  # three passes over the 30 others
-        assert not set(seen) & set(expected[:10]), source
-        assert sorted(seen[:30]) == sorted(expected[10:]) == sorted(seen[30:60]), source
-        assert seen[:30] != expected[10:] and seen[:30] != seen[30:60]  # shuffled, differently per epoch
-        assert streamed or any(row[0] >= 30 for row in seen[:5])  # a whole shuffle: the file's end can come first
+        cfg = E.Config(dataset=source, n_ctx=8, eval_samples=10, shuffle_buffer=7)
+        eval_tokens, train = E.load_data(cfg, None, 512)
+        trained = [tuple(next(train).tolist()) for _ in range(3 * 30)]  # three epochs of the others
+        first, second = trained[:30], trained[30:60]
+        assert [tuple(row) for row in eval_tokens.tolist()] == held_out, source
+        assert not set(trained) & set(held_out), f"{source}: {set(trained) & set(held_out)}"
+        assert sorted(first) == sorted(others), f"{source}: epoch 1 is {first}"
+        assert sorted(second) == sorted(others), f"{source}: epoch 2 is {second}"
+        assert first != others, f"{source}: epoch 1 is in the file's order"
+        assert first != second, f"{source}: epochs 1 and 2 are in the same order"
+        if not streamed:  # a whole shuffle: the file's end can come first
+            assert any(row[0] >= 30 for row in trained[:5]), f"{source}: epoch 1 begins {first[:5]}"
 
-    def order(seed, source=write_sources(tmp_path / "o", [list(range(i, i + 4)) for i in range(50)])[0]):
-        _, train = E.load_data(cfg_for(dataset=source, n_ctx=4, eval_samples=5, shuffle_buffer=10, seed=seed), None, 512)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_training_order_is_set_by_the_seed(tmp_path, monkeypatch, streamed):
+    monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)
+    source = write_sources(tmp_path, [list(range(i, i + 4)) for i in range(50)])[0]
+
+    def order(seed):
+        cfg = E.Config(dataset=source, n_ctx=4, eval_samples=5, shuffle_buffer=10, seed=seed)
+        train = E.load_data(cfg, None, 512)[1]
         return [next(train)[0].item() for _ in range(45)]
-    assert order(1) == order(1) != order(2)
-    monkeypatch.undo()  # `random` is endless: streamed, never held
-    eval_tokens, train = E.load_data(cfg := cfg_for(n_ctx=16, eval_samples=5, shuffle_buffer=4), None, 512)
-    assert torch.equal(eval_tokens, E.load_data(dataclasses.replace(cfg, seed=7), None, 512)[0]) and eval_tokens.max() < 512
-    assert not {tuple(r) for r in eval_tokens.tolist()} & {tuple(next(train).tolist()) for _ in range(200)}
+    first, again, other = order(1), order(1), order(2)
+    assert first == again, f"seed 1 gave {first}, then {again}"
+    assert first != other, f"seeds 1 and 2 both gave {first}"
+
+def test_random_tokens_hold_out_the_same_sequences_whatever_the_seed():
+    """`random` is endless: streamed, never held; its first sequences are held out all the same."""
+    cfg = E.Config(dataset="random", n_ctx=16, eval_samples=5, shuffle_buffer=4)
+    eval_tokens, train = E.load_data(cfg, None, 512)
+    held_out = {tuple(row) for row in eval_tokens.tolist()}
+    trained = {tuple(next(train).tolist()) for _ in range(200)}
+    seed_7 = E.load_data(dataclasses.replace(cfg, seed=7), None, 512)[0]
+    assert torch.equal(eval_tokens, seed_7), "--seed 7 changed the evaluation set"
+    assert eval_tokens.max() < 512, f"token id {eval_tokens.max()} in a vocabulary of 512"
+    assert not held_out & trained, f"{len(held_out & trained)} held-out sequences trained on"
 
 def make_tokenizer(folder: Path, texts):
     """A small word-level tokenizer built offline, saved as a HF tokenizer."""
@@ -474,57 +610,69 @@ def make_tokenizer(folder: Path, texts):
     from tokenizers.processors import TemplateProcessing
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>", "<bos>"]))
+    specials = ["<unk>", "<eos>", "<bos>"]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
     # Like Llama's tokenizer, it puts <bos> before every text it encodes (unless told not to).
-    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
+    bos = ("<bos>", tok.token_to_id("<bos>"))
+    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[bos])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                                   bos_token="<bos>")
     fast.save_pretrained(folder)
     return fast
 
 # --- Configuration and the command line
 def test_the_paper_run_needs_no_other_flag_presets_yield_to_flags_and_the_lr_schedule():
-    cfg = E.parse_config(["--loss", "e2e", "--layer", "6"])
-    assert (cfg.model, cfg.dataset, cfg.n_ctx, cfg.n_samples) == ("gpt2", E.PAPER_DATASET, 1024, 400_000)
-    assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_samples) == (8, 2, 5e-4, 20_000)
-    assert (cfg.lr_min_ratio, cfg.grad_clip, cfg.dict_ratio, cfg.eval_samples) == (0.1, 10.0, 60.0, 500)
-    assert (cfg.sparsity_coeff, cfg.kl_coeff, cfg.out_dir) == (3.0, 1.0, "out/e2e_layer6")
-    local, ds = E.parse_config(["--loss", "local"]), E.parse_config(["--loss", "e2e_ds"])
-    assert (local.sparsity_coeff, ds.sparsity_coeff, ds.kl_coeff, ds.downstream_coeff) == (4.0, 50.0, 0.5, 2.5)
-    paper = {2: (0.8, 0.5, 10, 2.5), 6: (4, 3, 50, 2.5), 10: (6, 1.5, 1.75, 0.05)}  # λ local, e2e, e2e_ds; β
+    parse = lambda argv: E.parse_config(argv.split())
+    of = lambda cfg, names: tuple(getattr(cfg, name) for name in names.split())
+    cfg = parse("--loss e2e --layer 6")
+    assert of(cfg, "model dataset n_ctx n_samples") == ("gpt2", E.PAPER_DATASET, 1024, 400_000)
+    assert of(cfg, "batch_size grad_accum lr warmup_samples") == (8, 2, 5e-4, 20_000)
+    assert of(cfg, "lr_min_ratio grad_clip dict_ratio eval_samples") == (0.1, 10.0, 60.0, 500)
+    assert of(cfg, "sparsity_coeff kl_coeff out_dir") == (3.0, 1.0, "out/e2e_layer6")
+    local, ds = parse("--loss local"), parse("--loss e2e_ds")
+    assert local.sparsity_coeff == 4.0
+    assert of(ds, "sparsity_coeff kl_coeff downstream_coeff") == (50.0, 0.5, 2.5)
+    paper = {2: (0.8, 0.5, 10, 2.5), 6: (4, 3, 50, 2.5), 10: (6, 1.5, 1.75, 0.05)}  # λ ×3; β
     for layer, lam in [(0, paper[2]), (1, paper[2]), *paper.items(), (11, paper[10])]:
-        runs = [E.parse_config(["--loss", loss, "--layer", str(layer)]) for loss in ("local", "e2e", "e2e_ds")]
+        runs = [parse(f"--loss {loss} --layer {layer}") for loss in ("local", "e2e", "e2e_ds")]
         assert (*(r.sparsity_coeff for r in runs), runs[2].downstream_coeff) == lam, layer
-    between = E.parse_config(["--loss", "e2e_ds", "--layer", "8"])  # geometric means of layers 6 and 10
-    assert (between.sparsity_coeff, between.downstream_coeff) == (9.354, 0.3536) == (
-        float(f"{math.sqrt(50 * 1.75):.4g}"), float(f"{math.sqrt(2.5 * 0.05):.4g}"))
-    assert E.parse_config(["--loss", "e2e_ds", "--layer", "8", "--downstream-coeff", "1"]).downstream_coeff == 1.0
-    assert cfg.center and not E.parse_config(["--no-center"]).center  # TransformerLens's basis unless told
-    assert E.parse_config(["--loss", "e2e_ds", "--sparsity-coeff", "7", "--kl-coeff", "1"]).sparsity_coeff == 7.0
-    tiny = E.parse_config(["--model", "tiny", "--n-ctx", "64"])
+    between = parse("--loss e2e_ds --layer 8")  # geometric means of layers 6 and 10
+    assert of(between, "sparsity_coeff downstream_coeff") == (9.354, 0.3536)
+    assert (9.354, 0.3536) == (float(f"{math.sqrt(50 * 1.75):.4g}"),
+                               float(f"{math.sqrt(2.5 * 0.05):.4g}"))
+    assert parse("--loss e2e_ds --layer 8 --downstream-coeff 1").downstream_coeff == 1.0
+    assert cfg.center  # TransformerLens's basis unless told
+    assert not parse("--no-center").center
+    assert parse("--loss e2e_ds --sparsity-coeff 7 --kl-coeff 1").sparsity_coeff == 7.0
+    tiny = parse("--model tiny --n-ctx 64")
     assert {k: getattr(tiny, k) for k in E.TINY_RUN} == {**E.TINY_RUN, "n_ctx": 64}
-    cpu = E.parse_config(["--benchmark", "--device", "cpu"])
-    assert (cpu.model, cpu.dataset, cpu.loss, cpu.layer, cpu.dict_ratio) == ("gpt2-random", "random", "e2e", 6, 60)
-    assert (cpu.batch_size, cpu.n_ctx, cpu.grad_accum, cpu.bench_warmup, cpu.bench_steps) == (1, 128, 1, 1, 3)
-    gpu = E.parse_config(["--benchmark", "--device", "cuda", "--loss", "local"])
-    assert (gpu.batch_size, gpu.n_ctx, gpu.grad_accum, gpu.bench_warmup, gpu.bench_steps) == (8, 1024, 1, 3, 10)
-    mine = E.parse_config(["--benchmark", "--device", "cpu", "--model", "tiny", "--n-ctx", "64", "--bench-steps", "5"])
-    assert (mine.model, mine.n_ctx, mine.bench_steps, mine.batch_size) == ("tiny", 64, 5, 1)
-    flags = set(E.build_parser()._option_string_actions)  # a flag per field: Config.n_samples is --n-samples
-    assert {"--" + f.name.replace("_", "-") for f in dataclasses.fields(E.Config)} <= flags and "--n-samples" in flags
+    cpu = parse("--benchmark --device cpu")
+    assert of(cpu, "model dataset loss layer dict_ratio") == ("gpt2-random", "random", "e2e", 6, 60)
+    assert of(cpu, "batch_size n_ctx grad_accum bench_warmup bench_steps") == (1, 128, 1, 1, 3)
+    gpu = parse("--benchmark --device cuda --loss local")
+    assert of(gpu, "batch_size n_ctx grad_accum bench_warmup bench_steps") == (8, 1024, 1, 3, 10)
+    mine = parse("--benchmark --device cpu --model tiny --n-ctx 64 --bench-steps 5")
+    assert of(mine, "model n_ctx bench_steps batch_size") == ("tiny", 64, 5, 1)
+    flags = set(E.build_parser()._option_string_actions)  # a flag per field: n_samples, --n-samples
+    assert {"--" + f.name.replace("_", "-") for f in dataclasses.fields(E.Config)} <= flags
+    assert "--n-samples" in flags
     f = lambda s: E.lr_factor(s, warmup_steps=10, total_steps=111, min_ratio=0.1)  # steps 0 … 110
     assert [f(0), f(9), f(10), f(60), f(110)] == pytest.approx([0.1, 1.0, 1.0, 0.55, 0.1])
     assert all(f(s) >= f(s + 1) for s in range(10, 110))
-    short = [E.lr_factor(s, warmup_steps=8, total_steps=4, min_ratio=0.1) for s in range(4)]  # warm-up > run
-    assert short[-1] == pytest.approx(0.1) and max(short) == pytest.approx(1.0)
+    short = [E.lr_factor(s, warmup_steps=8, total_steps=4, min_ratio=0.1) for s in range(4)]
+    assert short[-1] == pytest.approx(0.1), short  # a warm-up longer than the run
+    assert max(short) == pytest.approx(1.0), short
 
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
 def write(folder: Path, name: str, data) -> str:
     """folder/name holding data (text or bytes), its folders made: its path."""
     (folder / name).parent.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     return str(folder / name)
 def sae_dir(folder: Path, d_model=64, dict_size=8, config=None, sae=None, dictionary=None) -> str:
-    """folder holding sae.safetensors, of `sae` or of a new SAE (whose decoder columns are `dictionary`, a (D, F)
-    tensor of unit-norm columns, if given), and config.json holding `config`, if given."""
+    """folder holding sae.safetensors, of `sae` or of a new SAE (of decoder columns `dictionary`,
+    (D, F), unit-norm, if given), and config.json holding `config`, if given."""
     if sae is None:
         sae = E.SAE(*(dictionary.shape if dictionary is not None else (d_model, dict_size)))
     if dictionary is not None:
@@ -536,15 +684,15 @@ def new_run(d_model=64, dict_size=256):
     sae = E.SAE(d_model, dict_size)
     return SimpleNamespace(sae=sae, optimizer=torch.optim.Adam(sae.parameters()))
 def bad_checkpoint(p, kind):
-    """A run folder of the tiny model whose checkpoint.pt is cut short, or has its first bytes zeroed."""
+    """A run folder of the tiny model, its checkpoint.pt cut short, or its first bytes zeroed."""
     write(p, "run/config.json", json.dumps({"model": "tiny", "dataset": "random", "device": "cpu"}))
     E.save_checkpoint(p / "run", new_run(), 1, 0.0)
     data = (p / "run" / "checkpoint.pt").read_bytes()
-    write(p, "run/checkpoint.pt", data[: len(data) // 3] if kind == "cut" else bytes(64) + data[64:])
+    write(p, "run/checkpoint.pt", data[:len(data) // 3] if kind == "cut" else bytes(64) + data[64:])
     return str(p / "run")
 
 rows = lambda p, *rows: write(p, "rows.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-inspect = lambda p, *args, width=64: ["--inspect", "--sae", sae_dir(p, width, 8), "--layer", "3", *args]
+inspect = lambda p, *a, width=64: ["--inspect", "--sae", sae_dir(p, width, 8), "--layer", "3", *a]
 init = lambda p, *args, **cfg: ["--init-from", saelens_dir(p / "s", **cfg)[0], *args]
 
 def exits(argv, capture):
@@ -553,9 +701,12 @@ def exits(argv, capture):
         E.main(argv)
     return e.value.code, capture.readouterr().err
 
+NOT_READABLE = "config.json is not a readable run configuration"
+NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
 @pytest.mark.parametrize("make_args, message", [
     (["--layer", "12"], "--layer 12 is outside the model's blocks 0 … 11"),
-    (["--loss", "e2e_ds", "--layer", "11"], "--loss e2e_ds needs a block after --layer; 11 is the model's last"),
+    (["--loss", "e2e_ds", "--layer", "11"],
+     "--loss e2e_ds needs a block after --layer; 11 is the model's last"),
     (["--loss", "l2"], "--loss must be one of local, e2e, e2e_ds, not 'l2'"),
     (["--sparsity-coeff", "-1"], "--sparsity-coeff must be a finite number ≥ 0, not -1.0"),
     (["--downstream-coeff", "nan"], "--downstream-coeff must be a finite number ≥ 0, not nan"),
@@ -576,39 +727,47 @@ def exits(argv, capture):
     (["--device", "cuda:99"], "--device cuda:99 is not usable here"),
     (lambda p: ["--model", str(p / "nothing_here")], "nothing_here: no such folder"),
     (lambda p: ["--out-dir", write(p, "afile", "") + "/run"], "cannot create --out-dir"),
-    (lambda p: write(p, "out/metrics.json", "{}") and [],
-     "out already holds a finished run \\(metrics.json\\): pass --overwrite to replace it, or another --out-dir"),
-    # datasets: each said in one line, and nothing of what the libraries print (C-level writes, log handlers)
+    (lambda p: write(p, "out/metrics.json", "{}") and [], "out already holds a finished run "
+     "\\(metrics.json\\): pass --overwrite to replace it, or another --out-dir"),
+    # datasets: one line each, none of what the libraries print (C-level writes, log handlers)
     (lambda p: ["--dataset", str(p / "nope.jsonl")], "nope.jsonl: no such file or folder"),
     (lambda p: ["--dataset", write(p, "empty.jsonl", "")], "empty.jsonl is an empty file"),
-    (lambda p: ["--dataset", write(p, "b.jsonl", '{"input_ids": [1, 2\n')], "cannot read dataset .*JSON parse error"),
+    (lambda p: ["--dataset", write(p, "b.jsonl", '{"input_ids": [1, 2\n')],
+     "cannot read dataset .*JSON parse error"),
     (lambda p: ["--dataset", str(Path(write(p, "txt/a.txt", bytes(range(256)))).parent)],
      "cannot read dataset '.*txt' \\('utf-8' codec can't decode"),
-    (lambda p: ["--dataset", rows(p, {"text": "a b"})], "holds text, and the model has no tokenizer with an EOS token"),
-    (lambda p: ["--dataset", rows(p, {"tokens": [1, 2]})], "an 'input_ids' or a 'text' column; these have \\['tokens'\\]"),
+    (lambda p: ["--dataset", rows(p, {"text": "a b"})],
+     "holds text, and the model has no tokenizer with an EOS token"),
+    (lambda p: ["--dataset", rows(p, {"tokens": [1, 2]})],
+     "an 'input_ids' or a 'text' column; these have \\['tokens'\\]"),
     (lambda p: ["--dataset", write_sources(p, [[1, 2, 3]] * 4)[2], "--n-ctx", "16"],
      "holds only 0 sequences of 16 tokens, fewer than --eval-samples 32"),
-    (lambda p: ["--dataset", write_sources(p, [[600] * 4])[0], "--n-ctx", "4", "--eval-samples", "1"],
+    (lambda p: ["--dataset", write_sources(p, [[600] * 4])[0], "--n-ctx", "4",
+                "--eval-samples", "1"],
      "the dataset has token id 600, beyond the model's vocabulary of 512"),
-    (lambda p: ["--dataset", rows(p, {"input_ids": [1] * 4}, {"input_ids": [600] * 4}), "--n-ctx", "4",
-                "--eval-samples", "1"], "token id 600"),  # training rows are checked too, not only the evaluation set
+    # training rows are checked too, not only the evaluation set
+    (lambda p: ["--dataset", rows(p, {"input_ids": [1] * 4}, {"input_ids": [600] * 4}),
+                "--n-ctx", "4", "--eval-samples", "1"], "token id 600"),
     (lambda p: write(p, "out/config.json", "{}") and [  # an earlier run stays as it was
-        "--dataset", write_sources(p, [[1] * 4] * 2)[0], "--n-ctx", "4", "--eval-samples", "2", "--overwrite"],
-     "has no sequences left for training after the 2 evaluation sequences"),
+        "--dataset", write_sources(p, [[1] * 4] * 2)[0], "--n-ctx", "4", "--eval-samples", "2",
+        "--overwrite"], "has no sequences left for training after the 2 evaluation sequences"),
     # saved SAEs and runs
     (["--eval-only"], "--eval-only and --inspect need --sae DIR"),
     (lambda p: ["--eval-only", "--sae", str(p), "--layer", "3"], "holds no sae.safetensors"),
-    (lambda p: ["--eval-only", "--sae", str(Path(write(p, "sae.safetensors", "garbage")).parent), "--layer", "3"],
-     "sae.safetensors is not a valid SAE file"),
-    (lambda p: ["--eval-only", "--sae", sae_dir(p)], "has no config.json: pass --model and --layer"),
-    (lambda p: ["--eval-only", "--sae", sae_dir(p, config="{broken")], "config.json is not a readable run configuration"),
-    (lambda p: ["--compare", sae_dir(p, config="[1, 2]"), str(p)], "config.json is not a readable run configuration"),
+    (lambda p: ["--eval-only", "--sae", str(Path(write(p, "sae.safetensors", "garbage")).parent),
+                "--layer", "3"], "sae.safetensors is not a valid SAE file"),
+    (lambda p: ["--eval-only", "--sae", sae_dir(p)],
+     "has no config.json: pass --model and --layer"),
+    (lambda p: ["--eval-only", "--sae", sae_dir(p, config="{broken")], NOT_READABLE),
+    (lambda p: ["--compare", sae_dir(p, config="[1, 2]"), str(p)], NOT_READABLE),
     (lambda p: ["--resume", str(p)], "holds no checkpoint.pt to resume from"),
-    (lambda p: ["--resume", bad_checkpoint(p, "cut")], "checkpoint.pt is not a valid checkpoint for this run"),
-    (lambda p: ["--resume", bad_checkpoint(p, "zeroed")], "checkpoint.pt is not a valid checkpoint for this run"),
-    (lambda p: ["--resume", bad_checkpoint(p, "zeroed"), "--overwrite"], "--overwrite True contradicts the run in"),
+    (lambda p: ["--resume", bad_checkpoint(p, "cut")], NOT_VALID),
+    (lambda p: ["--resume", bad_checkpoint(p, "zeroed")], NOT_VALID),
+    (lambda p: ["--resume", bad_checkpoint(p, "zeroed"), "--overwrite"],
+     "--overwrite True contradicts the run in"),
     (["--inspect"], "--eval-only and --inspect need --sae DIR"),
-    (lambda p: inspect(p, "--features", "2,x"), "--features takes comma-separated numbers, not '2,x'"),
+    (lambda p: inspect(p, "--features", "2,x"),
+     "--features takes comma-separated numbers, not '2,x'"),
     (lambda p: inspect(p, "--features", ""), "--features takes comma-separated numbers, not ''"),
     (lambda p: inspect(p, "--features", "8"), "--features 8: the dictionary has elements 0 … 7"),
     (lambda p: inspect(p, "--inspect-samples", "0"), "--inspect-samples must be > 0, not 0"),
@@ -616,7 +775,8 @@ def exits(argv, capture):
     (lambda p: ["--compare", sae_dir(p), str(p / "nowhere")], "nowhere holds no sae.safetensors"),
     (lambda p: init(p, architecture="topk"),
      "holds a SAELens topk SAE \\(relu\\), which this file's SAE cannot represent"),
-    (lambda p: ["--eval-only", "--sae", saelens_dir(p / "s", flat=True, activation_fn_str="topk")[0]],
+    (lambda p: ["--eval-only", "--sae", saelens_dir(p / "s", flat=True,
+                                                    activation_fn_str="topk")[0]],
      "holds a SAELens standard SAE \\(topk\\)"),
     (lambda p: init(p, normalize_activations="layer_norm"),
      "normalises its input by 'layer_norm' without its factor in activation_scaler.json"),
@@ -624,71 +784,91 @@ def exits(argv, capture):
      "s has no sae_weights.safetensors"),
     (lambda p: init(p, flat=True, hook_name="blocks.3.hook_mlp_out"),
      "holds an SAE of blocks.3.hook_mlp_out, not of blocks.L.hook_resid_pre"),
-    (lambda p: init(p, "--layer", "4"), "--layer 4 does not fit the SAE in .*s, saved with --layer 3"),
+    (lambda p: init(p, "--layer", "4"),
+     "--layer 4 does not fit the SAE in .*s, saved with --layer 3"),
     (lambda p: init(p, flat=True, activation_fn="topk"), "SAELens standard SAE \\(topk\\)"),
     (lambda p: init(p, scale=-1.0), "scaler.json's scaling factor -1.0 is not positive"),
     (lambda p: ["--init-from", sae_dir(p / "out"), "--overwrite"],
      "--out-dir is the folder of the SAE in --init-from, which the run would overwrite"),
-    (lambda p: init(p, "--no-center"), "--center False does not fit the SAE in .*s, saved with --center True"),
+    (lambda p: init(p, "--no-center"),
+     "--center False does not fit the SAE in .*s, saved with --center True"),
     (lambda p: init(p, d_in=32), "the SAE in .*s reads width 32, but tiny has 64"),
-    (lambda p: ["--eval-only", "--sae", paper_checkpoint(p / "x.pt", ("encoder.0.weight", "pos_embed"))[0]],
-     "x.pt holds blocks-3-hook_resid_pre.encoder.0.weight, blocks-3-hook_resid_pre.pos_embed…, not one SAE of the"),
-    (lambda p: ["--eval-only", "--sae", write(p, "y.pt", "not a checkpoint")], "y.pt is not a checkpoint of the paper's"),
+    (lambda p: ["--eval-only", "--sae",
+                paper_checkpoint(p / "x.pt", ("encoder.0.weight", "pos_embed"))[0]],
+     "x.pt holds blocks-3-hook_resid_pre.encoder.0.weight, blocks-3-hook_resid_pre.pos_embed…, "
+     "not one SAE of the"),
+    (lambda p: ["--eval-only", "--sae", write(p, "y.pt", "not a checkpoint")],
+     "y.pt is not a checkpoint of the paper's"),
     (lambda p: ["--compare", sae_dir(p / "a"), sae_dir(p / "b", 32, 8)],
      "the SAEs read different widths \\(64 and 32\\): they cannot be compared"),
     (lambda p: ["--compare", sae_dir(p / "a"), sae_dir(p / "b"), "--device", "cuda:99"],
      "--device cuda:99 is not usable here"),
 ])
-def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, monkeypatch, capfd, make_args, message):
-    """main() turns every mistake into one line on stderr and exit 2, and leaves the output folder as it was."""
-    for handler in logging.getLogger("datasets").handlers:  # made at import: pointed at this test's stderr
+def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, monkeypatch, capfd, make_args,
+                                                      message):
+    """main() says each mistake in a line on stderr, exits 2, leaves the output folder as it was."""
+    for handler in logging.getLogger("datasets").handlers:  # made at import: to this test's stderr
         monkeypatch.setattr(handler, "stream", sys.stderr)
     args, out = make_args(tmp_path) if callable(make_args) else make_args, tmp_path / "out"
     before = sorted(os.listdir(out)) if out.exists() else None
-    prefix = [] if "--resume" in args else ["--model", "tiny", "--device", "cpu", "--out-dir", str(out)]
-    code, err = exits([*prefix, *args], capfd)
-    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
-    assert re.search(message, err) and "Traceback" not in err and "usage:" not in err, err
+    prefix = ["--model", "tiny", "--device", "cpu", "--out-dir", str(out)]
+    code, err = exits(args if "--resume" in args else [*prefix, *args], capfd)
+    assert code == 2, err
+    assert err.startswith("error: "), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert "Traceback" not in err, err
+    assert "usage:" not in err, err
     assert (sorted(os.listdir(out)) if out.exists() else None) == before
 
 def test_offline_and_an_interrupted_start_are_one_line(tmp_path, monkeypatch, capsys):
-    """hub_reachable probes the endpoint; offline runs fail at once, in a line; Ctrl-C before the loop: one line, 130."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    """hub_reachable probes; offline runs fail at once, in a line; early Ctrl-C: a line, 130."""
+    hub = huggingface_hub.constants
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
     for var in ("HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(var, raising=False)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"https://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setattr(hub, "ENDPOINT", f"https://127.0.0.1:{server.getsockname()[1]}")
         assert E.hub_reachable()
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")  # never resolves
+    monkeypatch.setattr(hub, "ENDPOINT", "https://hub.invalid")  # never resolves
     assert not E.hub_reachable()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
     assert not E.hub_reachable()
-    for argv, said in [(["--loss", "e2e"], "cannot download model 'gpt2': the Hugging Face hub is unreachable"),
+    unreachable = "the Hugging Face hub is unreachable"
+    for argv, said in [(["--loss", "e2e"], f"cannot download model 'gpt2': {unreachable}"),
                        (["--model", "tiny", "--dataset", "someone/some-corpus"],
-                        "cannot stream dataset 'someone/some-corpus': the Hugging Face hub is unreachable")]:
+                        f"cannot stream dataset 'someone/some-corpus': {unreachable}")]:
         code, err = exits([*argv, "--out-dir", str(tmp_path / "a"), "--device", "cpu"], capsys)
-        assert code == 2 and err.count("\n") == 1 and said in err and "--model tiny --dataset random" in err, err
+        assert code == 2, err
+        assert err.count("\n") == 1, err
+        assert said in err, err
+        assert "--model tiny --dataset random" in err, err
     monkeypatch.setattr(E, "setup", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
-    assert exits(["--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path / "b")], capsys) == (
-        130, "stopped: interrupted (any checkpoint already written is intact)\n")
+    said = "stopped: interrupted (any checkpoint already written is intact)\n"
+    argv = ["--model", "tiny", "--device", "cpu", "--out-dir", str(tmp_path / "b")]
+    assert exits(argv, capsys) == (130, said)
 
 def check_output_folder(out: Path, loss: str, n_layers: int, layer: int, dict_ratio=2):
     assert OUTPUT_FILES <= set(os.listdir(out))
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == METRIC_KEYS and set(metrics["downstream_mse"]) == {str(k) for k in range(layer + 1, n_layers)}
-    config = json.loads((out / "config.json").read_text())
-    assert config["loss"] == loss and config["layer"] == layer and config["dict_size"] == config["d_model"] * dict_ratio
+    metrics, config = read_json(out / "metrics.json"), read_json(out / "config.json")
+    assert set(metrics) == METRIC_KEYS, sorted(metrics)
+    after = {str(k) for k in range(layer + 1, n_layers)}
+    assert set(metrics["downstream_mse"]) == after, metrics["downstream_mse"]
+    assert config["loss"] == loss, config["loss"]
+    assert config["layer"] == layer, config["layer"]
+    assert config["dict_size"] == config["d_model"] * dict_ratio, config["dict_size"]
     log = E.read_log(out / "log.jsonl")
-    assert any("train/loss" in r and r["tokens_per_s"] > 0 for r in log) and any("eval/kl" in r for r in log)
+    assert any("train/loss" in r and r["tokens_per_s"] > 0 for r in log)  # a training line ...
+    assert any("eval/kl" in r for r in log)  # ... and an evaluation
     assert set(load_file(str(out / "sae.safetensors"))) == {"W_enc", "b_enc", "W_dec", "b_dec"}
     return metrics, config
 
 def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys):
-    """Text (a folder of .txt files, or jsonl rows) is tokenised and packed, EOS between documents, no BOS; a saved
-    model and tokenizer train on it; --eval-only of the run (from its config.json) and of a bare SAE file."""
+    """Text (.txt files, or jsonl rows) is tokenised and packed, EOS between documents, no BOS; a
+    saved model trains on it; --eval-only of the run (its config.json) and of a bare SAE file."""
     docs = [" ".join(f"w{(i * j) % 37}" for j in range(7 + i % 5)) for i in range(30)]
     model_dir, out = tmp_path / "model", tmp_path / "run"
     tok = make_tokenizer(model_dir, docs)
@@ -696,29 +876,37 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
         write(tmp_path, f"txt/{i:02}.txt", d)
     write(tmp_path, "docs.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
     assert tok(docs[0])["input_ids"][0] == tok.bos_token_id
-    stream = [i for d in docs for i in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    eos = [tok.eos_token_id]
+    stream = [i for d in docs for i in tok(d, add_special_tokens=False)["input_ids"] + eos]
     for source in ("txt", "docs.jsonl"):
-        packed = [s.tolist() for s in E.sequences(cfg_for(dataset=str(tmp_path / source), n_ctx=16), tok, len(tok))]
-        assert packed == [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)] and len(packed) == len(stream) // 16
+        cfg = cfg_for(dataset=str(tmp_path / source), n_ctx=16)
+        packed = [s.tolist() for s in E.sequences(cfg, tok, len(tok))]
+        assert packed == [stream[i:i + 16] for i in range(0, len(stream) - 15, 16)], source
+        assert len(packed) == len(stream) // 16, source
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64,
                                eos_token_id=tok.eos_token_id)).save_pretrained(model_dir)
-    E.main(["--model", str(model_dir), "--dataset", str(tmp_path / "txt"), "--loss", "local", "--layer", "1", "--n-samples",
-            "32", "--batch-size", "4", "--n-ctx", "16", "--eval-samples", "6", "--dict-ratio", "2", "--out-dir", str(out)])
+    E.main(["--model", str(model_dir), "--dataset", str(tmp_path / "txt"), "--loss", "local",
+            "--layer", "1", "--n-samples", "32", "--batch-size", "4", "--n-ctx", "16",
+            "--eval-samples", "6", "--dict-ratio", "2", "--out-dir", str(out)])
     trained = check_output_folder(out, "local", 3, 1)[0]
-    assert trained["n_eval_tokens"] == 6 * 16 and "final:" in capsys.readouterr().out
-    E.main(["--eval-only", "--sae", str(out), "--out-dir", str(tmp_path / "eval")])  # --out-dir still wins
-    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(evaluated) == METRIC_KEYS and f"wrote {tmp_path / 'eval'}/metrics.json" in capsys.readouterr().out
+    assert trained["n_eval_tokens"] == 6 * 16, trained["n_eval_tokens"]
+    assert "final:" in capsys.readouterr().out
+    E.main(["--eval-only", "--sae", str(out), "--out-dir", str(tmp_path / "eval")])  # it wins
+    evaluated = read_json(tmp_path / "eval" / "metrics.json")
+    assert set(evaluated) == METRIC_KEYS, sorted(evaluated)
+    assert f"wrote {tmp_path / 'eval'}/metrics.json" in capsys.readouterr().out
     for k in METRIC_KEYS - {"downstream_mse"}:
         assert evaluated[k] == pytest.approx(trained[k], rel=1e-4, abs=1e-6), k
     sae_dir(tmp_path / "bare", sae=identity_sae(64))
-    cfg = E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare"), "--model", "tiny", "--layer", "3",
-                          "--n-ctx", "16", "--eval-samples", "4", "--device", "cpu"])
+    cfg = E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare"), "--model", "tiny",
+                          *"--layer 3 --n-ctx 16 --eval-samples 4 --device cpu".split()])
     m = E.evaluate_saved(cfg)
-    assert cfg.out_dir == str(tmp_path / "bare") and abs(m["kl"]) < 1e-6
-    assert json.loads((tmp_path / "bare" / "metrics.json").read_text()) == json.loads(json.dumps(m))
-    write(tmp_path, "bare/config.json", json.dumps({"model": "tiny", "layer": 3}))  # from before `center` existed
+    assert cfg.out_dir == str(tmp_path / "bare"), cfg.out_dir
+    assert abs(m["kl"]) < 1e-6, f"KL {m['kl']}"
+    assert read_json(tmp_path / "bare" / "metrics.json") == json.loads(json.dumps(m))
+    old = json.dumps({"model": "tiny", "layer": 3})  # written before `center` existed
+    write(tmp_path, "bare/config.json", old)
     assert not E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare")]).center
     (tmp_path / "bare" / "config.json").unlink()
     with pytest.raises(E.UserError, match="has no config.json: pass --model and --layer"):
@@ -726,15 +914,16 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
 
 # --- Runs in subprocesses: `python e2e_sae.py` itself, a real SIGTERM, torchrun
 def launch(folder: Path, *argv, torchrun=0):
-    """`python e2e_sae.py` (or under `torchrun --nproc_per_node=N`) in a session of its own, on one thread, to files."""
-    prefix = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
+    """`python e2e_sae.py` (or under torchrun) in a session of its own, on one thread, to files."""
+    prefix = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    command = [sys.executable, *(prefix if torchrun else []), "e2e_sae.py", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     with open(folder / "stdout", "w") as out, open(folder / "stderr", "w") as err:
-        return subprocess.Popen([sys.executable, *prefix, "e2e_sae.py", *argv], cwd=HERE, stdout=out, stderr=err,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"},
+        return subprocess.Popen(command, cwd=HERE, stdout=out, stderr=err, env=env,
                                 start_new_session=True)
 
 def sigterm_at(path: Path, proc, rank=None):
-    """SIGTERM, as soon as path exists, to proc, or to its torchrun worker of that rank (found in /proc)."""
+    """SIGTERM, once path exists, to proc, or to its torchrun worker of that rank (in /proc)."""
     while not path.exists() and proc.poll() is None:
         time.sleep(0.005)
     for p in Path("/proc").glob("[0-9]*") if rank is not None else []:
@@ -745,7 +934,7 @@ def sigterm_at(path: Path, proc, rank=None):
     proc.send_signal(signal.SIGTERM)
 
 def finished(proc, folder: Path, timeout=300):
-    """Its exit code, stdout and stderr; a run stuck (in a collective, say) is killed with its session."""
+    """Its exit code, stdout and stderr; a stuck run (in a collective) is killed with its session"""
     try:
         proc.wait(timeout)
     finally:
@@ -755,21 +944,22 @@ def finished(proc, folder: Path, timeout=300):
 
 # --- The output folder, checkpoints and resuming
 def run_args(out: Path, data="random", *extra):
-    """16 steps of 2 × 4 sequences: warm-up to step 2, evaluations after 6, 12, 16, checkpoints after 4, 8, 12, log
-    lines every 2 steps; 9 evaluation sequences, in shares of 5 and 4 over two processes, micro-batches of 2."""
-    return ["--model", "tiny", "--dataset", data, "--n-ctx", "16", "--batch-size", "4", "--grad-accum", "2",
-            "--n-samples", "128", "--warmup-samples", "16", "--eval-samples", "9", "--eval-every", "48",
-            "--save-every", "32", "--log-every", "2", "--dict-ratio", "4", "--device", "cpu", "--out-dir", str(out), *extra]
+    """16 steps of 2 × 4 sequences: warm-up to step 2, evaluations after 6, 12, 16, checkpoints
+    after 4, 8, 12, a log line every 2; 9 evaluation sequences (5 and 4 over two processes)."""
+    return ["--model", "tiny", "--dataset", data, *(
+        "--n-ctx 16 --batch-size 4 --grad-accum 2 --n-samples 128 --warmup-samples 16 "
+        "--eval-samples 9 --eval-every 48 --save-every 32 --log-every 2 --dict-ratio 4 "
+        "--device cpu").split(), "--out-dir", str(out), *extra]
 
 def checkpoint(out: Path) -> dict:
     return torch.load(out / "checkpoint.pt", weights_only=True)
 def assert_same_run(a: Path, b: Path, tol=0.0, windows=False):
-    """The same SAE, evaluations and log lines at the same steps: bitwise by default (CPU kernels are deterministic);
-    training lines too where both runs averaged the same windows of steps (a resumed run's may be shorter)."""
+    """The same SAE, evaluations and log lines at the same steps: bitwise by default (CPU kernels
+    are deterministic); training lines too where both averaged the same windows of steps."""
     sae_a, sae_b = load_file(str(a / "sae.safetensors")), load_file(str(b / "sae.safetensors"))
     for k in sae_a:
         torch.testing.assert_close(sae_a[k], sae_b[k], atol=tol, rtol=0)
-    assert tol or json.loads((a / "metrics.json").read_text()) == json.loads((b / "metrics.json").read_text())
+    assert tol or read_json(a / "metrics.json") == read_json(b / "metrics.json")
     log_a, log_b = E.read_log(a / "log.jsonl"), E.read_log(b / "log.jsonl")
     assert [(r["step"], sorted(r)) for r in log_a] == [(r["step"], sorted(r)) for r in log_b]
     for r_a, r_b in zip(log_a, log_b):
@@ -778,13 +968,13 @@ def assert_same_run(a: Path, b: Path, tol=0.0, windows=False):
 
 @pytest.fixture(scope="module")
 def alone(tmp_path_factory):
-    """run_args's run on random tokens, left alone: what every interrupted, resumed or many-process run ends as."""
+    """run_args's run, left alone: what every interrupted, resumed or many-process run ends as."""
     out = tmp_path_factory.mktemp("alone") / "run"
     E.train(E.parse_config(run_args(out)))
     return out
 
 def stopped(monkeypatch, argv, name, n, how=signal.SIGINT):
-    """The exception E.train(argv) ends with, given `how` (a signal, an error, a function of its result) at call n."""
+    """The exception E.train(argv) ends with, given `how` (signal, error, function) at call n."""
     calls, real = [], getattr(E, name)
 
     def wrapper(*args, **kwargs):
@@ -793,63 +983,81 @@ def stopped(monkeypatch, argv, name, n, how=signal.SIGINT):
             raise how
         if len(calls) == n and isinstance(how, int):
             os.kill(os.getpid(), how)
-        return how(real(*args, **kwargs)) if len(calls) == n and callable(how) else real(*args, **kwargs)
+        result = real(*args, **kwargs)
+        return how(result) if len(calls) == n and callable(how) else result
     with monkeypatch.context() as m, pytest.raises(BaseException) as e:
         m.setattr(E, name, wrapper)
         E.train(E.parse_config(argv))
     return e.value
 
 def test_saved_sae_reproduces_the_module_and_is_what_saelens_reads(tmp_path):
-    """sae.safetensors holds â = relu(a @ W_enc + b_enc) @ W_dec + b_dec (normalised W_dec), as load_sae rebuilds it;
-    cfg.json and sae_weights.safetensors are what SAELens 6's documentation says its standard SAE reads."""
+    """sae.safetensors holds â = relu(a @ W_enc + b_enc) @ W_dec + b_dec, as load_sae rebuilds it;
+    cfg.json and sae_weights.safetensors are what SAELens 6's docs say its standard SAE reads."""
     torch.manual_seed(0)
     sae = E.SAE(16, 48)
     with torch.no_grad():
         sae.decoder.weight.mul_(3.0)  # columns no longer unit norm in the raw weight
         sae.decoder.bias.normal_()
     E.save_sae(sae, tmp_path / "sae.safetensors")
-    info = {"model": "tiny", "layer": 6, "n_ctx": 16, "dataset": "random", "d_model": 16, "dict_size": 48, "center": False}
+    info = {"model": "tiny", "layer": 6, "n_ctx": 16, "dataset": "random", "d_model": 16,
+            "dict_size": 48, "center": False}
     E.save_saelens(tmp_path, info)
-    t, w = load_file(str(tmp_path / "sae.safetensors")), load_file(str(tmp_path / "sae_weights.safetensors"))
+    t, w = (load_file(tmp_path / name) for name in ("sae.safetensors", "sae_weights.safetensors"))
     assert {k: (tuple(v.shape), v.dtype) for k, v in w.items()} == {
         "W_enc": ((16, 48), torch.float32), "b_enc": ((48,), torch.float32),
         "W_dec": ((48, 16), torch.float32), "b_dec": ((16,), torch.float32)}
-    assert all(torch.equal(t[k], w[k]) for k in t) and torch.allclose(t["W_dec"].norm(dim=1), torch.ones(48), atol=1e-6)
-    assert (tmp_path / "sae_weights.safetensors").samefile(tmp_path / "sae.safetensors")  # a hard link: on disk once
-    cfg = json.loads((tmp_path / "cfg.json").read_text())
-    standard = {"architecture": "standard", "d_in": 16, "d_sae": 48, "dtype": "float32", "apply_b_dec_to_input": False,
-                "device": "cpu", "normalize_activations": "none", "reshape_activations": "none"}
+    assert all(torch.equal(t[k], w[k]) for k in t)
+    norms = t["W_dec"].norm(dim=1)
+    assert torch.allclose(norms, torch.ones(48), atol=1e-6), f"W_dec's row norms {norms}"
+    sae_weights = tmp_path / "sae_weights.safetensors"
+    assert sae_weights.samefile(tmp_path / "sae.safetensors")  # a hard link: on disk once
+    cfg = read_json(tmp_path / "cfg.json")
+    standard = {"architecture": "standard", "d_in": 16, "d_sae": 48, "dtype": "float32",
+                "apply_b_dec_to_input": False, "device": "cpu", "normalize_activations": "none",
+                "reshape_activations": "none"}
     assert {k: cfg[k] for k in standard} == standard
     meta = cfg["metadata"]
     assert (meta["hook_name"], meta["model_name"], meta["context_size"], meta["prepend_bos"]) == (
-        "blocks.6.hook_resid_pre", "tiny", 16, False) and int(meta["sae_lens_version"].split(".")[0]) >= 6
-    assert meta["model_from_pretrained_kwargs"] == {"center_writing_weights": False}  # HF's residual stream
+        "blocks.6.hook_resid_pre", "tiny", 16, False)
+    assert int(meta["sae_lens_version"].split(".")[0]) >= 6, meta["sae_lens_version"]
+    kwargs = meta["model_from_pretrained_kwargs"]
+    assert kwargs == {"center_writing_weights": False}  # HF's residual stream
     E.save_saelens(tmp_path, {**info, "center": True})  # TransformerLens's centred hook_resid_pre
-    kwargs = json.loads((tmp_path / "cfg.json").read_text())["metadata"]["model_from_pretrained_kwargs"]
-    assert kwargs == {"center_writing_weights": True} and E.read_saelens(tmp_path)[1]["center"] is True
+    kwargs = read_json(tmp_path / "cfg.json")["metadata"]["model_from_pretrained_kwargs"]
+    assert kwargs == {"center_writing_weights": True}
+    assert E.read_saelens(tmp_path)[1]["center"] is True
     a = torch.randn(3, 5, 16)
     with torch.no_grad():
         (a_hat, c), (loaded, config) = sae(a), E.load_sae(tmp_path)
-        saelens = F.relu((a - w["b_dec"] * cfg["apply_b_dec_to_input"]) @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
-        assert torch.allclose(saelens, a_hat, atol=1e-5) and config is None
-        assert torch.allclose(loaded(a)[0], a_hat, atol=1e-5) and torch.allclose(loaded(a)[1], c, atol=1e-6)
+        a_in = a - w["b_dec"] * cfg["apply_b_dec_to_input"]
+        saelens = F.relu(a_in @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
+        assert torch.allclose(saelens, a_hat, atol=1e-5), f"off by {(saelens - a_hat).abs().max()}"
+        assert config is None
+        assert torch.allclose(loaded(a)[0], a_hat, atol=1e-5), "load_sae's â"
+        assert torch.allclose(loaded(a)[1], c, atol=1e-6), "load_sae's c"
 
-@pytest.mark.parametrize("n, who", [(0, "SIGTERM"), (2, "a signal to a process")], ids=["python", "torchrun-2"])
+@pytest.mark.parametrize("n, who", [(0, "SIGTERM"), (2, "a signal to a process")],
+                         ids=["python", "torchrun-2"])
 def test_sigterm_checkpoints_and_resume_ends_as_the_run_left_alone(tmp_path, alone, n, who):
-    """A real SIGTERM, once the first checkpoint (step 4) exists, to `python e2e_sae.py` or to rank 1 of 2 alone: the
-    step finishes, and the flag, riding on the step's reduction, stops every process after the same step; rank 0 writes one
-    checkpoint and says once how to resume. It resumes in this process and ends as the run left alone: bitwise, or up
-    to float rounding after two processes. The data are streamed (random tokens through the shuffle buffer)."""
+    """A real SIGTERM, once the checkpoint of step 4 exists, to `python e2e_sae.py` or to rank 1
+    of 2 alone: the step finishes, and the flag, riding on its reduction, stops every process
+    after it; rank 0 writes a checkpoint and says once how to resume. Resumed here, it ends as the
+    run left alone: bitwise, or up to rounding after two processes. Data: random tokens, streamed"""
     out, rank = tmp_path / "run", 1 if n else None
     sigterm_at(out / "checkpoint.pt", proc := launch(tmp_path, *run_args(out), torchrun=n), rank)
     rc, _, stderr = finished(proc, tmp_path)
-    said, step = [line for line in stderr.splitlines() if line.startswith("stopped: ")], checkpoint(out)["step"]
-    assert (rc != 0 if n else rc == 128 + signal.SIGTERM and "Traceback" not in stderr) and len(said) == 1, stderr[-3000:]
-    assert said[0] == (f"stopped: {who} after step {step} of 16: checkpoint written to {out}; continue with: "
-                       f"python e2e_sae.py --resume {out}") and (n or stderr.strip().splitlines()[-1] == said[0])
-    assert 4 < step < 16 and not (out / "sae.safetensors").exists()
+    said = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+    step = checkpoint(out)["step"]
+    assert len(said) == 1, stderr[-3000:]
+    assert rc != 0 if n else rc == 128 + signal.SIGTERM, stderr[-3000:]
+    assert n or "Traceback" not in stderr, stderr[-3000:]
+    assert n or stderr.strip().splitlines()[-1] == said[0], stderr[-3000:]  # said last
+    assert said[0] == (f"stopped: {who} after step {step} of 16: checkpoint written to {out}; "
+                       f"continue with: python e2e_sae.py --resume {out}")
+    assert 4 < step < 16, step
+    assert not (out / "sae.safetensors").exists()
     E.train(E.parse_config(["--resume", str(out)]))
-    assert json.loads((out / "config.json").read_text())["n_processes"] == 1
+    assert read_json(out / "config.json")["n_processes"] == 1
     assert check_output_folder(out, "e2e", 12, 6, dict_ratio=4)[0]["n_eval_tokens"] == 9 * 16
     assert_same_run(alone, out, tol=1e-5 if n else 0)
 
@@ -858,68 +1066,83 @@ def plant_nan(out):  # NaN into the KL term and the loss of compute_loss's resul
     return loss + terms["kl"] * float("nan"), {**terms, "kl": terms["kl"] * float("nan")}, c
 
 @pytest.mark.parametrize("data, stops, step", [
-    # SIGINT during step 9: the step finishes, its reduction carries the flag, and the run stops after it with a
-    # checkpoint (a jsonl source is held in memory and reshuffled every epoch: 1.28 of them)
+    # SIGINT in step 9: the step finishes, its reduction carries the flag, the run stops after it
+    # with a checkpoint (a jsonl source is held in memory, reshuffled every epoch: 1.28 of them)
     ("random", [("train_step", 9, signal.SIGINT, "Interrupted.*SIGINT after step 9 of 16")], 9),
     ("jsonl", [("train_step", 9, signal.SIGINT, "Interrupted.*SIGINT after step 9 of 16")], 9),
-    # stopped after step 6, an evaluation point: the checkpoint says the evaluation is due; resuming does it first
+    # stopped after step 6, an evaluation point: the checkpoint says it is due; resuming does it
     ("random", [("train_step", 6, signal.SIGINT, "Interrupted.*after step 6 of 16")], 6),
-    # SIGTERM during a periodic evaluation acts after the next step; Ctrl-C during the final evaluation (the second
-    # of the resumed run), outside the loop, acts as usual, after the checkpoint of the last step
+    # SIGTERM during a periodic evaluation acts after the next step; Ctrl-C during the final one
+    # (the resumed run's second), outside the loop, acts as usual, after the last checkpoint
     ("random", [("evaluate", 1, signal.SIGTERM, "Interrupted.*SIGTERM after step 7 of 16"),
                 ("evaluate", 2, signal.SIGINT, "KeyboardInterrupt")], 16),
-    # a hard kill, where no handler runs: back to the checkpoint of step 12, the log lines after it rewritten
+    # a hard kill, where no handler runs: back to step 12's checkpoint, later log lines rewritten
     ("random", [("train_step", 15, RuntimeError("killed"), "RuntimeError killed")], 12),
-    # a NaN in the first micro-batch of step 11, read at step 12's log line, before its evaluation and checkpoint:
-    # the checkpoint of 8 is intact
-    ("random", [("compute_loss", 2 * 11 - 1, plant_nan, "UserError the loss or its gradient is not finite \\(loss nan, "
-                 "kl nan, sparsity .*; nothing after step 8 was written, so any checkpoint in --out-dir is intact, "
-                 "but resuming would repeat the same steps: start again with a lower --lr \\(and --overwrite\\)")], 8),
+    # a NaN in step 11's first micro-batch, read at step 12's log line, before its evaluation and
+    # checkpoint: step 8's is intact
+    ("random", [("compute_loss", 2 * 11 - 1, plant_nan,
+                 "UserError the loss or its gradient is not finite \\(loss nan, kl nan, sparsity "
+                 ".*; nothing after step 8 was written, so any checkpoint in --out-dir is "
+                 "intact, but resuming would repeat the same steps: start again with a lower "
+                 "--lr \\(and --overwrite\\)")], 8),
 ], ids=["signal", "signal-jsonl", "before-an-evaluation", "during-evaluations", "hard-kill", "nan"])
-def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alone, data, stops, step):
+def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alone, data, stops,
+                                                     step):
     if data == "jsonl":
-        data = write_sources(tmp_path, torch.randint(512, (109, 16), generator=torch.Generator().manual_seed(3)).tolist())[1]
+        g = torch.Generator().manual_seed(3)
+        data = write_sources(tmp_path, torch.randint(512, (109, 16), generator=g).tolist())[1]
         E.train(E.parse_config(run_args(alone := tmp_path / "alone", data)))
     out = tmp_path / "stopped"
     for i, (name, n, how, said) in enumerate(stops):
         e = stopped(monkeypatch, ["--resume", str(out)] if i else run_args(out, data), name, n, how)
         assert re.search(said, f"{type(e).__name__} {e}"), repr(e)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     log = E.read_log(out / "log.jsonl")
-    assert checkpoint(out)["step"] == step and checkpoint(out)["eval_due"] == (step == 6)
-    assert not (out / "sae.safetensors").exists() and (step != 6 or not any("eval/kl" in r for r in log))
-    assert step != 12 or max(r["step"] for r in log) == 14  # lines past the checkpoint, to be replaced
-    E.train(E.parse_config(["--resume", str(out), "--save-every", "16"]))  # a harmless flag may change
+    assert checkpoint(out)["step"] == step, checkpoint(out)["step"]
+    assert checkpoint(out)["eval_due"] == (step == 6), checkpoint(out)["eval_due"]
+    assert not (out / "sae.safetensors").exists()
+    assert step != 6 or not any("eval/kl" in r for r in log)  # the evaluation is still due
+    assert step != 12 or max(r["step"] for r in log) == 14  # lines past the checkpoint, to go
+    E.train(E.parse_config(["--resume", str(out), "--save-every", "16"]))  # a harmless change
     assert_same_run(alone, out)
     assert not (out / "checkpoint.pt").exists()  # a finished run keeps only its SAE
 
 def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    assert isinstance(stopped(monkeypatch, run_args(out, "random", "--dtype", "bf16"), "train_step", 3), E.Interrupted)
-    with pytest.raises(E.UserError, match=f"already holds an unfinished run .*, --resume {out} to continue it"):
+    e = stopped(monkeypatch, run_args(out, "random", "--dtype", "bf16"), "train_step", 3)
+    assert isinstance(e, E.Interrupted), repr(e)
+    unfinished = f"already holds an unfinished run .*, --resume {out} to continue it"
+    with pytest.raises(E.UserError, match=unfinished):
         E.train(E.parse_config(run_args(out)))
-    only = "; only --eval-every, --log-every, --save-every, --device, --dtype and --compile may change when resuming"
-    for flags, message in [(["--layer", "5"], re.escape(f"--layer 5 contradicts the run in {out} (--layer 6){only}")),
-                           (["--model", "gpt2"], "--model gpt2 contradicts the run in .* \\(--model tiny\\)"),
-                           (["--dict-ratio", "8"], "--dict-ratio 8.0 contradicts the run in .* \\(--dict-ratio 4.0\\)"),
-                           (["--loss", "local"], "--loss local contradicts"),
-                           (["--out-dir", str(tmp_path / "elsewhere")], "--out-dir .*elsewhere contradicts"),
-                           (["--overwrite"], "--overwrite True contradicts")]:
+    only = ("; only --eval-every, --log-every, --save-every, --device, --dtype and --compile may "
+            "change when resuming")
+    layer_5 = re.escape(f"--layer 5 contradicts the run in {out} (--layer 6){only}")
+    for flags, message in [
+            (["--layer", "5"], layer_5),
+            (["--model", "gpt2"], "--model gpt2 contradicts the run in .* \\(--model tiny\\)"),
+            (["--dict-ratio", "8"],
+             "--dict-ratio 8.0 contradicts the run in .* \\(--dict-ratio 4.0\\)"),
+            (["--loss", "local"], "--loss local contradicts"),
+            (["--out-dir", str(tmp_path / "elsewhere")], "--out-dir .*elsewhere contradicts"),
+            (["--overwrite"], "--overwrite True contradicts")]:
         with pytest.raises(E.UserError, match=message):
             E.parse_config(["--resume", str(out), *flags])
-    cfg = E.parse_config(["--resume", f"{out}/", "--layer", "6", "--model", "tiny", "--out-dir", f"{out}/"])  # its own
-    assert (cfg.device, cfg.dtype, cfg.out_dir, cfg.layer) == ("cpu", "bf16", str(out), 6)  # its device and dtype
-    cfg = E.parse_config(["--resume", str(out), "--eval-every", "32", "--log-every", "1", "--dtype", "fp32"])
+    # its own folder, layer and model may be repeated; its device and dtype are kept
+    cfg = E.parse_config(["--resume", f"{out}/", *"--layer 6 --model tiny".split(), "--out-dir",
+                          f"{out}/"])
+    assert (cfg.device, cfg.dtype, cfg.out_dir, cfg.layer) == ("cpu", "bf16", str(out), 6)
+    cfg = E.parse_config(["--resume", str(out), "--eval-every", "32", "--log-every", "1",
+                          "--dtype", "fp32"])
     assert (cfg.eval_every, cfg.log_every, cfg.dtype) == (32, 1, "fp32")
     assert E.Config(resume=str(out), model="tiny").out_dir == str(out)  # in Python too
-    state = checkpoint(out)  # a checkpoint whose SAE does not fit the model (width 32, not 64) is refused
+    state = checkpoint(out)  # a checkpoint whose SAE does not fit the model (width 32, not 64)
     state["sae"]["encoder.weight"] = torch.zeros(256, 32)
     torch.save(state, out / "checkpoint.pt")
     with pytest.raises(E.UserError, match="checkpoint.pt is not a valid checkpoint for this run"):
         E.train(E.parse_config(["--resume", str(out)]))
 
 def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
-    """SIGKILL a fork of this process that writes checkpoints in a loop: the file left loads, as a completed step's."""
+    """SIGKILL a fork writing checkpoints in a loop: the file left loads, as a completed step's."""
     run = new_run(64, 8192)
     run.sae(torch.randn(2, 64))[0].sum().backward()
     run.optimizer.step()
@@ -939,23 +1162,27 @@ def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     step = E.load_checkpoint(tmp_path, fresh := new_run(64, 8192))["step"]
-    assert step >= done[-1] and torch.all(fresh.sae.encoder.bias == step)
+    assert step >= done[-1], f"step {step}, after {done}"
+    assert torch.all(fresh.sae.encoder.bias == step), "the SAE is not that step's"
 
 def test_a_failed_checkpoint_write_changes_nothing(tmp_path, monkeypatch):
-    """A kill mid-write, or an error: the old checkpoint stays (and restores the RNG), no temporary file is left."""
+    """A kill mid-write, or an error: the old checkpoint stays (with the RNG), no temporary file."""
     run, _ = new_run(8, 16), torch.manual_seed(5)
     E.save_checkpoint(tmp_path, run, 1, 0.0)
-    before, drawn = (tmp_path / "checkpoint.pt").read_bytes(), torch.rand(3)  # the RNG's state is saved too
-    half_written = lambda fd: os.ftruncate(fd, os.fstat(fd).st_size // 2) or (_ for _ in ()).throw(KeyboardInterrupt)
-    for where, name, fake in [(E.os, "fsync", half_written), (E.torch, "save", lambda *args: 1 / 0)]:
+    before, drawn = (tmp_path / "checkpoint.pt").read_bytes(), torch.rand(3)  # the RNG is saved
+    half_written = lambda fd: (os.ftruncate(fd, os.fstat(fd).st_size // 2)
+                               or (_ for _ in ()).throw(KeyboardInterrupt))
+    for where, name, fake in [(E.os, "fsync", half_written), (E.torch, "save", lambda *a: 1 / 0)]:
         with monkeypatch.context() as m, pytest.raises((KeyboardInterrupt, ZeroDivisionError)):
-            m.setattr(where, name, fake)  # the moment a kill would strike, or an error in serialising
+            m.setattr(where, name, fake)  # where a kill would strike, or an error in serialising
             E.save_checkpoint(tmp_path, run, 2, 0.0)
-        assert (tmp_path / "checkpoint.pt").read_bytes() == before and os.listdir(tmp_path) == ["checkpoint.pt"]
-    assert E.load_checkpoint(tmp_path, run)["step"] == 1 and torch.equal(torch.rand(3), drawn)
+        assert (tmp_path / "checkpoint.pt").read_bytes() == before, name
+        assert os.listdir(tmp_path) == ["checkpoint.pt"], os.listdir(tmp_path)
+    assert E.load_checkpoint(tmp_path, run)["step"] == 1
+    assert torch.equal(torch.rand(3), drawn)
 
 def test_an_output_folder_with_a_run_is_not_overwritten(tmp_path, monkeypatch, capsys):
-    """Also: the log's training lines carry tokens/s, and MFU where the peak is known (pretended for this CPU)."""
+    """Also: training log lines carry tokens/s, and MFU where the peak is known (pretended here)."""
     out = tmp_path / "run"
     args = run_args(out, "random", "--n-samples", "32", "--log-every", "2")
     with monkeypatch.context() as m:
@@ -965,40 +1192,46 @@ def test_an_output_folder_with_a_run_is_not_overwritten(tmp_path, monkeypatch, c
     model = E.tiny_gpt2()
     flops = E.flops_per_token(model, E.decoder_blocks(model), E.SAE(64, 256), "e2e", 6, 16)
     assert [r["step"] for r in train_lines] == [2, 4]  # 4 steps, a line every 2
-    assert all(r["tokens_per_s"] > 0 and r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e12) for r in train_lines)
+    for r in train_lines:
+        assert r["tokens_per_s"] > 0, r
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e12), r
     first = (out / "sae.safetensors").read_bytes()
-    with pytest.raises(E.UserError, match="already holds a finished run .*: pass --overwrite to replace it"):
+    with pytest.raises(E.UserError, match="already holds a finished run .*: pass --overwrite to"):
         E.train(E.parse_config(args))
     assert (out / "sae.safetensors").read_bytes() == first
-    monkeypatch.chdir(tmp_path / "run")  # the working folder is a fine --out-dir when no --init-from is given
+    monkeypatch.chdir(tmp_path / "run")  # the working folder: a fine --out-dir, no --init-from
     assert E.check_out_dir(E.parse_config(["--out-dir", ".", "--overwrite"])) is None
     monkeypatch.chdir(HERE)
     E.train(E.parse_config(["--resume", str(out)]))  # nothing to resume
     assert "holds a finished run: nothing to resume" in capsys.readouterr().out
-    E.main(["--compare", str(out), str(out), "--device", "cpu"])  # analysis of the SAE about to be replaced
+    E.main(["--compare", str(out), str(out), "--device", "cpu"])  # of the SAE about to be replaced
     E.train(E.parse_config([*args, "--overwrite", "--seed", "1"]))
-    assert (out / "sae.safetensors").read_bytes() != first and not (out / "compare.json").exists()
-    # SAELens's weights are the new SAE's (a fresh hard link), and every file is readable as open() makes it
+    assert (out / "sae.safetensors").read_bytes() != first
+    assert not (out / "compare.json").exists()
+    # SAELens's weights are the new SAE's (a fresh hard link); files are readable as open() makes
     assert (out / "sae_weights.safetensors").samefile(out / "sae.safetensors")
     umask = os.umask(0o22)
     os.umask(umask)
-    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(OUTPUT_FILES, 0o666 & ~umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == dict.fromkeys(OUTPUT_FILES, 0o666 & ~umask), modes
 
 # --- Other tools' SAEs: read exactly, evaluated, fine-tuned
 def saelens_dir(folder: Path, d_in=64, layer=3, flat=False, scale=None, kwargs=None, **cfg):
-    """A SAELens folder of a standard SAE (32 elements) with decoder rows of norms 0.5–3, b_dec applied to the input,
-    with a scale, its activation_scaler.json; SAELens 6's layout or the older flat one; cfg: changed entries."""
+    """A SAELens standard SAE (32 elements, decoder rows of norms 0.5–3, b_dec applied to the input,
+    a scale in activation_scaler.json), in SAELens 6's layout or the older flat one; cfg: edits"""
     g = torch.Generator().manual_seed(layer)
-    t = {"W_enc": 0.3 * torch.randn(d_in, 32, generator=g), "b_enc": 0.3 * torch.randn(32, generator=g),
-         "W_dec": F.normalize(torch.randn(32, d_in, generator=g), dim=1) * (0.5 + 2.5 * torch.rand(32, 1, generator=g)),
-         "b_dec": torch.randn(d_in, generator=g)}
-    meta = {"hook_name": f"blocks.{layer}.hook_resid_pre", "model_name": "tiny", "model_from_pretrained_kwargs": kwargs}
+    randn = lambda *shape: torch.randn(*shape, generator=g)
+    t = {"W_enc": 0.3 * randn(d_in, 32), "b_enc": 0.3 * randn(32),
+         "W_dec": F.normalize(randn(32, d_in), dim=1) * (0.5 + 2.5 * torch.rand(32, 1, generator=g)),
+         "b_dec": randn(d_in)}
+    meta = {"hook_name": f"blocks.{layer}.hook_resid_pre", "model_name": "tiny",
+            "model_from_pretrained_kwargs": kwargs}
     run = {"d_in": d_in, "d_sae": 32, "dtype": "float32", "apply_b_dec_to_input": True,
            "normalize_activations": "expected_average_only_in" if scale else "none"}
     folder.mkdir(parents=True, exist_ok=True)
     save_file(t, str(folder / "sae_weights.safetensors"))
-    write(folder, "cfg.json", json.dumps({**run, **meta, **cfg} if flat else {**run, "architecture": "standard",
-                                          "metadata": {**meta, "sae_lens_version": "6.5.0"}, **cfg}))
+    v6 = {**run, "architecture": "standard", "metadata": {**meta, "sae_lens_version": "6.5.0"}}
+    write(folder, "cfg.json", json.dumps({**run, **meta, **cfg} if flat else {**v6, **cfg}))
     scale and write(folder, "activation_scaler.json", json.dumps({"scaling_factor": scale}))
     def by_hand(a, s=scale or 1.0):  # SAELens's standard SAE: (s·a − b_dec) in, ÷ s out
         f = torch.relu((s * a - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
@@ -1009,100 +1242,121 @@ def without(folder: str, name: str) -> str:
     (Path(folder) / name).unlink()
     return folder
 
-def paper_checkpoint(path: Path, keys=("encoder.0.weight", "encoder.0.bias", "decoder.weight", "decoder.bias")):
-    """A .pt of the paper's library: the state dict of one SAE at blocks.3.hook_resid_pre, its decoder not unit-norm."""
+def paper_checkpoint(path: Path, keys=("encoder.0.weight", "encoder.0.bias", "decoder.weight",
+                                       "decoder.bias")):
+    """A .pt of the paper's library: an SAE of blocks.3.hook_resid_pre, its decoder not unit-norm"""
     g = torch.Generator().manual_seed(0)
-    w = {"encoder.0.weight": 0.3 * torch.randn(32, 64, generator=g), "encoder.0.bias": 0.3 * torch.randn(32, generator=g),
-         "decoder.weight": 2 * torch.randn(64, 32, generator=g), "decoder.bias": torch.randn(64, generator=g)}
+    randn = lambda *shape: torch.randn(*shape, generator=g)
+    w = {"encoder.0.weight": 0.3 * randn(32, 64), "encoder.0.bias": 0.3 * randn(32),
+         "decoder.weight": 2 * randn(64, 32), "decoder.bias": randn(64)}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({f"blocks-3-hook_resid_pre.{k}": w.get(k, torch.ones(1)) for k in keys}, path)
-    def by_hand(a):  # the library's SAE: c = ReLU(W_e a + b_e), â = D_n c + b_d, D_n with unit columns
+    def by_hand(a):  # the library's SAE: c = ReLU(W_e a + b_e), â = D_n c + b_d, D_n unit columns
         c = torch.relu(a @ w["encoder.0.weight"].T + w["encoder.0.bias"])
         return c @ F.normalize(w["decoder.weight"], dim=0).T + w["decoder.bias"], c
     return str(path), by_hand
 
 @pytest.mark.parametrize("kind", ["saelens-6", "saelens-flat", "saelens-scaled", "paper"])
 def test_saes_of_other_tools_are_read_exactly_and_evaluated_where_they_say(tmp_path, tiny, kind):
-    """A SAELens SAE (b_dec subtracted from the input, decoder rows of norms 0.5–3, an input scale) or the paper's
-    library's, folded: the â of its own formula by hand and the same elements firing; its files give the model, layer 3
-    and the centred basis, and --eval-only on them equals evaluate() of the folded SAE."""
+    """A SAELens SAE (b_dec subtracted from the input, rows of norms 0.5–3, an input scale) or the
+    paper's library's, folded: its formula's â by hand, the same elements firing; its files give
+    model, layer 3 and centred basis, and --eval-only on them is evaluate() of the folded SAE."""
+    scale = 0.37 * (kind == "saelens-scaled")
     path, by_hand = (paper_checkpoint(tmp_path / "p" / "samples_400000.pt") if kind == "paper" else
-                     saelens_dir(tmp_path / "s", flat=kind == "saelens-flat", scale=0.37 * (kind == "saelens-scaled")))
+                     saelens_dir(tmp_path / "s", flat=kind == "saelens-flat", scale=scale))
     a = 3 * torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         (a_hat, c), (expected, f) = E.load_sae(path)[0](a), by_hand(a)
-    assert torch.allclose(a_hat, expected, atol=1e-5) and torch.equal(c > 0, f > 0) and 0 < (f > 0).sum() < f.numel()
-    args = ["--eval-only", "--sae", path, "--model", "tiny", "--n-ctx", "16", "--eval-samples", "4", "--device", "cpu"]
+    assert torch.allclose(a_hat, expected, atol=1e-5), f"off by {(a_hat - expected).abs().max()}"
+    assert torch.equal(c > 0, f > 0), "other elements fire"
+    assert 0 < (f > 0).sum() < f.numel(), f"{(f > 0).sum()} of {f.numel()} fire"
+    args = ["--eval-only", "--sae", path, "--model", "tiny", "--n-ctx", "16", "--eval-samples", "4",
+            "--device", "cpu"]
     cfg = E.parse_config(args[:3] if kind != "paper" else args[:5])
     assert (cfg.model, cfg.layer, cfg.center) == ("tiny", 3, True)
     E.main(args)
     E.main(["--compare", path, path])  # compare.json too goes beside the SAE, in a .pt's folder
     here = Path(path).parent if kind == "paper" else Path(path)
-    metrics = json.loads((here / "metrics.json").read_text())
-    assert json.loads((here / "compare.json").read_text())["cross"]["min"] == pytest.approx(1.0)
+    metrics = read_json(here / "metrics.json")
+    assert read_json(here / "compare.json")["cross"]["min"] == pytest.approx(1.0)
     cfg = E.parse_config(args)
-    m = E.evaluate(*tiny, E.load_sae(path)[0], E.load_data(cfg, None, 512)[0], 3, cfg.batch_size)
+    eval_tokens = E.load_data(cfg, None, 512)[0]
+    m = E.evaluate(*tiny, E.load_sae(path)[0], eval_tokens, 3, cfg.batch_size)
     expected = json.loads(json.dumps(m))
     assert metrics.pop("downstream_mse") == pytest.approx(expected.pop("downstream_mse"), rel=1e-6)
     assert metrics == pytest.approx(expected, rel=1e-6)
 
 def test_init_from_starts_from_the_saved_sae_and_says_so(tmp_path, monkeypatch):
-    """--init-from: the model, layer and basis come from the SAE's files; the first step starts from its weights
-    exactly; config.json records where the run started. TransformerLens's gpt2-small is HF's gpt2, and a SAELens SAE of
-    a model loaded without centring reads the raw stream."""
+    """--init-from: model, layer and basis come from the SAE's files; the first step starts from its
+    weights; config.json says where the run started. TransformerLens's gpt2-small is HF's gpt2, and
+    a SAELens SAE of a model loaded without centring reads the raw stream."""
     folder, _ = saelens_dir(tmp_path / "s")
     start, steps, train_step = E.load_sae(folder)[0].state_dict(), [], E.train_step
     monkeypatch.setattr(E, "train_step", lambda cfg, run, *a: steps.append(
         {k: v.clone() for k, v in run.sae.state_dict().items()}) or train_step(cfg, run, *a))
-    E.main(["--init-from", folder, "--mse-coeff", "0.5", "--n-samples", "32", "--batch-size", "4", "--grad-accum", "1",
-            "--n-ctx", "16", "--eval-samples", "4", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
-    assert len(steps) == 8 and all(torch.equal(steps[0][k], v) for k, v in start.items())
+    E.main(["--init-from", folder, "--mse-coeff", "0.5", "--n-samples", "32", "--batch-size", "4",
+            "--grad-accum", "1", "--n-ctx", "16", "--eval-samples", "4", "--device", "cpu",
+            "--out-dir", str(tmp_path / "run")])
+    assert len(steps) == 8, len(steps)
+    assert all(torch.equal(steps[0][k], v) for k, v in start.items())
     assert not torch.equal(steps[-1]["encoder.weight"], start["encoder.weight"])
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert (config["init_from"], config["model"], config["layer"], config["center"], config["dict_size"]) == (
-        folder, "tiny", 3, True, 32) and (config["loss"], config["mse_coeff"], config["sparsity_coeff"]) == ("e2e", 0.5, 0.7825)
-    assert config["dict_ratio"] == 0.5 and E.setup(E.parse_config(["--resume", str(tmp_path / "run")])).sae.encoder.out_features == 32
-    # SAELens loads models uncentred unless told, except before 3.19.2 (no kwargs saved), which centred them
-    for kwargs, centred in [({"center_writing_weights": True}, True), ({}, False), ({"dtype": "float32"}, False)]:
+    config = read_json(tmp_path / "run" / "config.json")
+    assert (config["init_from"], config["model"], config["layer"], config["center"],
+            config["dict_size"]) == (folder, "tiny", 3, True, 32)
+    assert (config["loss"], config["mse_coeff"], config["sparsity_coeff"]) == ("e2e", 0.5, 0.7825)
+    assert config["dict_ratio"] == 0.5, config["dict_ratio"]
+    resumed = E.setup(E.parse_config(["--resume", str(tmp_path / "run")]))
+    assert resumed.sae.encoder.out_features == 32, resumed.sae.encoder.out_features
+    # SAELens loads models uncentred unless told, except before 3.19.2 (no kwargs saved): centred
+    for kwargs, centred in [({"center_writing_weights": True}, True), ({}, False),
+                            ({"dtype": "float32"}, False)]:
         for flat in (False, True):
-            path = saelens_dir(tmp_path / f"{len(kwargs)}{kwargs.get('dtype')}{flat}", kwargs=kwargs, flat=flat)[0]
+            name = f"{len(kwargs)}{kwargs.get('dtype')}{flat}"
+            path = saelens_dir(tmp_path / name, kwargs=kwargs, flat=flat)[0]
             assert E.parse_config(["--init-from", path]).center is centred, (kwargs, flat)
-    old = saelens_dir(tmp_path / "old", flat=True)[0]  # a pre-3.0 file says hook_point, not hook_name
-    cfg = json.loads(Path(old, "cfg.json").read_text())
-    write(Path(old), "cfg.json", json.dumps({**{k: v for k, v in cfg.items() if k not in ("hook_name", "model_from_pretrained_kwargs")},
-                                            "hook_point": "blocks.5.hook_resid_pre"}))
-    assert (E.parse_config(["--init-from", old]).layer, E.parse_config(["--init-from", old]).center) == (5, True)
+    old = saelens_dir(tmp_path / "old", flat=True)[0]  # before 3.0: hook_point, not hook_name
+    cfg = read_json(Path(old, "cfg.json"))
+    cfg = {k: v for k, v in cfg.items() if k not in ("hook_name", "model_from_pretrained_kwargs")}
+    write(Path(old), "cfg.json", json.dumps({**cfg, "hook_point": "blocks.5.hook_resid_pre"}))
+    assert E.parse_config(["--init-from", old]).layer == 5
+    assert E.parse_config(["--init-from", old]).center is True
 
 # --- Many processes: real torchrun launches (gloo on the CPU, on loopback), and simulated ranks
 @pytest.fixture(scope="module", autouse=True)
 def two_processes(request, tmp_path_factory):
-    """torchrun's run of 2 processes, started as the tests begin (its imports take seconds), if its test is selected."""
+    """torchrun's run of 2 processes, started at once (imports take seconds), if its test runs."""
     folder = tmp_path_factory.mktemp("two")
     name = "test_two_processes_train_the_sae_of_one_and_pool_its_evaluation"
-    proc = name in {i.originalname for i in request.session.items} and launch(folder, *run_args(folder / "run"), torchrun=2)
+    selected = name in {i.originalname for i in request.session.items}
+    proc = selected and launch(folder, *run_args(folder / "run"), torchrun=2)
     yield proc, folder
     if proc and proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processes, alone, tiny):
-    """Under torchrun, 2 processes of micro-batch 2 train the SAE of one of micro-batch 4, up to float rounding; rank 0
-    alone prints and writes; the pooled evaluation equals one process's (a mean of their means would be off by 1e-3)."""
+    """Under torchrun, 2 processes of micro-batch 2 train the SAE of one of 4, up to rounding; rank
+    0 alone prints and writes; the pooled evaluation is one process's (a mean of means: 1e-3 off)"""
     rc, stdout, stderr = finished(*two_processes)
     out = two_processes[1] / "run"
     assert rc == 0, stderr[-3000:]
-    assert stdout.count("e2e SAE at layer 6") == 1 and "2 processes of 2 sequences per micro-batch" in stdout
-    assert stdout.count("wrote ") == 1 and set(os.listdir(out)) == OUTPUT_FILES
-    assert json.loads((out / "config.json").read_text())["n_processes"] == 2
+    assert stdout.count("e2e SAE at layer 6") == 1, stdout
+    assert "2 processes of 2 sequences per micro-batch" in stdout, stdout
+    assert stdout.count("wrote ") == 1, stdout
+    assert set(os.listdir(out)) == OUTPUT_FILES, os.listdir(out)
+    assert read_json(out / "config.json")["n_processes"] == 2
     assert_same_run(alone, out, tol=1e-5, windows=True)
     cfg = E.parse_config(run_args(out))
     one = E.evaluate(*tiny, E.load_sae(out)[0], E.load_data(cfg, None, 512)[0], cfg.layer, 9)
-    pooled = json.loads((out / "metrics.json").read_text())
-    assert pooled["n_eval_tokens"] == one["n_eval_tokens"] == 9 * 16
+    pooled = read_json(out / "metrics.json")
+    assert one["n_eval_tokens"] == 9 * 16, one["n_eval_tokens"]
+    assert pooled["n_eval_tokens"] == 9 * 16, pooled["n_eval_tokens"]
     assert pooled["alive_dict_elements"] == one["alive_dict_elements"]  # counts, pooled exactly
     assert pooled["l0"] == pytest.approx(one["l0"], abs=1e-12)
     for k in METRIC_KEYS - {"downstream_mse", "n_eval_tokens", "alive_dict_elements", "l0"}:
-        assert pooled[k] == pytest.approx(one[k], rel=1e-6, abs=2e-6), k  # fp32 per-batch sums, pooled in float64
-    assert pooled["downstream_mse"] == pytest.approx({str(k): v for k, v in one["downstream_mse"].items()}, rel=1e-6)
+        # fp32 per-batch sums, pooled in float64
+        assert pooled[k] == pytest.approx(one[k], rel=1e-6, abs=2e-6), k
+    one_ds = {str(k): v for k, v in one["downstream_mse"].items()}
+    assert pooled["downstream_mse"] == pytest.approx(one_ds, rel=1e-6)
 
 @pytest.mark.parametrize("n", [2, 3, 7])
 def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny, n):
@@ -1132,33 +1386,37 @@ def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny,
         assert pooled[k] == pytest.approx(one[k], rel=1e-6, abs=2e-6), k
     assert pooled["downstream_mse"] == pytest.approx(one["downstream_mse"], rel=1e-6)
 
-def test_under_torchrun_flag_errors_are_said_once_and_others_by_each_process(tmp_path, monkeypatch, capsys):
-    """As rank 1 of 2: flag mistakes are rank 0's to say, later errors each process's, with its rank; batches split."""
+def test_under_torchrun_flag_errors_are_said_once_and_others_by_each_process(tmp_path, monkeypatch,
+                                                                             capsys):
+    """As rank 1 of 2: flag mistakes are rank 0's to say, later errors each rank's; batches split"""
     monkeypatch.chdir(tmp_path)
     for name, value in dict(TORCHRUN=True, RANK=1, WORLD_SIZE=2, MAIN_PROCESS=False).items():
         monkeypatch.setattr(E, name, value)
     monkeypatch.setattr(E.dist, "init_process_group", lambda *args, **kwargs: None)
     for argv, said in [(["--loss", "l2"], ""),
                        (["--layer", "12"], "--layer 12 is outside the model's blocks 0 … 11"),
-                       (["--batch-size", "7"], "--batch-size 7 does not split evenly over 2 processes"),
-                       (["--compare", "a", "b"], "--inspect and --compare run in one process: start them with python, "
-                                                 "not torchrun")]:
-        assert exits(["--model", "tiny", "--device", "cpu", *argv], capsys) == (2, said and f"error (rank 1): {said}\n")
+                       (["--batch-size", "7"], "--batch-size 7 does not split evenly over 2 "
+                                               "processes"),
+                       (["--compare", "a", "b"], "--inspect and --compare run in one process: "
+                                                 "start them with python, not torchrun")]:
+        expected = (2, said and f"error (rank 1): {said}\n")
+        assert exits(["--model", "tiny", "--device", "cpu", *argv], capsys) == expected
     monkeypatch.setattr(E, "WORLD_SIZE", 3)
     assert E.setup(cfg_for("e2e", 6, batch_size=6)).batch_size == 2
 
 # --- Measuring speed
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch's compiler
 def test_compiled_step_matches_eager(monkeypatch):
-    """--compile: the compiled blocks and SAE, the hook around them, give the eager loss and gradient (dynamo and
-    AOTAutograd as in a real run; not inductor's code generation, which builds C++ for 15 s; 2 blocks)."""
+    """--compile: compiled blocks and SAE, hooked, give the eager loss and gradient (dynamo and
+    AOTAutograd as in a real run, not inductor's C++ code generation, 15 s; 2 blocks)."""
     graphs, aot_eager = [], torch._dynamo.lookup_backend("aot_eager")
-    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend=lambda g, x: graphs.append(g) or aot_eager(g, x)))
-    monkeypatch.setitem(E.RANDOM_MODELS, "tiny", lambda: E.random_gpt2(GPT2Config(n_layer=2, n_embd=64, n_head=4,
-                                                                                 vocab_size=512)))
+    backend = lambda g, x: graphs.append(g) or aot_eager(g, x)
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend=backend))
+    two_blocks = lambda: E.random_gpt2(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512))
+    monkeypatch.setitem(E.RANDOM_MODELS, "tiny", two_blocks)
     cfg, tokens, results = cfg_for("e2e_ds", 0, dict_ratio=4), torch.randint(512, (2, 16)), []
     for compile in (False, True):
-        run = E.setup(dataclasses.replace(cfg, compile=compile))  # a fresh model each time, the same SAE
+        run = E.setup(dataclasses.replace(cfg, compile=compile))  # a fresh model, the same SAE
         loss = E.compute_loss(cfg, run.model, run.blocks, run.sae, tokens)[0]
         loss.backward()
         results.append((loss.item(), run.sae.encoder.weight.grad.clone()))
@@ -1169,23 +1427,31 @@ def test_compiled_step_matches_eager(monkeypatch):
 
 def test_benchmark_runs_on_cpu_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    E.main(["--benchmark", "--device", "cpu", "--bench-warmup", "0", "--bench-steps", "1", "--dict-ratio", "4",
-            "--n-ctx", "32"])  # GPT-2 small's blocks, with a dictionary of 4 × 768, not 60 × 768: seconds, not ten
+    # GPT-2 small's blocks, with a dictionary of 4 × 768, not 60 × 768: seconds, not ten
+    E.main(["--benchmark", "--device", "cpu", "--bench-warmup", "0", "--bench-steps", "1",
+            "--dict-ratio", "4", "--n-ctx", "32"])
     out = capsys.readouterr().out
-    assert "gpt2-random (D=768, F=3072)" in out and "MFU: n/a" in out and "peak GPU memory: n/a" in out
+    assert "gpt2-random (D=768, F=3072)" in out, out
+    assert "MFU: n/a" in out, out
+    assert "peak GPU memory: n/a" in out, out
     for loss in ("local", "e2e_ds"):
-        result = E.benchmark(E.parse_config(["--benchmark", "--device", "cpu", "--model", "tiny", "--loss", loss]))
-        assert set(result) == {"tokens_per_s", "step_s", "flops_per_token", "tflops_per_s", "peak_memory_gib",
-                               "peak_reserved_gib", "mfu"}
-        assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["peak_memory_gib"] is None
-        assert result["tflops_per_s"] == pytest.approx(result["tokens_per_s"] * result["flops_per_token"] / 1e12)
-        assert result["step_s"] == pytest.approx(128 / result["tokens_per_s"])  # 1 × 128 tokens a step
-    assert f"tokens/s {result['tokens_per_s']:,.0f}" in capsys.readouterr().out and os.listdir(tmp_path) == []
-
+        cfg = E.parse_config(["--benchmark", "--device", "cpu", "--model", "tiny", "--loss", loss])
+        result = E.benchmark(cfg)
+        assert set(result) == {"tokens_per_s", "step_s", "flops_per_token", "tflops_per_s",
+                               "peak_memory_gib", "peak_reserved_gib", "mfu"}
+        assert result["tokens_per_s"] > 0, result
+        assert result["mfu"] is None, result
+        assert result["peak_memory_gib"] is None, result
+        tflops = result["tokens_per_s"] * result["flops_per_token"] / 1e12
+        assert result["tflops_per_s"] == pytest.approx(tflops), result
+        # 1 × 128 tokens a step
+        assert result["step_s"] == pytest.approx(128 / result["tokens_per_s"]), result
+    assert f"tokens/s {result['tokens_per_s']:,.0f}" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []
 # --- Looking inside: --inspect, --compare
 def test_inspect_finds_a_planted_feature(tmp_path, capsys):
-    """Token 123's embedding moved to 10 along axis 0 (all else stays within ±1.5 there), and an SAE at layer 0 with
-    c_0 = relu(a_0 − 5): element 0 fires on that token alone, elements 1-7 never."""
+    """Token 123's embedding moved to 10 along axis 0 (all else stays within ±1.5 there), and an
+    SAE at layer 0 with c_0 = relu(a_0 − 5): element 0 fires on that token alone, 1-7 never."""
     token, model, sae = 123, E.tiny_gpt2(), E.SAE(64, 8)
     wte, wpe = model.transformer.wte.weight.data, model.transformer.wpe.weight.data
     wte[token], sae.encoder.weight.data[:], sae.encoder.bias.data[:] = 0.0, 0.0, -1.0
@@ -1193,40 +1459,52 @@ def test_inspect_finds_a_planted_feature(tmp_path, capsys):
     assert wte[:, 0].abs().topk(2).values[1] + wpe[:, 0].abs().max() < 1.5
     model.save_pretrained(model_dir := tmp_path / "model")
     sae_dir(folder := tmp_path / "sae", sae=sae)
-    E.main(["--inspect", "--sae", str(folder), "--model", str(model_dir), "--layer", "0", "--dataset", "random",
-            "--n-ctx", "32", "--inspect-samples", "64", "--batch-size", "5", "--features", "0,1", "--device", "cpu"])
-    printed, result = capsys.readouterr().out, json.loads((folder / "inspect.json").read_text())
+    argv = ["--inspect", "--sae", str(folder), "--model", str(model_dir), "--layer", "0",
+            "--n-ctx", "32", "--inspect-samples", "64", "--device", "cpu"]
+    E.main([*argv, "--dataset", "random", "--batch-size", "5", "--features", "0,1"])
+    printed, result = capsys.readouterr().out, read_json(folder / "inspect.json")
     tokens = E.load_data(cfg_for(n_ctx=32, eval_samples=64), None, 512)[0]
     n_hits, seqs_with_token = int((tokens == token).sum()), int((tokens == token).any(1).sum())
-    assert n_hits >= 2 and result["n_tokens"] == 64 * 32 and result["n_sequences"] == 64
+    assert n_hits >= 2, n_hits
+    assert result["n_tokens"] == 64 * 32, result["n_tokens"]
+    assert result["n_sequences"] == 64, result["n_sequences"]
     planted, silent = result["features"]
     assert planted["frequency"] == n_hits / (64 * 32)  # exact
     assert len(planted["contexts"]) == min(E.TOP_CONTEXTS, seqs_with_token)
     for ctx in planted["contexts"]:
         s, t = ctx["sequence"], ctx["position"]
-        assert tokens[s, t] == token and ctx["activation"] == pytest.approx(5.0, abs=1.5)
-        # CONTEXT_TOKENS on each side, fewer at the sequence's edges; without a tokenizer, ids, the max «marked»
-        assert ctx["tokens"] == tokens[s, max(0, t - 8):t + 9].tolist() and ctx["marked"] == min(t, 8)
-        assert ctx["text"] == "".join(f" «{i}»" if j == ctx["marked"] else f" {i}" for j, i in enumerate(ctx["tokens"]))
-    assert f"«{token}»" in printed and silent["frequency"] == 0 and silent["contexts"] == []
+        assert tokens[s, t] == token, ctx
+        assert ctx["activation"] == pytest.approx(5.0, abs=1.5), ctx
+        # CONTEXT_TOKENS on each side, fewer at the sequence's edges; without a tokenizer, ids
+        assert ctx["tokens"] == tokens[s, max(0, t - 8):t + 9].tolist(), ctx
+        assert ctx["marked"] == min(t, 8), ctx
+        marked = (f" «{i}»" if j == ctx["marked"] else f" {i}" for j, i in enumerate(ctx["tokens"]))
+        assert ctx["text"] == "".join(marked), ctx  # the maximum «marked»
+    assert f"«{token}»" in printed, printed
+    assert silent["frequency"] == 0, silent
+    assert silent["contexts"] == [], silent
     d = result["density"]  # one element fired (in the bin of its frequency), seven are dead
-    assert d["dead"] == 7 and sum(d["counts"]) == 1 and "7 dead" in printed
-    assert d["counts"][next(i for i, (lo, hi) in enumerate(zip(d["log10_freq_edges"], d["log10_freq_edges"][1:]))
-                            if lo <= math.log10(planted["frequency"]) < hi)] == 1
+    assert d["dead"] == 7, d
+    assert sum(d["counts"]) == 1, d
+    assert "7 dead" in printed, printed
+    edges = d["log10_freq_edges"]
+    bin_ = next(i for i, (lo, hi) in enumerate(zip(edges, edges[1:]))
+                if lo <= math.log10(planted["frequency"]) < hi)
+    assert d["counts"][bin_] == 1, d
     # More sequences asked for than a dataset holds: what there is, and a note.
-    E.main(["--inspect", "--sae", str(folder), "--model", str(model_dir), "--layer", "0", "--n-ctx", "32",
-            "--dataset", write_sources(tmp_path, tokens[:5].tolist())[0], "--inspect-samples", "64", "--features", "0",
-            "--device", "cpu"])
-    assert json.loads((folder / "inspect.json").read_text())["n_sequences"] == 5
-    assert "over the first 5 sequences (160 tokens); the dataset has no more than 5" in capsys.readouterr().out
+    E.main([*argv, "--dataset", write_sources(tmp_path, tokens[:5].tolist())[0], "--features", "0"])
+    assert read_json(folder / "inspect.json")["n_sequences"] == 5
+    said = "over the first 5 sequences (160 tokens); the dataset has no more than 5"
+    assert said in capsys.readouterr().out
 
 def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
-    """Each element's top contexts, batch by batch, against sorting all (sequence, element) maxima at once."""
+    """Each element's top contexts, batch by batch, against sorting all maxima at once."""
     torch.manual_seed(1)
     sae, _ = E.load_sae(sae_dir(tmp_path / "sae", 64, 16))
-    E.main(["--inspect", "--sae", str(tmp_path / "sae"), "--model", "tiny", "--layer", "3", "--n-ctx", "24",
-            "--inspect-samples", "10", "--batch-size", "3", "--top-features", "16", "--device", "cpu"])
-    result = json.loads((tmp_path / "sae" / "inspect.json").read_text())
+    E.main(["--inspect", "--sae", str(tmp_path / "sae"), "--model", "tiny", "--layer", "3",
+            "--n-ctx", "24", "--inspect-samples", "10", "--batch-size", "3", "--top-features", "16",
+            "--device", "cpu"])
+    result = read_json(tmp_path / "sae" / "inspect.json")
     tokens = E.load_data(cfg_for(n_ctx=24, eval_samples=10), None, 512)[0]
     with torch.no_grad():
         h = tiny[0](tokens, output_hidden_states=True).hidden_states[3]
@@ -1235,88 +1513,95 @@ def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
     assert len(result["features"]) == 16
     for r in result["features"]:
         f = r["feature"]
-        order = [s for s in best[:, f].argsort(descending=True).tolist() if best[s, f] > 0][:E.TOP_CONTEXTS]
-        assert [(ctx["sequence"], ctx["position"]) for ctx in r["contexts"]] == [(s, int(where[s, f])) for s in order]
-        assert [ctx["activation"] for ctx in r["contexts"]] == pytest.approx([float(best[s, f]) for s in order], rel=1e-5)
+        fired = [s for s in best[:, f].argsort(descending=True).tolist() if best[s, f] > 0]
+        order = fired[:E.TOP_CONTEXTS]  # the sequences of its largest maxima, largest first
+        where_ = [(ctx["sequence"], ctx["position"]) for ctx in r["contexts"]]
+        assert where_ == [(s, int(where[s, f])) for s in order], f
+        values = [ctx["activation"] for ctx in r["contexts"]]
+        assert values == pytest.approx([float(best[s, f]) for s in order], rel=1e-5), f
         assert r["frequency"] == (c[..., f] > 0).sum().item() / c[..., 0].numel()
         active = c[..., f][c[..., f] > 0]
-        assert r["mean_activation"] == pytest.approx(active.mean().item() if len(active) else 0.0, rel=1e-5)
+        mean = active.mean().item() if len(active) else 0.0
+        assert r["mean_activation"] == pytest.approx(mean, rel=1e-5), f
 
 def test_compare_dictionaries(tmp_path, capsys):
-    # In 2-D, A's elements at 0°, 90°, 180°, 270°, and B is A turned by 30°: each element of A is 30° from its
-    # nearest of B (cos 30° = √3/2) and 90° from its nearest other of A (cos 90° = 0).
+    # In 2-D, A's elements at 0°, 90°, 180°, 270°, and B is A turned by 30°: each element of A is
+    # 30° from its nearest of B (cos 30° = √3/2) and 90° from its nearest other of A (cos 90° = 0).
     angle = torch.tensor([0.0, 90.0, 180.0, 270.0]).deg2rad()
     A, B = (sae_dir(tmp_path / n, dictionary=torch.stack([(angle + t).cos(), (angle + t).sin()]))
             for n, t in (("a", 0), ("b", math.pi / 6)))
     E.main(["--compare", A, B, "--device", "cpu"])
-    result = json.loads(Path(A, "compare.json").read_text())
+    result = read_json(Path(A, "compare.json"))
     cross, cos30 = result["cross"], math.sqrt(3) / 2
-    assert [cross[k] for k in ("mean", "min", "q1", "median", "q3", "max", "below_0")] == pytest.approx([cos30] * 6 + [0])
-    assert cross["values"] == pytest.approx([cos30] * 4, abs=1e-6) and cross["edges"] == [i / 20 for i in range(21)]
+    summary = [cross[k] for k in ("mean", "min", "q1", "median", "q3", "max", "below_0")]
+    assert summary == pytest.approx([cos30] * 6 + [0]), summary
+    assert cross["values"] == pytest.approx([cos30] * 4, abs=1e-6), cross["values"]
+    assert cross["edges"] == [i / 20 for i in range(21)], cross["edges"]
     assert result["within"]["values"] == pytest.approx([0.0] * 4, abs=1e-6)
-    assert cross["counts"][17] == 4 and "cross-SAE max cosine similarity" in capsys.readouterr().out
-    # An SAE against itself: every element is in B, at cosine 1 (not above), in the last bin [0.95, 1].
+    assert cross["counts"][17] == 4, cross["counts"]
+    assert "cross-SAE max cosine similarity" in capsys.readouterr().out
+    # An SAE against itself: every element is in B, at cosine 1 (not above), in the last bin.
     torch.manual_seed(0)
     C = sae_dir(tmp_path / "c", dictionary=F.normalize(torch.randn(16, 40), dim=0))
     E.main(["--compare", C, C, "--device", "cpu", "--out-dir", str(tmp_path / "cc")])
-    cross = json.loads((tmp_path / "cc" / "compare.json").read_text())["cross"]
-    assert cross["values"] == pytest.approx([1.0] * 40, abs=1e-6) and max(cross["values"]) <= 1.0
-    assert cross["counts"][-1] + cross["below_0"] == 40 and cross["counts"][-1] == 40
-    # A dictionary of one element: its cross-SAE value, and no within-SAE one (it has no other element).
-    E.main(["--compare", sae_dir(tmp_path / "one", dictionary=torch.tensor([[1.0], [0.0]])), A, "--device", "cpu"])
-    result = json.loads((tmp_path / "one" / "compare.json").read_text())
-    assert result["cross"]["values"] == pytest.approx([1.0]) and "within" not in result
+    cross = read_json(tmp_path / "cc" / "compare.json")["cross"]
+    assert cross["values"] == pytest.approx([1.0] * 40, abs=1e-6), cross["values"]
+    assert max(cross["values"]) <= 1.0, max(cross["values"])
+    assert cross["counts"][-1] + cross["below_0"] == 40, cross  # all counted ...
+    assert cross["counts"][-1] == 40, cross["counts"]  # ... in the last bin, [0.95, 1]
+    # A dictionary of one element: its cross-SAE value, no within-SAE one (it has no other element).
+    one = sae_dir(tmp_path / "one", dictionary=torch.tensor([[1.0], [0.0]]))
+    E.main(["--compare", one, A, "--device", "cpu"])
+    result = read_json(tmp_path / "one" / "compare.json")
+    assert result["cross"]["values"] == pytest.approx([1.0]), result
+    assert "within" not in result, result
     # max_cosine a chunk of rows at a time equals the full matrix's maxima
     A, B = F.normalize(torch.randn(37, 8), dim=1), F.normalize(torch.randn(23, 8), dim=1)
     assert torch.allclose(E.max_cosine(A, B, chunk_elements=50), (A @ B.T).max(1).values)
     within = (A @ A.T).fill_diagonal_(-2).max(1).values
     assert torch.allclose(E.max_cosine(A, A, exclude_self=True, chunk_elements=50), within)
 
-# --- tutorial.md is true of the file: its names exist, its quoted lines are in it, its debugger sessions replay
-# (their line numbers found again from the text they quote, so that code may move), its CPU commands run
+# --- tutorial.md is true of the file: its names exist, its quoted lines are in it, its debugger
+# sessions replay (their line numbers found again from the text they quote, so that code may
+# move), its CPU commands run
 
 TUTORIAL = (HERE / "tutorial.md").read_text()
 SOURCE_LINES = (HERE / "e2e_sae.py").read_text().splitlines()
 
 def fenced_blocks(info: str) -> list[str]:
-    """The bodies of the fenced code blocks whose info string is exactly `info` (indented ones too)."""
-    return [textwrap.dedent(body) for _, body in
-            re.findall(r"^( *)```" + re.escape(info) + r"\n(.*?)^\1```", TUTORIAL, flags=re.M | re.S)]
+    """The bodies of the fenced code blocks whose info string is exactly `info` (indented too)."""
+    fence = r"^( *)```" + re.escape(info) + r"\n(.*?)^\1```"
+    return [textwrap.dedent(body) for _, body in re.findall(fence, TUTORIAL, flags=re.M | re.S)]
 def section(number: int) -> str:
     return TUTORIAL.split(f"\n## {number}. ")[1].split("\n## ")[0]
 def same_output(printed: str, expected: str, rel=1e-2, abs=1e-3):
-    """The same text, integers equal, decimals within rel (another CPU may round a float's last digit otherwise)."""
+    """The same text, integers equal, decimals within rel (another CPU may round a last digit)."""
     number = r"(-?\d+\.\d+|-?\d+)"
     got, want = re.split(number, printed.strip()), re.split(number, expected.strip())
     assert len(got) == len(want), (printed, expected)
     for g, w in zip(got, want):
-        same = float(g) == pytest.approx(float(w), rel=rel, abs=abs) if re.fullmatch(number, w) and "." in w else g == w
-        assert same, (g, w)
-
-def line_of(text: str, function=None) -> int:
-    """The number of the line of e2e_sae.py that is `text` (stripped); where several are, the one in `function`."""
-    def enclosing(i):  # the name of the nearest def around line i
-        indent = len(SOURCE_LINES[i - 1]) - len(SOURCE_LINES[i - 1].lstrip())
-        return next((m[2] for j in range(i - 1, 0, -1) if (m := re.match(r"( *)def (\w+)\(", SOURCE_LINES[j - 1]))
-                     and len(m[1]) < indent), None)
-    hits = [i for i, line in enumerate(SOURCE_LINES, 1) if line.strip() == text.strip()]
-    hits = [i for i in hits if enclosing(i) == function] if len(hits) > 1 and function else hits
-    assert len(hits) == 1, f"{text!r} is on lines {hits} of e2e_sae.py"
-    return hits[0]
+        if re.fullmatch(number, w) and "." in w:
+            assert float(g) == pytest.approx(float(w), rel=rel, abs=abs), (g, w)
+        else:
+            assert g == w, (g, w)
 
 def test_the_tutorials_names_quoted_lines_and_breakpoints_are_in_the_file():
-    """Names exist, exercises' tests are here, section 6's quoted lines are in the source, breakpoints hold."""
-    names = set(re.findall(r"`([A-Za-z_][\w.]*)\(\)`", TUTORIAL))  # functions and methods: `compute_loss()`
-    names |= set(re.findall(r"`([A-Z]\w*\.[a-z_]\w*)`", TUTORIAL))  # attributes of classes: `SAE.dictionary`
-    names |= set(re.findall(r"`([A-Z][A-Z0-9_]*[A-Z0-9])`", TUTORIAL))  # classes and constants: `SAE`, `TINY_RUN`
+    """Names and exercises' tests exist, section 6's quotes are in the source, breakpoints hold."""
+    names = set(re.findall(r"`([A-Za-z_][\w.]*)\(\)`", TUTORIAL))  # functions: `compute_loss()`
+    names |= set(re.findall(r"`([A-Z]\w*\.[a-z_]\w*)`", TUTORIAL))  # attributes: `SAE.dictionary`
+    names |= set(re.findall(r"`([A-Z][A-Z0-9_]*[A-Z0-9])`", TUTORIAL))  # constants: `TINY_RUN`
     missing = [n for n in names if not hasattr(E, n.split(".")[0])
                or "." in n and not hasattr(getattr(E, n.split(".")[0]), n.split(".")[1])]
-    assert len(names) > 60 and sorted(missing) == []
+    assert len(names) > 60, len(names)
+    assert sorted(missing) == []
     tests = set(re.findall(r"`(test_\w+)`", TUTORIAL))  # the tests an exercise names
-    assert tests and tests <= set(globals())
+    assert tests
+    assert tests <= set(globals()), tests - set(globals())
     quoted = [q for q in re.findall(r"`([^`\n]+)`", section(6)) if len(q) >= 20]
-    assert len(quoted) >= 20 and [q for q in quoted if q not in "\n".join(SOURCE_LINES)] == []
-    assert (HERE / "figures" / "kl_vs_l0.png").is_file() and "](figures/kl_vs_l0.png)" in TUTORIAL
+    assert len(quoted) >= 20, len(quoted)
+    assert [q for q in quoted if q not in "\n".join(SOURCE_LINES)] == []
+    assert (HERE / "figures" / "kl_vs_l0.png").is_file()
+    assert "](figures/kl_vs_l0.png)" in TUTORIAL
 
 def test_the_tutorials_flops_come_from_the_code():
     """Section 7's FLOPs per token of GPT-2 small, and of the whole paper run."""
@@ -1370,9 +1655,8 @@ def test_the_tutorials_debugger_sessions_replay_as_printed(tmp_path, monkeypatch
 
 
 def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
-    """`bash cpu` commands in order, in one folder, each training run cut to one optimiser step except section 3.11's
-    (seconds at full size: what it shows is what they print); `python cpu` blocks; the figure's code on the sweep
-    (matplotlib stubbed)."""
+    """`bash cpu` commands in order, in one folder, training cut to one step except section 3.11's
+    (seconds at full size: it shows what they print); `python cpu` blocks; the figure's code."""
     monkeypatch.chdir(tmp_path)
     blocks = fenced_blocks("bash cpu")
     assert len([line for b in blocks for line in b.splitlines() if line.strip()]) >= 10
@@ -1381,23 +1665,28 @@ def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
         for line in filter(str.strip, block.splitlines()):
             args = shlex.split(line, comments=True)
             assert args[:2] == ["python", "e2e_sae.py"], line
-            if "--inspect" not in block and not {"--compare", "--eval-only", "--resume", "--benchmark"} & set(args):
-                args += ["--n-samples", "16", "--eval-every", "0", "--eval-samples", "8"]  # one step of TINY_RUN's 8 × 2
+            trains = not {"--compare", "--eval-only", "--resume", "--benchmark"} & set(args)
+            if "--inspect" not in block and trains:  # one step of TINY_RUN's 8 × 2
+                args += ["--n-samples", "16", "--eval-every", "0", "--eval-samples", "8"]
             capsys.readouterr()
             E.main(args[2:])  # an error would exit, and fail the test
             printed.append(capsys.readouterr().out)
-        if "--inspect" in block:  # the analysis: what the tutorial shows the last two commands print
-            same_output("".join(printed[-2:]), section(3).split("The last two printed:\n\n```\n")[1].split("\n```")[0])
+        if "--inspect" in block:  # the analysis: what the tutorial shows the last two print
+            shown = section(3).split("The last two printed:\n\n```\n")[1].split("\n```")[0]
+            same_output("".join(printed[-2:]), shown)
     snippets = fenced_blocks("python cpu")
     for code in snippets:
         exec(compile(code, "tutorial.md", "exec"), {})
-    assert snippets and "'kl': 0.0" in capsys.readouterr().out and (tmp_path / "out/sweep/local_16/sae.safetensors").exists()
+    assert snippets
+    assert "'kl': 0.0" in capsys.readouterr().out
+    assert (tmp_path / "out/sweep/local_16/sae.safetensors").exists()
     plt, fig, ax = MagicMock(), MagicMock(), MagicMock()
     plt.subplots.return_value = (fig, ax)
     monkeypatch.setitem(sys.modules, "matplotlib", MagicMock(pyplot=plt))
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
     exec(compile(section(9).split("```python\n")[1].split("\n```")[0], "tutorial.md", "exec"), {})
-    assert [(len(c.args[0]), c.kwargs["label"]) for c in ax.plot.call_args_list] == [(3, "e2e"), (3, "local")]
+    plotted = [(len(c.args[0]), c.kwargs["label"]) for c in ax.plot.call_args_list]
+    assert plotted == [(3, "e2e"), (3, "local")], plotted
     fig.savefig.assert_called_once_with("figures/kl_vs_l0.png", dpi=150)
 
 
