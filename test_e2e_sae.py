@@ -1,8 +1,7 @@
-"""Tests for e2e_sae.py: offline, on tiny random models, each against an independent computation;
-the method first (each test building its tiny GPT-2 and SAE in a few visible lines, to be read on
-its own), then the engineering around it. Run: python -m pytest -q test_e2e_sae.py. Every process
-computes on one thread (tiny tensors gain nothing from more), so that this one's results and its
-subprocesses' stay bitwise comparable."""
+"""Tests for e2e_sae.py, offline, on tiny random models, each against an independent computation:
+the method first (each test read on its own), then the engineering. Run: python -m pytest -q
+test_e2e_sae.py. One thread per process, so that results here and in subprocesses stay bitwise
+comparable."""
 
 import bdb, copy, dataclasses, io, itertools, json, logging, math, os, pdb, re, shlex, signal, socket
 import subprocess, sys, textwrap, time
@@ -117,8 +116,8 @@ def test_identity_dictionary_gives_zero_kl(layer, center):
 
 def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(tiny):
     """The paper's basis: the SAE reads hidden_states[L] minus its mean over D, and the local loss
-    is measured there; â + k·1 gives the same logits, as every reader of the stream is a LayerNorm
-    (RMSNorm models keep the raw one: see test_models_load_frozen_with_fused_attention_...)."""
+    is measured there (with φ = λ / D); â + k·1 gives the same logits, as every reader of the stream
+    is a LayerNorm (RMSNorm models keep the raw one: see test_models_load_frozen_with_...)."""
     model, blocks = tiny
     torch.manual_seed(0)
     tokens, sae = tokens_for(model), E.SAE(64, 128)
@@ -135,11 +134,12 @@ def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(
             with E.splice_sae(blocks[5], moved):
                 shifted = model(tokens).logits
             assert torch.allclose(shifted, logits, atol=1e-4), f"k = {k}"
-    cfg = cfg_for("local", 5, sparsity_coeff=6.4)
+    cfg = cfg_for("local", 5, sparsity_coeff=6.4)  # λ = 6.4 at width D = 64 is φ = λ / D = 0.1
     _, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens)
     mse_c, l1_c = mse_by_hand(sae(a_c)[0], a_c), 0.1 * l1_by_hand(sae(a_c)[1].detach())
     assert terms["mse"].item() == pytest.approx(mse_c, rel=1e-5), f"MSE {terms['mse']}, {mse_c}"
-    assert terms["sparsity"].item() == pytest.approx(l1_c, rel=1e-5), f"φ‖c‖₁ {terms['sparsity']}"
+    sparsity = terms["sparsity"].item()
+    assert sparsity == pytest.approx(l1_c, rel=1e-5), f"φ‖c‖₁ {sparsity}, not 0.1 · {l1_c / 0.1}"
     raw_cfg = cfg_for("local", 5, center=False)
     sae.center = False
     raw = E.compute_loss(raw_cfg, model, blocks, sae, tokens)[1]["mse"].item()
@@ -163,9 +163,8 @@ def test_splice_hook_sees_hf_hidden_states_and_cleans_up(layer):
         with E.splice_sae(blocks[layer], sae) as seen:
             spliced = model(tokens).logits
         a_hat, c = sae(seen.a)
-        assert torch.equal(seen.a, a), f"a off by {(seen.a - a).abs().max()}"
-        assert torch.equal(seen.a_hat, a_hat), f"â off by {(seen.a_hat - a_hat).abs().max()}"
-        assert torch.equal(seen.c, c), f"c off by {(seen.c - c).abs().max()}"
+        for name, got, want in [("a", seen.a, a), ("â", seen.a_hat, a_hat), ("c", seen.c, c)]:
+            assert torch.equal(got, want), f"{name} off by {(got - want).abs().max()}"
         assert not torch.allclose(spliced, clean.logits), "the splice left the logits unchanged"
         with E.splice_sae(blocks[layer], sae, stop=True) as seen:
             assert E.run_model(model, tokens) is None  # ended once the SAE had run
@@ -218,16 +217,6 @@ def test_losses_equal_hand_computations():
     assert loss.item() == pytest.approx(by_hand, rel=1e-5), f"e2e_ds {loss.item()}, not {by_hand}"
     ds = terms["downstream"].item()
     assert ds == pytest.approx(downstream, rel=1e-5), f"downstream {ds}, not {downstream}"
-
-def test_sparsity_coeff_is_divided_by_the_models_width():
-    """φ = λ / D with D the model's width: λ = 6.4 at D = 64 is φ = 0.1."""
-    model = E.tiny_gpt2().eval().requires_grad_(False)
-    tokens = torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
-    cfg = E.Config(loss="local", layer=3, sparsity_coeff=6.4)
-    _, terms, c = E.compute_loss(cfg, model, E.decoder_blocks(model), E.SAE(64, 256), tokens)
-    by_hand = 0.1 * l1_by_hand(c.detach())
-    sparsity = terms["sparsity"].item()
-    assert sparsity == pytest.approx(by_hand, rel=1e-5), f"φ‖c‖₁ {sparsity}, not {by_hand}"
 
 @pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
 def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
@@ -382,9 +371,8 @@ def reference_loss(cfg, model, blocks, sae, tokens):
     ds = range(L + 1, len(blocks)) if cfg.loss == "e2e_ds" else []
     with torch.no_grad(), block_inputs(blocks, ds) as orig:
         logits_orig = model(tokens).logits
-    with E.splice_sae(blocks[L], sae) as seen:
-        with block_inputs(blocks, ds) as spliced:
-            logits_sae = model(tokens).logits
+    with E.splice_sae(blocks[L], sae) as seen, block_inputs(blocks, ds) as spliced:
+        logits_sae = model(tokens).logits
     kl = E.kl_div(logits_orig, logits_sae)
     if cfg.loss == "e2e":
         return E.e2e_loss(kl, seen.c, phi, cfg.kl_coeff)
@@ -404,12 +392,9 @@ def other_models():
     qwen = Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=2)
     # gemma: alternating sliding-window and global layers, each kind with its own rotary embeddings
     gemma = Gemma3TextConfig(**small, head_dim=8, sliding_window=8, sliding_window_pattern=2)
-    return {k: m.eval().requires_grad_(False) for k, m in {
-        "llama": LlamaForCausalLM(LlamaConfig(**small)),
-        "neox": GPTNeoXForCausalLM(neox),
-        "qwen": Qwen2ForCausalLM(qwen),
-        "gemma": Gemma3ForCausalLM(gemma),
-    }.items()}
+    models = {"llama": LlamaForCausalLM(LlamaConfig(**small)), "neox": GPTNeoXForCausalLM(neox),
+              "qwen": Qwen2ForCausalLM(qwen), "gemma": Gemma3ForCausalLM(gemma)}
+    return {k: m.eval().requires_grad_(False) for k, m in models.items()}
 
 @pytest.mark.parametrize("arch, loss, layer", [
     ("gpt2", "e2e", 5), ("gpt2", "e2e_ds", 0), ("gpt2", "e2e_ds", 10), ("llama", "e2e_ds", 1),
@@ -427,13 +412,13 @@ def test_fast_path_matches_the_plain_computation(tiny, other_models, arch, loss,
     ref_loss, ref_terms = reference_loss(cfg, model, blocks, sae, tokens)
     ref_loss.backward()
     ref_grads = [p.grad.clone() for p in sae.parameters()]
-    assert ref_terms["kl"] > 1e-3
+    assert ref_terms["kl"] > 1e-3, f"KL {ref_terms['kl']}: the test would check little"
     for bf16, rel in ((False, 1e-5), (True, 1e-2)):
         sae.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # chunks: 37 ∤ 64 rows
             loss, terms, _ = E.compute_loss(cfg, model, blocks, sae, tokens, kl_chunk_rows=37)
         loss.backward()
-        assert all(p.grad is None for p in model.parameters())  # the frozen model gets no gradient
+        assert all(p.grad is None for p in model.parameters()), "the frozen model got a gradient"
         for k in ref_terms:
             assert terms[k].item() == pytest.approx(ref_terms[k].item(), rel=rel), (k, bf16)
         for p, g_ref in zip(sae.parameters(), ref_grads):
@@ -463,7 +448,7 @@ def test_each_loss_runs_what_it_counts_and_no_batch_by_vocabulary_tensor():
     for loss, L, expected in [("local", 4, [0, 1, 2, 3]), ("e2e", 7, [*range(12)] * 2)]:  # no head
         calls.clear()
         E.compute_loss(cfg_for(loss, L), model, blocks, sae, tokens_for(model))
-        assert calls == expected, loss
+        assert calls == expected, f"{loss} ran {calls}"
     tokens = tokens_for(model, B=B, T=T)  # F = 128 < V: c is smaller than (B, T, V)
     for loss in ("local", "e2e", "e2e_ds"):
         with Probe() as probe:
@@ -474,23 +459,23 @@ def test_each_loss_runs_what_it_counts_and_no_batch_by_vocabulary_tensor():
         assert B * T * V > probe.largest >= (16 * V if loss != "local" else 0), probe.largest
         if loss != "local":  # the probe does see the plain way's (B, T, V) logits
             with Probe() as probe:
-                reference_loss(cfg_for(loss, 4), model, blocks, sae, tokens)[0].backward()
-            assert probe.largest >= B * T * V
+                reference_loss(cfg, model, blocks, sae, tokens)[0].backward()
+            assert probe.largest >= B * T * V, f"the largest tensor of {probe.largest} elements"
 
 def test_bf16_autocast_keeps_logits_and_the_residual_stream_fp32(tiny):
     model, blocks = tiny
-    bf16 = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    with bf16(), torch.no_grad():
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         qkv = blocks[0].attn.c_attn(torch.randn(2, 64))
-        assert qkv.dtype == torch.bfloat16, qkv.dtype  # the blocks do run in bf16
         logits = E.unembed(model.lm_head, E.run_model(model, tokens_for(model)).last_hidden_state)
-        assert logits.dtype == torch.float32, logits.dtype
-        with E.splice_sae(blocks[6], identity_sae(64)) as seen:
-            with block_inputs(blocks, [6]) as entering:
-                E.run_model(model, tokens_for(model))
-    assert seen.a_hat.dtype == torch.bfloat16, seen.a_hat.dtype
-    assert entering[6].dtype == torch.float32, entering[6].dtype  # â goes in as fp32
+        with E.splice_sae(blocks[6], identity_sae(64)) as seen, block_inputs(blocks, [6]) as enter:
+            E.run_model(model, tokens_for(model))
+    bf16 = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
     m = E.evaluate(*tiny, identity_sae(64), tokens_for(model), 6, 2, bf16)
+    for name, dtype, want in [("the blocks' matmuls", qkv.dtype, torch.bfloat16),  # bf16 inside
+                              ("the logits", logits.dtype, torch.float32),
+                              ("â", seen.a_hat.dtype, torch.bfloat16),
+                              ("â as the next block reads it", enter[6].dtype, torch.float32)]:
+        assert dtype == want, f"{name} in {dtype}"
     assert 0 <= m["kl"] < 0.05, f"KL {m['kl']}"
     assert m["explained_variance"] > 0.99, f"explained variance {m['explained_variance']}"
 
@@ -507,13 +492,12 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
         model, tokenizer = E.load_model(str(tmp_path / name), torch.device("cpu"))
         assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
         assert tokenizer is None, tokenizer
-        assert not model.training
-        assert not any(p.requires_grad for p in model.parameters())
-    blocks, tokens = E.decoder_blocks(model), tokens_for(model)
+        assert not model.training, f"{name} in training mode"
+        assert not any(p.requires_grad for p in model.parameters()), f"{name} is not frozen"
+    blocks, tokens, sae = E.decoder_blocks(model), tokens_for(model), identity_sae(32)
+    sae.center = False  # as setup() sets it for an RMSNorm model
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states
-        sae = identity_sae(32)
-        sae.center = False  # as setup() sets it for an RMSNorm model
         with E.splice_sae(blocks[2], sae) as seen:
             spliced = model(tokens).logits
         logits = model(tokens).logits
@@ -526,7 +510,7 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
         config = check_output_folder(tmp_path / loss, loss, 4, 2)[1]
         assert set(metrics) == METRIC_KEYS, sorted(metrics)
         assert set(metrics["downstream_mse"]) == {3}, metrics["downstream_mse"]
-        assert config["center"] is False  # RMSNorm: TransformerLens does not centre it, nor do we
+        assert config["center"] is False, "RMSNorm: TransformerLens does not centre it, nor do we"
     said = f"e2e_ds SAE at layer 2 of {tmp_path}/llama (uncentred stream): D=32 F=64 λ=10 β=2.5 |"
     assert said in capsys.readouterr().out
     for name, centred in (("neox", True), ("llama", False), ("gpt2", True)):
@@ -558,18 +542,23 @@ def write_sources(folder, rows):
     return [str(folder / name) for name in names]
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_eval_and_training_sequences_never_overlap(tmp_path, monkeypatch, streamed):
+def test_eval_and_training_sequences_never_overlap_and_the_seed_sets_the_order(
+        tmp_path, monkeypatch, streamed):
     """The first sequences are held out, of local sources (held, shuffled whole) and streamed ones
-    (a buffer, re-opened at their end); each epoch reads every other sequence once, reshuffled."""
+    (a buffer, re-opened at their end); each epoch reads every other sequence once, reshuffled, in
+    an order that the seed sets."""
     monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)
     rows = [list(range(i, i + 8 + i % 3)) for i in range(40)]  # row i: [i, i+1, ...], 8 to 10 long
     rows.insert(5, [1, 2, 3])  # too short: skipped
     sequences = [tuple(row[:8]) for row in rows if len(row) >= 8]  # 40 of n_ctx = 8 tokens
     held_out, others = sequences[:10], sequences[10:]
+
+    def three_epochs(cfg, seed=0):  # of the 30 sequences not held out
+        train = E.load_data(dataclasses.replace(cfg, seed=seed), None, 512)[1]
+        return [tuple(next(train).tolist()) for _ in range(3 * 30)]
     for source in write_sources(tmp_path, rows):
         cfg = E.Config(dataset=source, n_ctx=8, eval_samples=10, shuffle_buffer=7)
-        eval_tokens, train = E.load_data(cfg, None, 512)
-        trained = [tuple(next(train).tolist()) for _ in range(3 * 30)]  # three epochs of the others
+        eval_tokens, trained = E.load_data(cfg, None, 512)[0], three_epochs(cfg)
         first, second = trained[:30], trained[30:60]
         assert [tuple(row) for row in eval_tokens.tolist()] == held_out, source
         assert not set(trained) & set(held_out), f"{source}: {set(trained) & set(held_out)}"
@@ -579,19 +568,8 @@ def test_eval_and_training_sequences_never_overlap(tmp_path, monkeypatch, stream
         assert first != second, f"{source}: epochs 1 and 2 are in the same order"
         if not streamed:  # a whole shuffle: the file's end can come first
             assert any(row[0] >= 30 for row in trained[:5]), f"{source}: epoch 1 begins {first[:5]}"
-
-@pytest.mark.parametrize("streamed", [False, True])
-def test_the_training_order_is_set_by_the_seed(tmp_path, monkeypatch, streamed):
-    monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)
-    source = write_sources(tmp_path, [list(range(i, i + 4)) for i in range(50)])[0]
-
-    def order(seed):
-        cfg = E.Config(dataset=source, n_ctx=4, eval_samples=5, shuffle_buffer=10, seed=seed)
-        train = E.load_data(cfg, None, 512)[1]
-        return [next(train)[0].item() for _ in range(45)]
-    first, again, other = order(1), order(1), order(2)
-    assert first == again, f"seed 1 gave {first}, then {again}"
-    assert first != other, f"seeds 1 and 2 both gave {first}"
+        assert three_epochs(cfg) == trained, f"{source}: seed 0 gave {trained}, then another order"
+        assert three_epochs(cfg, 1) != trained, f"{source}: seeds 0 and 1 both gave {trained}"
 
 def test_random_tokens_hold_out_the_same_sequences_whatever_the_seed():
     """`random` is endless: streamed, never held; its first sequences are held out all the same."""
@@ -622,37 +600,37 @@ def make_tokenizer(folder: Path, texts):
 
 # --- Configuration and the command line
 def test_the_paper_run_needs_no_other_flag_presets_yield_to_flags_and_the_lr_schedule():
-    parse = lambda argv: E.parse_config(argv.split())
-    of = lambda cfg, names: tuple(getattr(cfg, name) for name in names.split())
-    cfg = parse("--loss e2e --layer 6")
-    assert of(cfg, "model dataset n_ctx n_samples") == ("gpt2", E.PAPER_DATASET, 1024, 400_000)
-    assert of(cfg, "batch_size grad_accum lr warmup_samples") == (8, 2, 5e-4, 20_000)
-    assert of(cfg, "lr_min_ratio grad_clip dict_ratio eval_samples") == (0.1, 10.0, 60.0, 500)
-    assert of(cfg, "sparsity_coeff kl_coeff out_dir") == (3.0, 1.0, "out/e2e_layer6")
-    local, ds = parse("--loss local"), parse("--loss e2e_ds")
-    assert local.sparsity_coeff == 4.0
-    assert of(ds, "sparsity_coeff kl_coeff downstream_coeff") == (50.0, 0.5, 2.5)
+    paper_run = dict(model="gpt2", dataset=E.PAPER_DATASET, n_ctx=1024, n_samples=400_000,
+                     batch_size=8, grad_accum=2, lr=5e-4, warmup_samples=20_000, lr_min_ratio=0.1,
+                     grad_clip=10.0, dict_ratio=60.0, eval_samples=500, sparsity_coeff=3.0,
+                     kl_coeff=1.0, out_dir="out/e2e_layer6", center=True)  # TransformerLens's basis
+    cpu_bench = dict(model="gpt2-random", dataset="random", loss="e2e", layer=6, dict_ratio=60,
+                     batch_size=1, n_ctx=128, grad_accum=1, bench_warmup=1, bench_steps=3)
+    for argv, expected in [
+            ("--loss e2e --layer 6", paper_run),
+            ("--loss local", dict(sparsity_coeff=4.0)),
+            ("--loss e2e_ds", dict(sparsity_coeff=50.0, kl_coeff=0.5, downstream_coeff=2.5)),
+            ("--loss e2e_ds --layer 8", dict(sparsity_coeff=9.354, downstream_coeff=0.3536)),
+            ("--loss e2e_ds --layer 8 --downstream-coeff 1", dict(downstream_coeff=1.0)),
+            ("--no-center", dict(center=False)),
+            ("--loss e2e_ds --sparsity-coeff 7 --kl-coeff 1", dict(sparsity_coeff=7.0)),
+            ("--model tiny --n-ctx 64", {**E.TINY_RUN, "n_ctx": 64}),
+            ("--benchmark --device cpu", cpu_bench),
+            ("--benchmark --device cuda --loss local",
+             dict(batch_size=8, n_ctx=1024, grad_accum=1, bench_warmup=3, bench_steps=10)),
+            ("--benchmark --device cpu --model tiny --n-ctx 64 --bench-steps 5",
+             dict(model="tiny", n_ctx=64, bench_steps=5, batch_size=1))]:
+        cfg = E.parse_config(argv.split())
+        for name, want in expected.items():
+            assert getattr(cfg, name) == want, f"{argv}: {name} {getattr(cfg, name)}, not {want}"
+    # layer 8's are the geometric means of layers 6 and 10's, to 4 significant digits
+    assert 9.354 == float(f"{math.sqrt(50 * 1.75):.4g}"), "λ of e2e_ds at layer 8"
+    assert 0.3536 == float(f"{math.sqrt(2.5 * 0.05):.4g}"), "β of e2e_ds at layer 8"
     paper = {2: (0.8, 0.5, 10, 2.5), 6: (4, 3, 50, 2.5), 10: (6, 1.5, 1.75, 0.05)}  # λ ×3; β
     for layer, lam in [(0, paper[2]), (1, paper[2]), *paper.items(), (11, paper[10])]:
-        runs = [parse(f"--loss {loss} --layer {layer}") for loss in ("local", "e2e", "e2e_ds")]
+        runs = [E.parse_config(f"--loss {loss} --layer {layer}".split())
+                for loss in ("local", "e2e", "e2e_ds")]
         assert (*(r.sparsity_coeff for r in runs), runs[2].downstream_coeff) == lam, layer
-    between = parse("--loss e2e_ds --layer 8")  # geometric means of layers 6 and 10
-    assert of(between, "sparsity_coeff downstream_coeff") == (9.354, 0.3536)
-    assert (9.354, 0.3536) == (float(f"{math.sqrt(50 * 1.75):.4g}"),
-                               float(f"{math.sqrt(2.5 * 0.05):.4g}"))
-    assert parse("--loss e2e_ds --layer 8 --downstream-coeff 1").downstream_coeff == 1.0
-    assert cfg.center  # TransformerLens's basis unless told
-    assert not parse("--no-center").center
-    assert parse("--loss e2e_ds --sparsity-coeff 7 --kl-coeff 1").sparsity_coeff == 7.0
-    tiny = parse("--model tiny --n-ctx 64")
-    assert {k: getattr(tiny, k) for k in E.TINY_RUN} == {**E.TINY_RUN, "n_ctx": 64}
-    cpu = parse("--benchmark --device cpu")
-    assert of(cpu, "model dataset loss layer dict_ratio") == ("gpt2-random", "random", "e2e", 6, 60)
-    assert of(cpu, "batch_size n_ctx grad_accum bench_warmup bench_steps") == (1, 128, 1, 1, 3)
-    gpu = parse("--benchmark --device cuda --loss local")
-    assert of(gpu, "batch_size n_ctx grad_accum bench_warmup bench_steps") == (8, 1024, 1, 3, 10)
-    mine = parse("--benchmark --device cpu --model tiny --n-ctx 64 --bench-steps 5")
-    assert of(mine, "model n_ctx bench_steps batch_size") == ("tiny", 64, 5, 1)
     flags = set(E.build_parser()._option_string_actions)  # a flag per field: n_samples, --n-samples
     assert {"--" + f.name.replace("_", "-") for f in dataclasses.fields(E.Config)} <= flags
     assert "--n-samples" in flags
@@ -1015,13 +993,12 @@ def test_saved_sae_reproduces_the_module_and_is_what_saelens_reads(tmp_path):
     standard = {"architecture": "standard", "d_in": 16, "d_sae": 48, "dtype": "float32",
                 "apply_b_dec_to_input": False, "device": "cpu", "normalize_activations": "none",
                 "reshape_activations": "none"}
+    meta = {"hook_name": "blocks.6.hook_resid_pre", "model_name": "tiny", "context_size": 16,
+            "prepend_bos": False, "model_from_pretrained_kwargs": {"center_writing_weights": False}}
     assert {k: cfg[k] for k in standard} == standard
-    meta = cfg["metadata"]
-    assert (meta["hook_name"], meta["model_name"], meta["context_size"], meta["prepend_bos"]) == (
-        "blocks.6.hook_resid_pre", "tiny", 16, False)
-    assert int(meta["sae_lens_version"].split(".")[0]) >= 6, meta["sae_lens_version"]
-    kwargs = meta["model_from_pretrained_kwargs"]
-    assert kwargs == {"center_writing_weights": False}  # HF's residual stream
+    assert {k: cfg["metadata"][k] for k in meta} == meta  # uncentred: HF's residual stream
+    version = cfg["metadata"]["sae_lens_version"]
+    assert int(version.split(".")[0]) >= 6, f"sae_lens_version {version}"
     E.save_saelens(tmp_path, {**info, "center": True})  # TransformerLens's centred hook_resid_pre
     kwargs = read_json(tmp_path / "cfg.json")["metadata"]["model_from_pretrained_kwargs"]
     assert kwargs == {"center_writing_weights": True}
@@ -1179,7 +1156,7 @@ def test_a_failed_checkpoint_write_changes_nothing(tmp_path, monkeypatch):
         assert (tmp_path / "checkpoint.pt").read_bytes() == before, name
         assert os.listdir(tmp_path) == ["checkpoint.pt"], os.listdir(tmp_path)
     assert E.load_checkpoint(tmp_path, run)["step"] == 1
-    assert torch.equal(torch.rand(3), drawn)
+    assert torch.equal(torch.rand(3), drawn), "the RNG is not the checkpoint's"
 
 def test_an_output_folder_with_a_run_is_not_overwritten(tmp_path, monkeypatch, capsys):
     """Also: training log lines carry tokens/s, and MFU where the peak is known (pretended here)."""
@@ -1420,10 +1397,11 @@ def test_compiled_step_matches_eager(monkeypatch):
         loss = E.compute_loss(cfg, run.model, run.blocks, run.sae, tokens)[0]
         loss.backward()
         results.append((loss.item(), run.sae.encoder.weight.grad.clone()))
-    assert len(graphs) >= 2  # the SAE's forward and the blocks' were compiled
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
-    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
-    assert all(len(b._forward_pre_hooks) == 0 for b in run.blocks)
+    assert len(graphs) >= 2, f"{len(graphs)} graphs: not the SAE's forward and the blocks'"
+    (eager, eager_grad), (compiled, compiled_grad) = results
+    assert compiled == pytest.approx(eager, rel=1e-5), f"loss {compiled}, eager {eager}"
+    assert torch.allclose(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5), "the gradient"
+    assert all(len(b._forward_pre_hooks) == 0 for b in run.blocks), "a hook was left behind"
 
 def test_benchmark_runs_on_cpu_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -1444,8 +1422,8 @@ def test_benchmark_runs_on_cpu_and_writes_nothing(tmp_path, monkeypatch, capsys)
         assert result["peak_memory_gib"] is None, result
         tflops = result["tokens_per_s"] * result["flops_per_token"] / 1e12
         assert result["tflops_per_s"] == pytest.approx(tflops), result
-        # 1 × 128 tokens a step
-        assert result["step_s"] == pytest.approx(128 / result["tokens_per_s"]), result
+        step_s = 128 / result["tokens_per_s"]  # 1 × 128 tokens a step
+        assert result["step_s"] == pytest.approx(step_s), result
     assert f"tokens/s {result['tokens_per_s']:,.0f}" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
 # --- Looking inside: --inspect, --compare
