@@ -1063,7 +1063,7 @@ def read_window(run, window, signalled, last_saved):
     evaluates or checkpoints. A non-finite term stops the run before anything of it is written."""
     keys = list(window[0])
     sums = [sum(terms[k] for terms in window) / len(window) for k in keys]
-    values = all_reduce([torch.stack([*sums, torch.tensor(float(signalled), device=run.device)])])
+    values = all_reduce([torch.stack([*sums, torch.full((), float(signalled), device=run.device)])])
     *means, stop = (v / WORLD_SIZE for v in values[0].tolist())  # all processes' means
     need(all(map(math.isfinite, means)), f"the loss or its gradient is not finite ("
          + ", ".join(f"{k} {v:.4g}" for k, v in zip(keys, means)) + f"); nothing after step "

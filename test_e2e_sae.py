@@ -4,16 +4,17 @@ test_e2e_sae.py. One thread per process, so that results here and in subprocesse
 comparable."""
 
 import bdb, copy, dataclasses, io, itertools, json, logging, math, os, pdb, re, shlex, signal, socket
-import subprocess, sys, textwrap, time
-from contextlib import contextmanager, suppress
+import subprocess, sys, textwrap, time, weakref
+from contextlib import contextmanager, nullcontext, suppress
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from unittest.mock import MagicMock
+from unittest.mock import MagicMock, patch
 
-import datasets, huggingface_hub, pytest, torch
+import datasets, huggingface_hub, pytest, torch, transformers.masking_utils
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
@@ -1750,3 +1751,82 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch,
         torch.load(out / "checkpoint.pt", weights_only=True)
     E.train(E.parse_config(["--resume", str(out), "--device", "cpu"]))
     assert_same_run(alone, out)
+
+
+# --- A GPU's peak memory, estimated on the CPU: fake tensors allocate nothing -------------------
+class PeakMemory(TorchDispatchMode):
+    """The most bytes of storages made meanwhile alive at once, in CUDA's 512-byte blocks (.peak),
+    and the op that reached it (.at). A storage counts from its making to its last view's end."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages, self.live, self.peak, self.at = set(), 0, 0, ""
+
+    def freed(self, key, size):
+        self.live -= size
+        self.storages.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in tree_leaves(out):
+            if isinstance(x, torch.Tensor) and id(s := x.untyped_storage()) not in self.storages:
+                size = -(-s.nbytes() // 512) * 512
+                self.storages.add(id(s))
+                weakref.finalize(s, self.freed, id(s), size)
+                self.live += size
+                if self.live > self.peak:
+                    self.peak, self.at = self.live, f"{func} → {tuple(x.shape)} {x.dtype}"
+        return out
+
+
+def memory_estimate(loss="e2e", B=8, T=1024, model="gpt2-random", fake=True, **config):
+    """(one training step's, one evaluation batch's) PeakMemory above the weights, the SAE and
+    Adam's moments, in bf16 autocast, on fake tensors (or real ones, fake=False). CPU autocast
+    stands in for CUDA's: for this file's ops both give the same peaks. A fake tensor has no value
+    to read: the training step runs through, as it waits for no GPU."""
+    cfg = E.Config(model=model, dataset="random", loss=loss, batch_size=B, n_ctx=T, device="cpu",
+                   dtype="bf16", **config)
+    no_move = patch.object(torch.nn.Module, "to", lambda module, *args, **kwargs: module)
+    # Transformers takes fake tensors for a trace and makes attention masks; on a GPU it makes none
+    # for sequences that are not packed, which it checks by reading a value fakes do not hold.
+    untraced = patch.object(transformers.masking_utils, "is_tracing", lambda *args: False)
+    unpacked = patch.object(transformers.masking_utils, "find_packed_sequence_indices",
+                            lambda position_ids: None)
+    with FakeTensorMode() if fake else nullcontext(), no_move, untraced, unpacked:
+        run = E.setup(cfg)
+        tokens = list(torch.randint(run.model.config.vocab_size, (cfg.grad_accum, B, T)))
+        E.train_step(cfg, run, tokens)  # Adam's moments are made in the first step
+        with PeakMemory() as step:
+            E.train_step(cfg, run, tokens)
+        with PeakMemory() as evaluation, suppress(DataDependentOutputException):  # its last
+            E.evaluate_and_log(cfg, run, tokens[0], None, 0, final=True)  # lines read values
+    return step, evaluation
+
+
+def two_blocks(**config):
+    return lambda: E.random_gpt2(GPT2Config(n_layer=2, **config))
+
+
+def test_the_memory_estimate_is_what_real_tensors_take(monkeypatch):
+    """A tiny run's peaks on fake tensors are those of the same run on real ones."""
+    monkeypatch.setitem(E.RANDOM_MODELS, "tiny", two_blocks(n_embd=64, n_head=4, vocab_size=512))
+    fake, real = (memory_estimate("e2e", 2, 64, "tiny", f, layer=1, dict_ratio=4)
+                  for f in (True, False))
+    assert fake[0].peak == real[0].peak, f"step: fake {fake[0].peak:,} B, real {real[0].peak:,} B"
+    assert fake[1].peak == real[1].peak, f"evaluation: {fake[1].peak:,} B, {real[1].peak:,} B"
+
+
+def test_an_evaluation_batch_needs_less_memory_than_a_training_step(monkeypatch):
+    """GPT-2 small's widths and vocabulary in 2 blocks, F = 60 × 768, 2 × 512 tokens."""
+    monkeypatch.setitem(E.RANDOM_MODELS, "gpt2-random", two_blocks())
+    step, evaluation = memory_estimate("e2e", 2, 512, layer=1)
+    assert evaluation.peak < step.peak, (f"evaluation {evaluation.peak / 2**30:.2f} GiB at "
+                                         f"{evaluation.at}; step {step.peak / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":  # python test_e2e_sae.py: the estimates at GPT-2 small's shapes
+    print("Peak GPU memory above the weights, the SAE and Adam's moments, GiB (estimated, bf16)")
+    for loss, B in ("e2e", 8), ("e2e", 32), ("local", 8), ("e2e_ds", 8):
+        step, evaluation = memory_estimate(loss, B, layer=6)
+        print(f"{loss:6} {B:2} × 1024: training step {step.peak / 2**30:5.2f} ({step.at}), "
+              f"evaluation batch {evaluation.peak / 2**30:5.2f} ({evaluation.at})")
