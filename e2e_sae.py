@@ -24,7 +24,7 @@ Run it:
 
     python e2e_sae.py --loss e2e --layer 6        # the paper's GPT-2 small run (GPU, downloads)
     python e2e_sae.py --model tiny                # a random 12-block GPT-2: seconds on a CPU
-    python e2e_sae.py --eval-only --sae out/e2e_layer6
+    python e2e_sae.py --eval-only --sae out/gpt2_e2e_layer6
     python e2e_sae.py --benchmark --loss e2e --layer 6            # tokens/s, MFU, memory
     torchrun --nproc_per_node=8 e2e_sae.py --loss e2e --layer 6   # the same run on 8 GPUs
     python e2e_sae.py --help                      # every flag, with its default
@@ -45,7 +45,6 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
 import huggingface_hub
 import numpy as np
 import safetensors.torch
@@ -53,10 +52,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+
+def import_libraries():
+    """transformers and datasets: seconds to import, so main() imports them after the flags."""
+    global datasets, transformers, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    import datasets, transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+
+if __name__ != "__main__":  # imported (tests, a notebook), not run: at once
+    import_libraries()
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -131,7 +139,7 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
     eval_samples: int = 500  # the dataset's first this-many sequences, held out: never trained on
     eval_every: int = 20_000  # evaluate every this-many training sequences (0: only at the end)
     log_every: int = 10  # write a training line to log.jsonl every this-many optimiser steps
-    out_dir: str | None = None  # output folder (default: out/<loss>_layer<L>)
+    out_dir: str | None = None  # output folder (default: out/<model>_<loss>_layer<L>)
     save_every: int = 20_000  # checkpoint every this-many training sequences (0: only on signals)
     resume: str | None = None  # continue the run in this output folder from its checkpoint
     overwrite: bool = False  # replace the run already in --out-dir
@@ -164,7 +172,8 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
             self.kl_coeff = PAPER_KL_COEFF[self.loss]
         if self.mse_coeff is None:
             self.mse_coeff = float(self.loss == "local")
-        self.out_dir = self.resume or self.out_dir or f"out/{self.loss}_layer{self.layer}"
+        local = Path(self.model).expanduser()  # a model's folder (or a hub id, or tiny): its name
+        self.out_dir = self.resume or self.out_dir or f"out/{local.absolute().name}_{self.loss}_layer{self.layer}"
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
         positive = {"n_samples", "batch_size", "grad_accum", "n_ctx", "lr", "dict_ratio",
@@ -186,6 +195,11 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
             torch.device(self.device)
         need(self.sae or not (self.eval_only or self.inspect),
              "--eval-only and --inspect need --sae DIR")
+        with explain(f"--model {self.model}: no such folder, or no readable config.json in it"):
+            c = json.loads((local / "config.json").read_text()  # before transformers is imported
+                           if local.is_dir() or looks_like_path(self.model) else "{}")
+        n = c.get("n_layer") or c.get("num_hidden_layers") or math.inf
+        need(self.layer < n, f"--layer {self.layer} is outside the model's blocks 0 … {n - 1}")
 
     @property
     def samples_per_step(self):
@@ -574,8 +588,7 @@ def load_model(name, device):
     recent GPUs), which never holds the (T, T) attention matrix in memory."""
     model, tokenizer = RANDOM_MODELS[name]() if name in RANDOM_MODELS else None, None
     if model is None:
-        local = Path(name).expanduser().is_dir()
-        need(local or not looks_like_path(name), f"--model {name}: no such folder")
+        local = Path(name).expanduser().is_dir()  # (Config checked a local folder)
         offline = not local and not hub_reachable()  # a copy in the HF cache still loads then
         why = f"cannot download model {name!r}: {OFFLINE}" if offline else f"cannot load {name!r}"
         with explain(why):
@@ -860,9 +873,10 @@ def check_out_dir(cfg):
     out = Path(cfg.out_dir)
     found = [name for name in RUN_FILES if (out / name).exists()]
     run = "a finished" if "metrics.json" in found else "an unfinished"
-    resume = f", --resume {out} to continue it" if "checkpoint.pt" in found else ""
+    resume = (f", --resume {out} to continue it, or another --out-dir" if "checkpoint.pt" in found
+              else ", or another --out-dir (with no checkpoint.pt, there is nothing to --resume)")
     need(not found or cfg.overwrite or cfg.resume, f"{out} already holds {run} run "
-         f"({', '.join(found)}): pass --overwrite to replace it{resume}, or another --out-dir")
+         f"({', '.join(found)}): pass --overwrite to replace it{resume}")
     need(not cfg.init_from or out.resolve() != Path(cfg.init_from).resolve(), "--out-dir is the "
          "folder of the SAE in --init-from, which the run would overwrite: pass another --out-dir")
 
@@ -873,8 +887,8 @@ def open_out_dir(cfg, run_info, step):
     out = Path(cfg.out_dir)
     with explain(f"cannot create --out-dir {out}"):
         out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES + ("inspect.json", "compare.json") if cfg.overwrite else ():
-        (out / name).unlink(missing_ok=True)  # the last two describe the SAE being replaced
+    for name in RUN_FILES + ("eval.json", "inspect.json", "compare.json") if cfg.overwrite else ():
+        (out / name).unlink(missing_ok=True)  # the last three describe the SAE being replaced
     write_json(out / "config.json", run_info)
     log = read_log(out / "log.jsonl")
     atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log if r["step"] <= step))
@@ -1174,13 +1188,13 @@ def finish_out_dir(out, run, metrics, run_info, train_seconds, n_tokens):
 
 
 def evaluate_saved(cfg):
-    """--eval-only: evaluate the SAE in cfg.sae, and write metrics.json into cfg.out_dir."""
+    """--eval-only: evaluate the SAE in cfg.sae, and write eval.json into cfg.out_dir."""
     run = setup(cfg, load_sae(cfg.sae)[0])
     eval_tokens = load_data(cfg, run.tokenizer, run.model.config.vocab_size)[0]
     metrics = evaluate_and_log(cfg, run, eval_tokens, None, 0, final=True)
     print0(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
     if MAIN_PROCESS:
-        write_output(cfg, "metrics.json", metrics)
+        write_output(cfg, "eval.json", metrics)
     return metrics
 
 
@@ -1484,24 +1498,18 @@ def parse_config(argv=None):
 
 
 def main(argv=None):
-    transformers.logging.set_verbosity_error()  # the terminal is for our own output, and the
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # libraries' errors reach the user
-    datasets.disable_progress_bars()  # as one sentence
     cfg = None
     try:
         cfg = parse_config(argv)
         need(WORLD_SIZE == 1 or not (cfg.inspect or cfg.compare),
              "--inspect and --compare run in one process: start them with python, not torchrun")
-        if cfg.compare:
-            compare(cfg)
-        elif cfg.inspect:
-            inspect(cfg)
-        elif cfg.benchmark:
-            benchmark(cfg)
-        elif cfg.eval_only:
-            evaluate_saved(cfg)
-        else:
-            train(cfg)
+        import_libraries()
+        transformers.logging.set_verbosity_error()  # the terminal is for our own output, and the
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # libraries' errors reach the
+        datasets.disable_progress_bars()  # user as one sentence
+        task = (compare if cfg.compare else inspect if cfg.inspect else benchmark if cfg.benchmark
+                else evaluate_saved if cfg.eval_only else train)
+        task(cfg)
     except UserError as e:
         # A mistake in the flags is every process's alike, and rank 0 says it; a later error may be
         # one process's own (its GPU, its view of the files), so each process that meets it says it.

@@ -480,7 +480,7 @@ def test_the_paper_run_needs_no_other_flag_presets_yield_to_flags_and_the_lr_sch
     assert (cfg.model, cfg.dataset, cfg.n_ctx, cfg.n_samples) == ("gpt2", E.PAPER_DATASET, 1024, 400_000)
     assert (cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_samples) == (8, 2, 5e-4, 20_000)
     assert (cfg.lr_min_ratio, cfg.grad_clip, cfg.dict_ratio, cfg.eval_samples) == (0.1, 10.0, 60.0, 500)
-    assert (cfg.sparsity_coeff, cfg.kl_coeff, cfg.out_dir) == (3.0, 1.0, "out/e2e_layer6")
+    assert (cfg.sparsity_coeff, cfg.kl_coeff, cfg.out_dir) == (3.0, 1.0, "out/gpt2_e2e_layer6")
     local, ds = E.parse_config(["--loss", "local"]), E.parse_config(["--loss", "e2e_ds"])
     assert (local.sparsity_coeff, ds.sparsity_coeff, ds.kl_coeff, ds.downstream_coeff) == (4.0, 50.0, 0.5, 2.5)
     paper = {2: (0.8, 0.5, 10, 2.5), 6: (4, 3, 50, 2.5), 10: (6, 1.5, 1.75, 0.05)}  # λ local, e2e, e2e_ds; β
@@ -701,8 +701,8 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
     trained = check_output_folder(out, "local", 3, 1)[0]
     assert trained["n_eval_tokens"] == 6 * 16 and "final:" in capsys.readouterr().out
     E.main(["--eval-only", "--sae", str(out), "--out-dir", str(tmp_path / "eval")])  # --out-dir still wins
-    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(evaluated) == METRIC_KEYS and f"wrote {tmp_path / 'eval'}/metrics.json" in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(evaluated) == METRIC_KEYS and f"wrote {tmp_path / 'eval'}/eval.json" in capsys.readouterr().out
     for k in METRIC_KEYS - {"downstream_mse"}:
         assert evaluated[k] == pytest.approx(trained[k], rel=1e-4, abs=1e-6), k
     sae_dir(tmp_path / "bare", sae=identity_sae(64))
@@ -710,7 +710,7 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
                           "--n-ctx", "16", "--eval-samples", "4", "--device", "cpu"])
     m = E.evaluate_saved(cfg)
     assert cfg.out_dir == str(tmp_path / "bare") and abs(m["kl"]) < 1e-6
-    assert json.loads((tmp_path / "bare" / "metrics.json").read_text()) == json.loads(json.dumps(m))
+    assert json.loads((tmp_path / "bare" / "eval.json").read_text()) == json.loads(json.dumps(m))
     write(tmp_path, "bare/config.json", json.dumps({"model": "tiny", "layer": 3}))  # from before `center` existed
     assert not E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare")]).center
     (tmp_path / "bare" / "config.json").unlink()
@@ -1030,7 +1030,7 @@ def test_saes_of_other_tools_are_read_exactly_and_evaluated_where_they_say(tmp_p
     E.main(args)
     E.main(["--compare", path, path])  # compare.json too goes beside the SAE, in a .pt's folder
     here = Path(path).parent if kind == "paper" else Path(path)
-    metrics = json.loads((here / "metrics.json").read_text())
+    metrics = json.loads((here / "eval.json").read_text())
     assert json.loads((here / "compare.json").read_text())["cross"]["min"] == pytest.approx(1.0)
     cfg = E.parse_config(args)
     m = E.evaluate(*tiny, E.load_sae(path)[0], E.load_data(cfg, None, 512)[0], 3, cfg.batch_size, center=True)
@@ -1383,3 +1383,85 @@ def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
     exec(compile(section(9).split("```python\n")[1].split("\n```")[0], "tutorial.md", "exec"), {})
     assert [(len(c.args[0]), c.kwargs["label"]) for c in ax.plot.call_args_list] == [(3, "e2e"), (3, "local")]
     fig.savefig.assert_called_once_with("figures/kl_vs_l0.png", dpi=150)
+
+# --- What a newcomer meets first: fast answers, what a run says, where it writes, errors that name
+# the problem
+HEAVY = ("transformers", "datasets", "pyarrow", "pandas")  # seconds to import, beyond torch's
+
+
+def test_help_and_flag_errors_come_before_the_heavy_libraries_are_imported(tmp_path):
+    """--help, a bad flag and a local model without the block --layer names, in a fresh process as a
+    user starts one: each answered without importing transformers or datasets."""
+    model = Path(write(tmp_path, "model/config.json", json.dumps({"n_layer": 3}))).parent
+    script = textwrap.dedent(f"""
+        import runpy, sys
+        for argv in (["--help"], ["--lr", "fast"], ["--model", {str(model)!r}, "--layer", "99"]):
+            sys.argv = ["e2e_sae.py", *argv]
+            try:
+                runpy.run_path("e2e_sae.py", run_name="__main__")
+            except SystemExit as e:
+                print("exit", e.code)
+        print("imported", [name for name in {HEAVY!r} if name in sys.modules])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True)
+    said = done.stdout.splitlines()
+    # nothing heavy was imported
+    assert said[-1] == "imported []", f"imported: {said[-1]}"
+    # the help, then two one-sentence errors with exit code 2
+    assert "--n-samples INT" in done.stdout, done.stdout[-300:]
+    exits_said = [line for line in said if line.startswith("exit")]
+    assert exits_said == ["exit 0", "exit 2", "exit 2"], said
+    assert "invalid float value: 'fast'" in done.stderr, done.stderr
+    assert "--layer 99 is outside the model's blocks 0 … 2" in done.stderr, done.stderr
+
+
+def test_default_output_folders_name_the_model(tmp_path):
+    """out/<model>_<loss>_layer<L>: the tiny run, GPT-2, a hub id and a local folder differ."""
+    local = Path(write(tmp_path, "my-model/config.json", json.dumps({"n_layer": 12}))).parent
+    tiny = E.parse_config(["--model", "tiny"]).out_dir
+    gpt2 = E.parse_config(["--model", "gpt2"]).out_dir
+    hub = E.parse_config(["--model", "EleutherAI/pythia-70m", "--layer", "3"]).out_dir
+    folder = E.parse_config(["--model", str(local), "--loss", "local"]).out_dir
+    assert tiny == "out/tiny_e2e_layer6", tiny
+    assert gpt2 == "out/gpt2_e2e_layer6", gpt2
+    assert hub == "out/pythia-70m_e2e_layer3", hub
+    assert folder == "out/my-model_local_layer6", folder
+
+
+def test_eval_only_writes_eval_json_and_never_the_runs_metrics(tmp_path, alone, capsys):
+    """--eval-only of a finished run: eval.json beside its SAE (or in --out-dir), metrics.json
+    byte-equal."""
+    run = tmp_path / "run"
+    for f in alone.iterdir():
+        write(run, f.name, f.read_bytes())
+    trained = (run / "metrics.json").read_bytes()
+    E.main(["--eval-only", "--sae", str(run)])
+    printed = capsys.readouterr().out
+    beside = json.loads((run / "eval.json").read_text())
+    E.main(["--eval-only", "--sae", str(run), "--out-dir", str(tmp_path / "e")])
+    elsewhere = json.loads((tmp_path / "e" / "eval.json").read_text())
+    # the run's own metrics.json is as training wrote it
+    assert (run / "metrics.json").read_bytes() == trained, (run / "metrics.json").read_text()
+    # the evaluation is printed, and written the same in either folder
+    assert f"kl {beside['kl']:.4g}" in printed and f"wrote {run}/eval.json" in printed, printed
+    assert beside == elsewhere, (beside, elsewhere)
+    assert beside["kl"] == pytest.approx(json.loads(trained)["kl"], rel=1e-5), (beside, trained)
+
+
+def test_a_second_run_in_a_folder_is_told_both_ways_on(tmp_path):
+    """Each kind of run already in --out-dir gets a refusal that names --overwrite, and --resume
+    where there is a checkpoint to continue, or says why there is none."""
+    said = {}
+    runs = {"finished": ["metrics.json"], "stopped": ["config.json", "checkpoint.pt"],
+            "no checkpoint": ["config.json", "log.jsonl"]}
+    for kind, files in runs.items():
+        for name in files:
+            write(tmp_path / kind, name, "{}")
+        with pytest.raises(E.UserError) as e:
+            E.check_out_dir(cfg_for(out_dir=str(tmp_path / kind)))
+        said[kind] = str(e.value)
+    nothing = ", or another --out-dir (with no checkpoint.pt, there is nothing to --resume)"
+    assert said["finished"].endswith(": pass --overwrite to replace it" + nothing), said
+    assert said["no checkpoint"].endswith(": pass --overwrite to replace it" + nothing), said
+    ways = f"--overwrite to replace it, --resume {tmp_path / 'stopped'} to continue it"
+    assert said["stopped"].endswith(f": pass {ways}, or another --out-dir"), said
