@@ -691,6 +691,9 @@ def load_data(cfg, tokenizer, vocab_size):
     def training():
         rest, rng, g = stream, random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
         held = None if is_streamed(cfg.dataset) else list(rest)
+        if held and cfg.n_samples > len(held):
+            print0(f"--n-samples {cfg.n_samples:,} makes {cfg.n_samples / len(held):,.1f} passes "
+                   f"over the {len(held):,} training sequences of --dataset {cfg.dataset}")
         while True:
             n = 0
             for n, seq in enumerate(shuffled(rest, cfg.shuffle_buffer, rng) if held is None else
@@ -1077,14 +1080,19 @@ def train(cfg):
     """Train an SAE as cfg says (or continue the run in cfg.resume), write the output folder, and
     return the final metrics. Under torchrun every process runs this; rank 0 alone writes."""
     out, S = Path(cfg.out_dir), cfg.samples_per_step  # S: sequences per optimiser step
+    n_steps, warmup_steps = cfg.n_samples // S, cfg.warmup_samples // S
     if cfg.resume and (out / "metrics.json").exists() and not (out / "checkpoint.pt").exists():
         print0(f"{out} holds a finished run: nothing to resume")
         return json.loads((out / "metrics.json").read_text())
     check_out_dir(cfg)
     run = setup(cfg)
-    n_steps, warmup_steps = cfg.n_samples // S, cfg.warmup_samples // S
     state = load_checkpoint(out, run) if cfg.resume else dict(step=0, train_seconds=0.0, eval_due=0)
     start, train_seconds = state["step"], state["train_seconds"]
+    if cfg.resume:  # the first line printed (a library's progress bar may come before, on stderr)
+        need(start <= n_steps,
+             f"--n-samples {cfg.n_samples} is less than the {start * S} sequences trained on")
+        print0(f"resuming the run in {out} at step {start} of {n_steps}, on the learning-rate "
+               f"schedule of --n-samples {cfg.n_samples}")
     eval_tokens, train_seqs = load_data(cfg, run.tokenizer, run.model.config.vocab_size)
     # The data position is the number of training sequences read: the same --seed gives the same
     # order, so a resumed run skips them. Reading the next one now makes a dataset without training
@@ -1120,7 +1128,8 @@ def train(cfg):
                 train_seconds += t_pause - t0
                 record = train_record(cfg, run, window, t_pause - t0)
                 log_line(log_file, cfg, done, record)
-                bar.set_postfix_str(" ".join(f"{k[6:] or k} {v:.3g}" for k, v in record.items()))
+                bar.set_postfix_str(" ".join(f"{k.removeprefix('train/')} {v:.3g}"
+                                             for k, v in record.items()))
                 window, t0 = [], time.perf_counter()
             if terms["stop"] > 0:
                 save_checkpoint(out, run, done, train_seconds, due(cfg.eval_every, done, cfg))
@@ -1429,9 +1438,10 @@ NOT_INHERITED = {"eval_only", "sae", "benchmark", "resume", "overwrite", "out_di
                  "compare"}
 # What may differ from the run's own configuration when resuming. --eval-every, --log-every and
 # --save-every change neither the SAE nor the data; another device, dtype or --compile changes the
-# arithmetic, and the result is no longer bitwise the run left alone. Unless given, they are the
-# run's own.
-RESUMABLE = {"resume", "eval_every", "log_every", "save_every", "device", "dtype", "compile"}
+# arithmetic, and the result is no longer bitwise the run left alone; another --n-samples, the
+# learning-rate schedule from the step resumed at. Unless given, they are the run's own.
+RESUMABLE = {"resume", "n_samples", "eval_every", "log_every", "save_every", "device", "dtype",
+             "compile"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1483,9 +1493,9 @@ def parse_config(argv=None):
             flag, own = "--" + key.replace("_", "-"), saved.get(key)
             same = value == own or key == "out_dir" and os.path.normpath(value) == own
             need(key in RESUMABLE or same, f"{flag} {value} contradicts the run in {folder} "
-                 f"({flag} {own}); only --eval-every, --log-every, --save-every, --device, --dtype "
-                 "and --compile may change when resuming")
-    elif looking or "compare" in given:  # metrics.json, inspect.json, compare.json: beside A's SAE
+                 f"({flag} {own}); only --n-samples, --eval-every, --log-every, --save-every, "
+                 "--device, --dtype and --compile may change when resuming")
+    elif looking or "compare" in given:  # eval.json, inspect.json, compare.json: beside A's SAE
         need(saved or not folder or {"model", "layer"} <= set(given),
              f"{folder} has no config.json: pass --model and --layer with --eval-only or --inspect")
         sae = folder or given.get("compare", [""])[0]

@@ -890,7 +890,7 @@ def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monke
     assert isinstance(stopped(monkeypatch, run_args(out, "random", "--dtype", "bf16"), "train_step", 3), E.Interrupted)
     with pytest.raises(E.UserError, match=f"already holds an unfinished run .*, --resume {out} to continue it"):
         E.train(E.parse_config(run_args(out)))
-    only = "; only --eval-every, --log-every, --save-every, --device, --dtype and --compile may change when resuming"
+    only = "; only --n-samples, --eval-every, --log-every, --save-every, --device, --dtype and --compile may change when resuming"
     for flags, message in [(["--layer", "5"], re.escape(f"--layer 5 contradicts the run in {out} (--layer 6){only}")),
                            (["--model", "gpt2"], "--model gpt2 contradicts the run in .* \\(--model tiny\\)"),
                            (["--dict-ratio", "8"], "--dict-ratio 8.0 contradicts the run in .* \\(--dict-ratio 4.0\\)"),
@@ -1446,6 +1446,45 @@ def test_eval_only_writes_eval_json_and_never_the_runs_metrics(tmp_path, alone, 
     assert f"kl {beside['kl']:.4g}" in printed and f"wrote {run}/eval.json" in printed, printed
     assert beside == elsewhere, (beside, elsewhere)
     assert beside["kl"] == pytest.approx(json.loads(trained)["kl"], rel=1e-5), (beside, trained)
+
+
+def test_a_resumed_run_says_so_first_and_may_take_a_new_length(tmp_path, monkeypatch, capsys):
+    """Stopped after step 5 of 16: a resume with an --n-samples shorter than done is refused, and
+    loses nothing; with --n-samples 192 it says first where it resumes, counts from there with an
+    ETA, and ends at step 24 with the learning-rate schedule of 24 steps."""
+    out = tmp_path / "run"
+    assert isinstance(stopped(monkeypatch, run_args(out), "train_step", 5), E.Interrupted)
+    saved, _ = (out / "checkpoint.pt").read_bytes(), capsys.readouterr()
+    code, err = exits(["--resume", str(out), "--n-samples", "32"], capsys)
+    assert code == 2, code
+    assert err == "error: --n-samples 32 is less than the 40 sequences trained on\n", err
+    assert (out / "checkpoint.pt").read_bytes() == saved, "the checkpoint changed"
+    E.main(["--resume", str(out), "--n-samples", "192"])
+    printed = capsys.readouterr()
+    first = printed.out.splitlines()[0]
+    log = E.read_log(out / "log.jsonl")
+    lr_at_16 = next(r["train/lr"] for r in log if r["step"] == 16 and "train/lr" in r)
+    # the first line, the bar from step 5 with an ETA, no word of passes over random tokens
+    assert first == (f"resuming the run in {out} at step 5 of 24, on the learning-rate schedule "
+                     "of --n-samples 192"), first
+    assert "| 5/24 [" in printed.err, printed.err[-500:]
+    assert re.search(r"\| (6|7|8|9|1\d|2[0-3])/24 \[\d\d:\d\d<\d\d:\d\d", printed.err), printed.err
+    assert "passes" not in printed.out, printed.out
+    # the run's new length, and the schedule of 24 steps (warm-up 2) at step index 15
+    assert max(r["step"] for r in log) == 24, [r["step"] for r in log]
+    assert json.loads((out / "config.json").read_text())["n_samples"] == 192
+    assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16
+
+
+def test_a_run_over_a_small_local_dataset_says_how_many_passes(tmp_path, capsys):
+    data = rows(tmp_path, *[{"input_ids": [i] * 16} for i in range(10)])  # 10 sequences of 16
+    E.main(["--model", "tiny", "--dataset", data, "--n-ctx", "16", "--eval-samples", "2",
+            "--n-samples", "20", "--batch-size", "4", "--grad-accum", "1", "--dict-ratio", "1",
+            "--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    first = capsys.readouterr().out.splitlines()[0]
+    # 8 training sequences after the 2 held out, 20 samples: 2.5 passes
+    said = f"--n-samples 20 makes 2.5 passes over the 8 training sequences of --dataset {data}"
+    assert first == said, first
 
 
 def test_a_second_run_in_a_folder_is_told_both_ways_on(tmp_path):
