@@ -100,14 +100,15 @@ def need(ok, message):
 @contextmanager
 def explain(what):
     """Any error inside the block (a library's, about a file or the network) becomes a UserError:
-    `what`, with the error's first line in brackets."""
+    `what`, with the error's first sentence in brackets (not the advice after it, such as torch's
+    to load a file with weights_only=False, which would run code from it)."""
     try:
         yield
     except UserError:
         raise
     except Exception as e:
-        first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise UserError(f"{what} ({first_line})") from None
+        first = re.split(r"\. |\n", str(e).strip() or type(e).__name__)[0]
+        raise UserError(f"{what} ({first})") from None
 
 
 @dataclass
@@ -758,15 +759,22 @@ def all_reduce(tensors):
 def read_sae(path):
     """The SAE saved at path as (an SAE's state dict, the Config fields its files state): a folder
     of this file's or SAELens's (a standard SAE), or a .pt of the paper's library."""
-    path, file = Path(path), Path(path) / "sae.safetensors"
+    path = Path(path)
+    if path.name == "sae.safetensors":  # the file stands for its folder
+        path = path.parent
+    file = path / "sae.safetensors"
     if path.suffix == ".pt":
         return read_paper_checkpoint(path)
     if (path / "cfg.json").is_file() and not file.exists():
         return read_saelens(path)
     need(file.is_file(), f"{path} holds no sae.safetensors (nor SAELens's cfg.json), and is not a "
-         ".pt checkpoint of the paper's library")
+         ".pt checkpoint of the paper's library" if path.exists() else f"{path}: no such folder")
     with explain(f"{file} is not a valid SAE file"):
         t = safetensors.torch.load_file(file)  # laid out as save_sae() says
+        D, F_ = t["W_enc"].shape
+        shapes = [tuple(t[k].shape) for k in "b_enc W_dec b_dec".split()]
+        need(shapes == [(F_,), (F_, D), (D,)], f"{file}: b_enc, W_dec, b_dec have shapes {shapes}, "
+             f"expected {[(F_,), (F_, D), (D,)]} (W_enc's is {(D, F_)})")
         state = {"encoder.weight": t["W_enc"].T, "encoder.bias": t["b_enc"],
                  "decoder.weight": t["W_dec"].T, "decoder.bias": t["b_dec"]}
     return state, read_config(path) if (path / "config.json").exists() else {}

@@ -606,7 +606,7 @@ def exits(argv, capture):
     (lambda p: inspect(p, "--features", "8"), "--features 8: the dictionary has elements 0 … 7"),
     (lambda p: inspect(p, "--inspect-samples", "0"), "--inspect-samples must be > 0, not 0"),
     (lambda p: inspect(p, width=32), "reads width 32, but tiny has 64"),
-    (lambda p: ["--compare", sae_dir(p), str(p / "nowhere")], "nowhere holds no sae.safetensors"),
+    (lambda p: ["--compare", sae_dir(p), str(p / "nowhere")], "nowhere: no such folder"),
     (lambda p: init(p, architecture="topk"),
      "holds a SAELens topk SAE \\(relu\\), which this file's SAE cannot represent"),
     (lambda p: ["--eval-only", "--sae", saelens_dir(p / "s", flat=True, activation_fn_str="topk")[0]],
@@ -1430,7 +1430,7 @@ def test_default_output_folders_name_the_model(tmp_path):
 
 def test_eval_only_writes_eval_json_and_never_the_runs_metrics(tmp_path, alone, capsys):
     """--eval-only of a finished run: eval.json beside its SAE (or in --out-dir), metrics.json
-    byte-equal."""
+    byte-equal; --sae may name the sae.safetensors file itself."""
     run = tmp_path / "run"
     for f in alone.iterdir():
         write(run, f.name, f.read_bytes())
@@ -1438,11 +1438,11 @@ def test_eval_only_writes_eval_json_and_never_the_runs_metrics(tmp_path, alone, 
     E.main(["--eval-only", "--sae", str(run)])
     printed = capsys.readouterr().out
     beside = json.loads((run / "eval.json").read_text())
-    E.main(["--eval-only", "--sae", str(run), "--out-dir", str(tmp_path / "e")])
+    E.main(["--eval-only", "--sae", str(run / "sae.safetensors"), "--out-dir", str(tmp_path / "e")])
     elsewhere = json.loads((tmp_path / "e" / "eval.json").read_text())
     # the run's own metrics.json is as training wrote it
     assert (run / "metrics.json").read_bytes() == trained, (run / "metrics.json").read_text()
-    # the evaluation is printed, and written the same in either folder
+    # the evaluation is printed and written, the same from the folder and from the file
     assert f"kl {beside['kl']:.4g}" in printed and f"wrote {run}/eval.json" in printed, printed
     assert beside == elsewhere, (beside, elsewhere)
     assert beside["kl"] == pytest.approx(json.loads(trained)["kl"], rel=1e-5), (beside, trained)
@@ -1504,3 +1504,52 @@ def test_a_second_run_in_a_folder_is_told_both_ways_on(tmp_path):
     assert said["no checkpoint"].endswith(": pass --overwrite to replace it" + nothing), said
     ways = f"--overwrite to replace it, --resume {tmp_path / 'stopped'} to continue it"
     assert said["stopped"].endswith(f": pass {ways}, or another --out-dir"), said
+
+
+def sae_file(folder: Path, **shapes) -> str:
+    """folder/sae.safetensors of a 64 × 8 SAE's tensors, those named in `shapes` of that shape."""
+    layout = {"W_enc": (64, 8), "b_enc": (8,), "W_dec": (8, 64), "b_dec": (64,)}
+    tensors = {k: torch.zeros(shapes.get(k, shape)) for k, shape in layout.items()}
+    save_file(tensors, write(folder, "sae.safetensors", b""))
+    return str(folder)
+
+
+def weightless_model(folder: Path) -> str:
+    """A 3-block GPT-2's folder with its config.json and no weights file."""
+    return str(Path(write(folder, "config.json", '{"model_type": "gpt2", "n_layer": 3}')).parent)
+
+
+def not_an_sae(path: Path) -> str:
+    """A .pt that holds a pickled module: loading it would run code, and weights_only refuses it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.nn.Linear(2, 2), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda p: ["--eval-only", "--sae", str(p / "gone"), "--layer", "3"], "gone: no such folder"),
+    (lambda p: ["--init-from", str(p / "gone")], "gone: no such folder"),
+    (lambda p: ["--eval-only", "--sae", sae_file(p / "s", W_dec=(8, 32)), "--layer", "3"],
+     "sae.safetensors: b_enc, W_dec, b_dec have shapes \\[\\(8,\\), \\(8, 32\\), \\(64,\\)\\], "
+     "expected \\[\\(8,\\), \\(8, 64\\), \\(64,\\)\\] \\(W_enc's is \\(64, 8\\)\\)$"),
+    (lambda p: ["--init-from", sae_file(p / "s", b_enc=(9,))],
+     "sae.safetensors: b_enc, W_dec, b_dec have shapes \\[\\(9,\\), "),
+    (lambda p: ["--eval-only", "--sae", not_an_sae(p / "m.pt"), "--layer", "3"],
+     "m.pt is not a checkpoint of the paper's library \\(Weights only load failed\\)$"),
+    (lambda p: ["--model", weightless_model(p / "m"), "--layer", "99"],
+     "--layer 99 is outside the model's blocks 0 … 2$"),
+    (lambda p: ["--model", weightless_model(p / "m"), "--layer", "1"],
+     "m' \\(Error no file named model.safetensors, or pytorch_model.bin, found in directory"),
+])
+def test_a_path_that_cannot_serve_is_one_sentence_before_any_progress_bar(tmp_path, capfd,
+                                                                          make_args, message):
+    """A saved SAE's path that is not there, a tensor of the wrong shape, a .pt that is no SAE
+    (never torch's advice to load it with weights_only=False), a model folder that cannot serve:
+    one line, exit 2, no library's progress bar, nothing written."""
+    args, out = make_args(tmp_path), tmp_path / "out"
+    code, err = exits(["--model", "tiny", "--device", "cpu", "--out-dir", str(out), *args], capfd)
+    assert code == 2, code
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err.strip()), err
+    assert "weights_only" not in err and "Loading weights" not in err, err
+    assert not out.exists(), sorted(os.listdir(out))
