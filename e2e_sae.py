@@ -24,7 +24,7 @@ Run it:
 
     python e2e_sae.py --loss e2e --layer 6        # the paper's GPT-2 small run (GPU, downloads)
     python e2e_sae.py --model tiny                # a random 12-block GPT-2: seconds on a CPU
-    python e2e_sae.py --eval-only --sae out/e2e_layer6
+    python e2e_sae.py --eval-only --sae out/gpt2_e2e_layer6
     python e2e_sae.py --benchmark --loss e2e --layer 6            # tokens/s, MFU, memory
     torchrun --nproc_per_node=8 e2e_sae.py --loss e2e --layer 6   # the same run on 8 GPUs
     python e2e_sae.py --help                      # every flag, with its default
@@ -51,7 +51,6 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
 import huggingface_hub
 import numpy as np
 import safetensors.torch
@@ -59,10 +58,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+
+def import_libraries():
+    """transformers and datasets: seconds to import, so main() imports them after the flags."""
+    global datasets, transformers, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    import datasets, transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+
+if __name__ != "__main__":  # imported (tests, a notebook), not run: at once
+    import_libraries()
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -98,14 +106,15 @@ def need(ok, message):
 @contextmanager
 def explain(what):
     """Any error inside the block (a library's, about a file or the network) becomes a UserError:
-    `what`, with the error's first line in brackets."""
+    `what`, with the error's first sentence in brackets (not the advice after it, such as torch's
+    to load a file with weights_only=False, which would run code from it)."""
     try:
         yield
     except UserError:
         raise
     except Exception as e:
-        first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise UserError(f"{what} ({first_line})") from None
+        first = re.split(r"\. |\n", str(e).strip() or type(e).__name__)[0]
+        raise UserError(f"{what} ({first})") from None
 
 
 @dataclass
@@ -137,7 +146,7 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
     eval_samples: int = 500  # the dataset's first this-many sequences, held out: never trained on
     eval_every: int = 20_000  # evaluate every this-many training sequences (0: only at the end)
     log_every: int = 10  # write a training line to log.jsonl every this-many optimiser steps
-    out_dir: str | None = None  # output folder (default: out/<loss>_layer<L>)
+    out_dir: str | None = None  # output folder (default: out/<model>_<loss>_layer<L>)
     save_every: int = 20_000  # checkpoint every this-many training sequences (0: only on signals)
     resume: str | None = None  # continue the run in this output folder from its checkpoint
     overwrite: bool = False  # replace the run already in --out-dir
@@ -170,7 +179,8 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
             self.kl_coeff = PAPER_KL_COEFF[self.loss]
         if self.mse_coeff is None:
             self.mse_coeff = float(self.loss == "local")
-        self.out_dir = self.resume or self.out_dir or f"out/{self.loss}_layer{self.layer}"
+        local = Path(self.model).expanduser()  # a model's folder (or a hub id, or tiny): its name
+        self.out_dir = self.resume or self.out_dir or f"out/{local.absolute().name}_{self.loss}_layer{self.layer}"
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
         positive = {"n_samples", "batch_size", "grad_accum", "n_ctx", "lr", "dict_ratio",
@@ -192,6 +202,11 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
             torch.device(self.device)
         need(self.sae or not (self.eval_only or self.inspect),
              "--eval-only and --inspect need --sae DIR")
+        with explain(f"--model {self.model}: no such folder, or no readable config.json in it"):
+            c = json.loads((local / "config.json").read_text()  # before transformers is imported
+                           if local.is_dir() or looks_like_path(self.model) else "{}")
+        n = c.get("n_layer") or c.get("num_hidden_layers") or math.inf
+        need(self.layer < n, f"--layer {self.layer} is outside the model's blocks 0 … {n - 1}")
 
     @property
     def samples_per_step(self):
@@ -590,8 +605,7 @@ def load_model(name, device):
     GPUs), which never holds the (T, T) attention matrix in memory, and GELUs are fused."""
     model, tokenizer = RANDOM_MODELS[name]() if name in RANDOM_MODELS else None, None
     if model is None:
-        local = Path(name).expanduser().is_dir()
-        need(local or not looks_like_path(name), f"--model {name}: no such folder")
+        local = Path(name).expanduser().is_dir()  # (Config checked a local folder)
         offline = not local and not hub_reachable()  # a copy in the HF cache still loads then
         why = f"cannot download model {name!r}: {OFFLINE}" if offline else f"cannot load {name!r}"
         with explain(why):
@@ -698,6 +712,9 @@ def load_data(cfg, tokenizer, vocab_size):
     def training():
         rest, rng, g = stream, random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
         held = None if is_streamed(cfg.dataset) else list(rest)
+        if held and cfg.n_samples > len(held):
+            print0(f"--n-samples {cfg.n_samples:,} makes {cfg.n_samples / len(held):,.1f} passes "
+                   f"over the {len(held):,} training sequences of --dataset {cfg.dataset}")
         while True:
             n = 0
             for n, seq in enumerate(shuffled(rest, cfg.shuffle_buffer, rng) if held is None else
@@ -782,15 +799,22 @@ def load_sae(folder):
 def read_sae(path):
     """The SAE saved at path as (an SAE's state dict, the Config fields its files state): a folder
     of this file's or SAELens's (a standard SAE), or a .pt of the paper's library."""
-    path, file = Path(path), Path(path) / "sae.safetensors"
+    path = Path(path)
+    if path.name == "sae.safetensors":  # the file stands for its folder
+        path = path.parent
+    file = path / "sae.safetensors"
     if path.suffix == ".pt":
         return read_paper_checkpoint(path)
     if (path / "cfg.json").is_file() and not file.exists():
         return read_saelens(path)
     need(file.is_file(), f"{path} holds no sae.safetensors (nor SAELens's cfg.json), and is not a "
-         ".pt checkpoint of the paper's library")
+         ".pt checkpoint of the paper's library" if path.exists() else f"{path}: no such folder")
     with explain(f"{file} is not a valid SAE file"):
         t = safetensors.torch.load_file(file)  # laid out as save_sae() says
+        D, F_ = t["W_enc"].shape
+        shapes = [tuple(t[k].shape) for k in "b_enc W_dec b_dec".split()]
+        need(shapes == [(F_,), (F_, D), (D,)], f"{file}: b_enc, W_dec, b_dec have shapes {shapes}, "
+             f"expected {[(F_,), (F_, D), (D,)]} (W_enc's is {(D, F_)})")
         state = {"encoder.weight": t["W_enc"].T, "encoder.bias": t["b_enc"],
                  "decoder.weight": t["W_dec"].T, "decoder.bias": t["b_dec"]}
     return state, read_config(path) if (path / "config.json").exists() else {}
@@ -900,9 +924,10 @@ def check_out_dir(cfg):
     out = Path(cfg.out_dir)
     found = [name for name in RUN_FILES if (out / name).exists()]
     run = "a finished" if "metrics.json" in found else "an unfinished"
-    resume = f", --resume {out} to continue it" if "checkpoint.pt" in found else ""
+    resume = (f", --resume {out} to continue it, or another --out-dir" if "checkpoint.pt" in found
+              else ", or another --out-dir (with no checkpoint.pt, there is nothing to --resume)")
     need(not found or cfg.overwrite or cfg.resume, f"{out} already holds {run} run "
-         f"({', '.join(found)}): pass --overwrite to replace it{resume}, or another --out-dir")
+         f"({', '.join(found)}): pass --overwrite to replace it{resume}")
     need(not cfg.init_from or out.resolve() != Path(cfg.init_from).resolve(), "--out-dir is the "
          "folder of the SAE in --init-from, which the run would overwrite: pass another --out-dir")
 
@@ -913,8 +938,8 @@ def open_out_dir(cfg, run_info, step):
     out = Path(cfg.out_dir)
     with explain(f"cannot create --out-dir {out}"):
         out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES + ("inspect.json", "compare.json") if cfg.overwrite else ():
-        (out / name).unlink(missing_ok=True)  # the last two describe the SAE being replaced
+    for name in RUN_FILES + ("eval.json", "inspect.json", "compare.json") if cfg.overwrite else ():
+        (out / name).unlink(missing_ok=True)  # the last three describe the SAE being replaced
     write_json(out / "config.json", run_info)
     log = read_log(out / "log.jsonl")
     atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log if r["step"] <= step))
@@ -1111,14 +1136,19 @@ def train(cfg):
     """Train an SAE as cfg says (or continue the run in cfg.resume), write the output folder, and
     return the final metrics. Under torchrun every process runs this; rank 0 alone writes."""
     out, S = Path(cfg.out_dir), cfg.samples_per_step  # S: sequences per optimiser step
+    n_steps, warmup_steps = cfg.n_samples // S, cfg.warmup_samples // S
     if cfg.resume and (out / "metrics.json").exists() and not (out / "checkpoint.pt").exists():
         print0(f"{out} holds a finished run: nothing to resume")
         return json.loads((out / "metrics.json").read_text())
     check_out_dir(cfg)
     run = setup(cfg)
-    n_steps, warmup_steps = cfg.n_samples // S, cfg.warmup_samples // S
     state = load_checkpoint(out, run) if cfg.resume else dict(step=0, train_seconds=0.0, eval_due=0)
     start, train_seconds = state["step"], state["train_seconds"]
+    if cfg.resume:  # the first line printed (a library's progress bar may come before, on stderr)
+        need(start <= n_steps,
+             f"--n-samples {cfg.n_samples} is less than the {start * S} sequences trained on")
+        print0(f"resuming the run in {out} at step {start} of {n_steps}, on the learning-rate "
+               f"schedule of --n-samples {cfg.n_samples}")
     eval_tokens, train_seqs = load_data(cfg, run.tokenizer, run.model.config.vocab_size)
     # The data position is the number of training sequences read: the same --seed gives the same
     # order, so a resumed run skips them. Reading the next one now makes a dataset without training
@@ -1163,7 +1193,8 @@ def train(cfg):
                 train_seconds += t_pause - t0
                 record = train_record(cfg, run, terms, len(window), t_pause - t0)
                 log_line(log_file, cfg, done, record)
-                bar.set_postfix_str(" ".join(f"{k[6:] or k} {v:.3g}" for k, v in record.items()))
+                bar.set_postfix_str(" ".join(f"{k.removeprefix('train/')} {v:.3g}"
+                                             for k, v in record.items()))
                 window, t0 = [], t_pause
             if stopping:
                 save_checkpoint(out, run, done, train_seconds, evaluating)
@@ -1232,13 +1263,13 @@ def finish_out_dir(out, run, metrics, run_info, train_seconds, n_tokens):
 
 
 def evaluate_saved(cfg):
-    """--eval-only: evaluate the SAE in cfg.sae, and write metrics.json into cfg.out_dir."""
+    """--eval-only: evaluate the SAE in cfg.sae, and write eval.json into cfg.out_dir."""
     run = setup(cfg, load_sae(cfg.sae)[0])
     eval_tokens = load_data(cfg, run.tokenizer, run.model.config.vocab_size)[0]
     metrics = evaluate_and_log(cfg, run, eval_tokens, None, 0, final=True)
     print0(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}: {format_metrics(metrics)}")
     if MAIN_PROCESS:
-        write_output(cfg, "metrics.json", metrics)
+        write_output(cfg, "eval.json", metrics)
     return metrics
 
 
@@ -1473,9 +1504,10 @@ NOT_INHERITED = {"eval_only", "sae", "benchmark", "resume", "overwrite", "out_di
                  "compare"}
 # What may differ from the run's own configuration when resuming. --eval-every, --log-every and
 # --save-every change neither the SAE nor the data; another device, dtype or --compile changes the
-# arithmetic, and the result is no longer bitwise the run left alone. Unless given, they are the
-# run's own.
-RESUMABLE = {"resume", "eval_every", "log_every", "save_every", "device", "dtype", "compile"}
+# arithmetic, and the result is no longer bitwise the run left alone; another --n-samples, the
+# learning-rate schedule from the step resumed at. Unless given, they are the run's own.
+RESUMABLE = {"resume", "n_samples", "eval_every", "log_every", "save_every", "device", "dtype",
+             "compile"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1527,9 +1559,9 @@ def parse_config(argv=None):
             flag, own = "--" + key.replace("_", "-"), saved.get(key)
             same = value == own or key == "out_dir" and os.path.normpath(value) == own
             need(key in RESUMABLE or same, f"{flag} {value} contradicts the run in {folder} "
-                 f"({flag} {own}); only --eval-every, --log-every, --save-every, --device, --dtype "
-                 "and --compile may change when resuming")
-    elif looking or "compare" in given:  # metrics.json, inspect.json, compare.json: beside A's SAE
+                 f"({flag} {own}); only --n-samples, --eval-every, --log-every, --save-every, "
+                 "--device, --dtype and --compile may change when resuming")
+    elif looking or "compare" in given:  # eval.json, inspect.json, compare.json: beside A's SAE
         need(saved or not folder or {"model", "layer"} <= set(given),
              f"{folder} has no config.json: pass --model and --layer with --eval-only or --inspect")
         sae = folder or given.get("compare", [""])[0]
@@ -1542,24 +1574,18 @@ def parse_config(argv=None):
 
 
 def main(argv=None):
-    transformers.logging.set_verbosity_error()  # the terminal is for our own output, and the
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # libraries' errors reach the user
-    datasets.disable_progress_bars()  # as one sentence
     cfg = None
     try:
         cfg = parse_config(argv)
         need(WORLD_SIZE == 1 or not (cfg.inspect or cfg.compare),
              "--inspect and --compare run in one process: start them with python, not torchrun")
-        if cfg.compare:
-            compare(cfg)
-        elif cfg.inspect:
-            inspect(cfg)
-        elif cfg.benchmark:
-            benchmark(cfg)
-        elif cfg.eval_only:
-            evaluate_saved(cfg)
-        else:
-            train(cfg)
+        import_libraries()
+        transformers.logging.set_verbosity_error()  # the terminal is for our own output, and the
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # libraries' errors reach the
+        datasets.disable_progress_bars()  # user as one sentence
+        task = (compare if cfg.compare else inspect if cfg.inspect else benchmark if cfg.benchmark
+                else evaluate_saved if cfg.eval_only else train)
+        task(cfg)
     except UserError as e:
         # A mistake in the flags is every process's alike, and rank 0 says it; a later error may be
         # one process's own (its GPU, its view of the files), so each process that meets it says it.

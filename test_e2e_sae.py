@@ -604,7 +604,7 @@ def test_the_paper_run_needs_no_other_flag_presets_yield_to_flags_and_the_lr_sch
     paper_run = dict(model="gpt2", dataset=E.PAPER_DATASET, n_ctx=1024, n_samples=400_000,
                      batch_size=8, grad_accum=2, lr=5e-4, warmup_samples=20_000, lr_min_ratio=0.1,
                      grad_clip=10.0, dict_ratio=60.0, eval_samples=500, sparsity_coeff=3.0,
-                     kl_coeff=1.0, out_dir="out/e2e_layer6", center=True)  # TransformerLens's basis
+                     kl_coeff=1.0, out_dir="out/gpt2_e2e_layer6", center=True)  # TransformerLens's basis
     cpu_bench = dict(model="gpt2-random", dataset="random", loss="e2e", layer=6, dict_ratio=60,
                      batch_size=1, n_ctx=128, grad_accum=1, bench_warmup=1, bench_steps=3)
     for argv, expected in [
@@ -751,7 +751,7 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
     (lambda p: inspect(p, "--features", "8"), "--features 8: the dictionary has elements 0 … 7"),
     (lambda p: inspect(p, "--inspect-samples", "0"), "--inspect-samples must be > 0, not 0"),
     (lambda p: inspect(p, width=32), "reads width 32, but tiny has 64"),
-    (lambda p: ["--compare", sae_dir(p), str(p / "nowhere")], "nowhere holds no sae.safetensors"),
+    (lambda p: ["--compare", sae_dir(p), str(p / "nowhere")], "nowhere: no such folder"),
     (lambda p: init(p, architecture="topk"),
      "holds a SAELens topk SAE \\(relu\\), which this file's SAE cannot represent"),
     (lambda p: ["--eval-only", "--sae", saelens_dir(p / "s", flat=True,
@@ -872,9 +872,9 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
     assert trained["n_eval_tokens"] == 6 * 16, trained["n_eval_tokens"]
     assert "final:" in capsys.readouterr().out
     E.main(["--eval-only", "--sae", str(out), "--out-dir", str(tmp_path / "eval")])  # it wins
-    evaluated = read_json(tmp_path / "eval" / "metrics.json")
+    evaluated = read_json(tmp_path / "eval" / "eval.json")
     assert set(evaluated) == METRIC_KEYS, sorted(evaluated)
-    assert f"wrote {tmp_path / 'eval'}/metrics.json" in capsys.readouterr().out
+    assert f"wrote {tmp_path / 'eval'}/eval.json" in capsys.readouterr().out
     for k in METRIC_KEYS - {"downstream_mse"}:
         assert evaluated[k] == pytest.approx(trained[k], rel=1e-4, abs=1e-6), k
     sae_dir(tmp_path / "bare", sae=identity_sae(64))
@@ -883,7 +883,7 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
     m = E.evaluate_saved(cfg)
     assert cfg.out_dir == str(tmp_path / "bare"), cfg.out_dir
     assert abs(m["kl"]) < 1e-6, f"KL {m['kl']}"
-    assert read_json(tmp_path / "bare" / "metrics.json") == json.loads(json.dumps(m))
+    assert read_json(tmp_path / "bare" / "eval.json") == json.loads(json.dumps(m))
     old = json.dumps({"model": "tiny", "layer": 3})  # written before `center` existed
     write(tmp_path, "bare/config.json", old)
     assert not E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare")]).center
@@ -1092,7 +1092,7 @@ def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monke
     unfinished = f"already holds an unfinished run .*, --resume {out} to continue it"
     with pytest.raises(E.UserError, match=unfinished):
         E.train(E.parse_config(run_args(out)))
-    only = ("; only --eval-every, --log-every, --save-every, --device, --dtype and --compile may "
+    only = ("; only --n-samples, --eval-every, --log-every, --save-every, --device, --dtype and --compile may "
             "change when resuming")
     layer_5 = re.escape(f"--layer 5 contradicts the run in {out} (--layer 6){only}")
     for flags, message in [
@@ -1255,7 +1255,7 @@ def test_saes_of_other_tools_are_read_exactly_and_evaluated_where_they_say(tmp_p
     E.main(args)
     E.main(["--compare", path, path])  # compare.json too goes beside the SAE, in a .pt's folder
     here = Path(path).parent if kind == "paper" else Path(path)
-    metrics = read_json(here / "metrics.json")
+    metrics = read_json(here / "eval.json")
     assert read_json(here / "compare.json")["cross"]["min"] == pytest.approx(1.0)
     cfg = E.parse_config(args)
     eval_tokens = E.load_data(cfg, None, 512)[0]
@@ -1669,10 +1669,10 @@ def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
     fig.savefig.assert_called_once_with("figures/kl_vs_l0.png", dpi=150)
 
 
-# =====================================================================================================
-# From a notebook, and on a GPU: the SAE's basis travels with it, evaluation reads no process state,
-# logits are read in chunks, GPT-2's GELU is fused, a GPU's checkpoint resumes on a CPU
-# =====================================================================================================
+# =================================================================================================
+# From a notebook, and on a GPU: the SAE's basis travels with it, evaluation reads no process
+# state, logits are read in chunks, GPT-2's GELU is fused, a GPU's checkpoint resumes on a CPU
+# =================================================================================================
 @pytest.mark.parametrize("basis", [[], ["--no-center"]], ids=["centred", "raw"])
 def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path, basis):
     """What a notebook does with a finished run: load_sae(), the tiny model, the run's held-out
@@ -1822,6 +1822,180 @@ def test_an_evaluation_batch_needs_less_memory_than_a_training_step(monkeypatch)
     step, evaluation = memory_estimate("e2e", 2, 512, layer=1)
     assert evaluation.peak < step.peak, (f"evaluation {evaluation.peak / 2**30:.2f} GiB at "
                                          f"{evaluation.at}; step {step.peak / 2**30:.2f} GiB")
+
+
+# --- What a newcomer meets first: fast answers, what a run says, where it writes, errors that name
+# the problem
+HEAVY = ("transformers", "datasets", "pyarrow", "pandas")  # seconds to import, beyond torch's
+
+
+def test_help_and_flag_errors_come_before_the_heavy_libraries_are_imported(tmp_path):
+    """--help, a bad flag and a local model without the block --layer names, in a fresh process as a
+    user starts one: each answered without importing transformers or datasets."""
+    model = Path(write(tmp_path, "model/config.json", json.dumps({"n_layer": 3}))).parent
+    script = textwrap.dedent(f"""
+        import runpy, sys
+        for argv in (["--help"], ["--lr", "fast"], ["--model", {str(model)!r}, "--layer", "99"]):
+            sys.argv = ["e2e_sae.py", *argv]
+            try:
+                runpy.run_path("e2e_sae.py", run_name="__main__")
+            except SystemExit as e:
+                print("exit", e.code)
+        print("imported", [name for name in {HEAVY!r} if name in sys.modules])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True)
+    said = done.stdout.splitlines()
+    # nothing heavy was imported
+    assert said[-1] == "imported []", f"imported: {said[-1]}"
+    # the help, then two one-sentence errors with exit code 2
+    assert "--n-samples INT" in done.stdout, done.stdout[-300:]
+    exits_said = [line for line in said if line.startswith("exit")]
+    assert exits_said == ["exit 0", "exit 2", "exit 2"], said
+    assert "invalid float value: 'fast'" in done.stderr, done.stderr
+    assert "--layer 99 is outside the model's blocks 0 … 2" in done.stderr, done.stderr
+
+
+def test_default_output_folders_name_the_model(tmp_path):
+    """out/<model>_<loss>_layer<L>: the tiny run, GPT-2, a hub id and a local folder differ."""
+    local = Path(write(tmp_path, "my-model/config.json", json.dumps({"n_layer": 12}))).parent
+    tiny = E.parse_config(["--model", "tiny"]).out_dir
+    gpt2 = E.parse_config(["--model", "gpt2"]).out_dir
+    hub = E.parse_config(["--model", "EleutherAI/pythia-70m", "--layer", "3"]).out_dir
+    folder = E.parse_config(["--model", str(local), "--loss", "local"]).out_dir
+    assert tiny == "out/tiny_e2e_layer6", tiny
+    assert gpt2 == "out/gpt2_e2e_layer6", gpt2
+    assert hub == "out/pythia-70m_e2e_layer3", hub
+    assert folder == "out/my-model_local_layer6", folder
+
+
+def test_eval_only_writes_eval_json_and_never_the_runs_metrics(tmp_path, alone, capsys):
+    """--eval-only of a finished run: eval.json beside its SAE (or in --out-dir), metrics.json
+    byte-equal; --sae may name the sae.safetensors file itself."""
+    run = tmp_path / "run"
+    for f in alone.iterdir():
+        write(run, f.name, f.read_bytes())
+    trained = (run / "metrics.json").read_bytes()
+    E.main(["--eval-only", "--sae", str(run)])
+    printed = capsys.readouterr().out
+    beside = json.loads((run / "eval.json").read_text())
+    E.main(["--eval-only", "--sae", str(run / "sae.safetensors"), "--out-dir", str(tmp_path / "e")])
+    elsewhere = json.loads((tmp_path / "e" / "eval.json").read_text())
+    # the run's own metrics.json is as training wrote it
+    assert (run / "metrics.json").read_bytes() == trained, (run / "metrics.json").read_text()
+    # the evaluation is printed and written, the same from the folder and from the file
+    assert f"kl {beside['kl']:.4g}" in printed, printed
+    assert f"wrote {run}/eval.json" in printed, printed
+    assert beside == elsewhere, (beside, elsewhere)
+    assert beside["kl"] == pytest.approx(json.loads(trained)["kl"], rel=1e-5), (beside, trained)
+
+
+def test_a_resumed_run_says_so_first_and_may_take_a_new_length(tmp_path, monkeypatch, capsys):
+    """Stopped after step 5 of 16: a resume with an --n-samples shorter than done is refused, and
+    loses nothing; with --n-samples 192 it says first where it resumes, counts from there with an
+    ETA, and ends at step 24 with the learning-rate schedule of 24 steps."""
+    out = tmp_path / "run"
+    assert isinstance(stopped(monkeypatch, run_args(out), "train_step", 5), E.Interrupted)
+    saved, _ = (out / "checkpoint.pt").read_bytes(), capsys.readouterr()
+    code, err = exits(["--resume", str(out), "--n-samples", "32"], capsys)
+    assert code == 2, code
+    assert err == "error: --n-samples 32 is less than the 40 sequences trained on\n", err
+    assert (out / "checkpoint.pt").read_bytes() == saved, "the checkpoint changed"
+    E.main(["--resume", str(out), "--n-samples", "192"])
+    printed = capsys.readouterr()
+    first = printed.out.splitlines()[0]
+    log = E.read_log(out / "log.jsonl")
+    lr_at_16 = next(r["train/lr"] for r in log if r["step"] == 16 and "train/lr" in r)
+    # the first line, the bar from step 5 with an ETA, no word of passes over random tokens
+    assert first == (f"resuming the run in {out} at step 5 of 24, on the learning-rate schedule "
+                     "of --n-samples 192"), first
+    assert "| 5/24 [" in printed.err, printed.err[-500:]
+    assert re.search(r"\| (6|7|8|9|1\d|2[0-3])/24 \[\d\d:\d\d<\d\d:\d\d", printed.err), printed.err
+    assert "passes" not in printed.out, printed.out
+    # the run's new length, and the schedule of 24 steps (warm-up 2) at step index 15
+    assert max(r["step"] for r in log) == 24, [r["step"] for r in log]
+    assert json.loads((out / "config.json").read_text())["n_samples"] == 192
+    assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16
+
+
+def test_a_run_over_a_small_local_dataset_says_how_many_passes(tmp_path, capsys):
+    data = rows(tmp_path, *[{"input_ids": [i] * 16} for i in range(10)])  # 10 sequences of 16
+    E.main(["--model", "tiny", "--dataset", data, "--n-ctx", "16", "--eval-samples", "2",
+            "--n-samples", "20", "--batch-size", "4", "--grad-accum", "1", "--dict-ratio", "1",
+            "--device", "cpu", "--out-dir", str(tmp_path / "run")])
+    first = capsys.readouterr().out.splitlines()[0]
+    # 8 training sequences after the 2 held out, 20 samples: 2.5 passes
+    said = f"--n-samples 20 makes 2.5 passes over the 8 training sequences of --dataset {data}"
+    assert first == said, first
+
+
+def test_a_second_run_in_a_folder_is_told_both_ways_on(tmp_path):
+    """Each kind of run already in --out-dir gets a refusal that names --overwrite, and --resume
+    where there is a checkpoint to continue, or says why there is none."""
+    said = {}
+    runs = {"finished": ["metrics.json"], "stopped": ["config.json", "checkpoint.pt"],
+            "no checkpoint": ["config.json", "log.jsonl"]}
+    for kind, files in runs.items():
+        for name in files:
+            write(tmp_path / kind, name, "{}")
+        with pytest.raises(E.UserError) as e:
+            E.check_out_dir(cfg_for(out_dir=str(tmp_path / kind)))
+        said[kind] = str(e.value)
+    nothing = ", or another --out-dir (with no checkpoint.pt, there is nothing to --resume)"
+    assert said["finished"].endswith(": pass --overwrite to replace it" + nothing), said
+    assert said["no checkpoint"].endswith(": pass --overwrite to replace it" + nothing), said
+    ways = f"--overwrite to replace it, --resume {tmp_path / 'stopped'} to continue it"
+    assert said["stopped"].endswith(f": pass {ways}, or another --out-dir"), said
+
+
+def sae_file(folder: Path, **shapes) -> str:
+    """folder/sae.safetensors of a 64 × 8 SAE's tensors, those named in `shapes` of that shape."""
+    layout = {"W_enc": (64, 8), "b_enc": (8,), "W_dec": (8, 64), "b_dec": (64,)}
+    tensors = {k: torch.zeros(shapes.get(k, shape)) for k, shape in layout.items()}
+    save_file(tensors, write(folder, "sae.safetensors", b""))
+    return str(folder)
+
+
+def weightless_model(folder: Path) -> str:
+    """A 3-block GPT-2's folder with its config.json and no weights file."""
+    return str(Path(write(folder, "config.json", '{"model_type": "gpt2", "n_layer": 3}')).parent)
+
+
+def not_an_sae(path: Path) -> str:
+    """A .pt that holds a pickled module: loading it would run code, and weights_only refuses it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.nn.Linear(2, 2), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda p: ["--eval-only", "--sae", str(p / "gone"), "--layer", "3"], "gone: no such folder"),
+    (lambda p: ["--init-from", str(p / "gone")], "gone: no such folder"),
+    (lambda p: ["--eval-only", "--sae", sae_file(p / "s", W_dec=(8, 32)), "--layer", "3"],
+     "sae.safetensors: b_enc, W_dec, b_dec have shapes \\[\\(8,\\), \\(8, 32\\), \\(64,\\)\\], "
+     "expected \\[\\(8,\\), \\(8, 64\\), \\(64,\\)\\] \\(W_enc's is \\(64, 8\\)\\)$"),
+    (lambda p: ["--init-from", sae_file(p / "s", b_enc=(9,))],
+     "sae.safetensors: b_enc, W_dec, b_dec have shapes \\[\\(9,\\), "),
+    (lambda p: ["--eval-only", "--sae", not_an_sae(p / "m.pt"), "--layer", "3"],
+     "m.pt is not a checkpoint of the paper's library \\(Weights only load failed\\)$"),
+    (lambda p: ["--model", weightless_model(p / "m"), "--layer", "99"],
+     "--layer 99 is outside the model's blocks 0 … 2$"),
+    (lambda p: ["--model", weightless_model(p / "m"), "--layer", "1"],
+     "m' \\(Error no file named model.safetensors, or pytorch_model.bin, found in directory"),
+])
+def test_a_path_that_cannot_serve_is_one_sentence_before_any_progress_bar(tmp_path, capfd,
+                                                                          make_args, message):
+    """A saved SAE's path that is not there, a tensor of the wrong shape, a .pt that is no SAE
+    (never torch's advice to load it with weights_only=False), a model folder that cannot serve:
+    one line, exit 2, no library's progress bar, nothing written."""
+    args, out = make_args(tmp_path), tmp_path / "out"
+    code, err = exits(["--model", "tiny", "--device", "cpu", "--out-dir", str(out), *args], capfd)
+    assert code == 2, code
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1, err
+    assert re.search(message, err.strip()), err
+    assert "weights_only" not in err, err
+    assert "Loading weights" not in err, err
+    assert not out.exists(), sorted(os.listdir(out))
 
 
 if __name__ == "__main__":  # python test_e2e_sae.py: the estimates at GPT-2 small's shapes
