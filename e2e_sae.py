@@ -300,13 +300,21 @@ def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
 def run_model(model: nn.Module, tokens: torch.Tensor, hidden_states: bool = False):
     """The model on tokens (B, T) without its unembedding: .last_hidden_state (B, T, D), after the
     final norm, and with hidden_states, .hidden_states[k] (B, T, D), the input of block k < n_layer
-    (in a spliced run, as â made it from block L + 1 on; the last entry is .last_hidden_state).
-    None if the splice hook stopped the pass."""
+    (in a spliced run, â's from block L on; the last entry is .last_hidden_state), taken by
+    pre-hooks outside the blocks' compiled forward() (HF's output_hidden_states hooks modules
+    inside it: a graph break in each block). None if the splice hook stopped the pass."""
+    inputs, blocks = [], decoder_blocks(model) if hidden_states else []  # (B, T, D) each
+    record = lambda block, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"])
+    handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
     try:
-        return model.base_model(input_ids=tokens, output_hidden_states=hidden_states,
-                                use_cache=False)
+        out = model.base_model(input_ids=tokens, use_cache=False)
+        out.hidden_states = (*inputs, out.last_hidden_state) if hidden_states else None
+        return out
     except StopForward:
         return None
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def unembed(head: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -1039,8 +1047,8 @@ def setup(cfg, sae=None):
     if cfg.compile:
         # Each block's and the SAE's forward() is replaced by a compiled one; the hooks, which
         # run in __call__ around forward(), stay outside it. A debugger steps into the compiler.
-        for module in [sae, *blocks]:
-            module.forward = torch.compile(module.forward)
+        for module in [sae, *blocks]:  # dynamic: a smaller last batch (not of 1) adds no graph
+            module.forward = torch.compile(module.forward, dynamic=True)
     return SimpleNamespace(
         device=device, model=model, tokenizer=tokenizer, blocks=blocks, sae=sae,
         step_sae=DDP(sae) if dist.is_initialized() else sae,

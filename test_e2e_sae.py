@@ -1404,6 +1404,31 @@ def test_compiled_step_matches_eager(monkeypatch):
     assert torch.allclose(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5), "the gradient"
     assert all(len(b._forward_pre_hooks) == 0 for b in run.blocks), "a hook was left behind"
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch's compiler
+@pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
+def test_compiled_blocks_break_no_graph_and_a_smaller_last_batch_compiles_nothing(monkeypatch,
+                                                                                  loss):
+    """--compile: a training step and evaluations (which record every block's input) run without
+    graph breaks, and an evaluation whose last batch is smaller compiles no new graph."""
+    graphs, aot_eager = [], torch._dynamo.lookup_backend("aot_eager")
+    backend = lambda g, x: graphs.append(g) or aot_eager(g, x)
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend=backend))
+    two_blocks = lambda: E.random_gpt2(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512))
+    monkeypatch.setitem(E.RANDOM_MODELS, "tiny", two_blocks)
+    torch._dynamo.reset()
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    breaks.clear()
+    cfg = cfg_for(loss, 0, dict_ratio=4, compile=True)
+    run = E.setup(cfg)
+    E.compute_loss(cfg, run.model, run.blocks, run.sae, torch.randint(512, (4, 16)))[0].backward()
+    evaluate = lambda n: E.evaluate(run.model, run.blocks, run.sae, torch.randint(512, (n, 16)), 0,
+                                    batch_size=4)
+    evaluate(4)  # compiles what the evaluation runs without gradients
+    n_graphs = len(graphs)
+    evaluate(7)  # batches of 4 and 3
+    assert not breaks, f"graph breaks: {dict(breaks)}"
+    assert len(graphs) == n_graphs, f"{len(graphs) - n_graphs} graphs compiled for the last batch"
+
 def test_benchmark_runs_on_cpu_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     # GPT-2 small's blocks, with a dictionary of 4 × 768, not 60 × 768: seconds, not ten
