@@ -756,16 +756,17 @@ def process_device(cfg):
     """--device, checked by putting a tensor on it. Under torchrun, "cuda" is the GPU of LOCAL_RANK,
     and the process joins the others: NCCL between GPUs, gloo on the CPU."""
     device = torch.device(cfg.device)
-    if TORCHRUN and device.type == "cuda":
+    cuda = device.type == "cuda"
+    if TORCHRUN and cuda:
         need(device.index is None or WORLD_SIZE == 1, f"--device {cfg.device}: under torchrun each "
              "process takes the GPU of its LOCAL_RANK; pass --device cuda")
         device = torch.device("cuda", device.index or int(os.environ["LOCAL_RANK"]))
     with explain(f"--device {device} is not usable here"):
         torch.empty(0, device=device)
     if TORCHRUN and not dist.is_initialized():
-        if device.type == "cuda":
+        if cuda:  # and device_id: NCCL's barriers know this process's GPU (else they warn)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return device
 
 
@@ -1308,11 +1309,12 @@ def flops_per_token(model, blocks, sae, loss, layer, n_ctx):
     return 2 * n * block_fwd + (n - layer) * block_bwd + 3 * 2 * D * V + sae_flops
 
 
-# Dense bf16 tensor-core peak of some GPUs in FLOP/s (vendor data sheets), for MFU. The first key
-# found in torch.cuda.get_device_name() wins, so longer names come before their prefixes.
-PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12,
-                   "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12,
-                   "L4": 121e12}
+# Dense bf16 tensor-core peak of GPUs in FLOP/s (vendor data sheets), for MFU. The first key found
+# in torch.cuda.get_device_name() wins, so longer names (GB200, H100 NVL) precede their prefixes.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H800 PCIe": 756e12,
+                   "H800": 989e12, "GH200": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+                   "GB200": 2500e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12}
 
 
 def peak_flops(device, dtype):
@@ -1411,10 +1413,10 @@ def inspect(cfg):
     while batch := list(itertools.islice(stream, cfg.batch_size)):
         with run.autocast(), splice_sae(run.blocks[cfg.layer], run.sae, stop=True) as seen:
             run_model(run.model, torch.stack(batch).to(run.device))  # blocks 0 … L−1, then the SAE
-        c = seen.c.float().cpu()  # (B, T, F)
-        fires += (c > 0).sum((0, 1))
-        act_sum += c.sum((0, 1))
-        best, pos = c.max(1)  # (B, F): each sequence's largest activation of each element, where
+        c = seen.c.float()  # (B, T, F) on the run's device; only (F,) and (B, F) come to the CPU
+        fires += (c > 0).sum((0, 1)).cpu()
+        act_sum += c.sum((0, 1)).cpu()
+        best, pos = (x.cpu() for x in c.max(1))  # (B, F): each sequence's largest activation, where
         at = pos + T * torch.arange(n_seqs, n_seqs + len(batch))[:, None]  # (B, F)
         top, keep = torch.cat([top, best]).topk(k, dim=0)  # (k, F): the best of the old top and B
         top_at = torch.cat([top_at, at]).gather(0, keep)

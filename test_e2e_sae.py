@@ -1382,6 +1382,18 @@ def test_under_torchrun_flag_errors_are_said_once_and_others_by_each_process(tmp
     monkeypatch.setattr(E, "WORLD_SIZE", 3)
     assert E.setup(cfg_for("e2e", 6, batch_size=6)).batch_size == 2
 
+def test_under_torchrun_nccl_is_told_the_process_gpu(monkeypatch):
+    """As a torchrun process on GPU 3: that GPU becomes current and init_process_group gets it as
+    device_id (NCCL's barriers warn without it); the CPU build stands in for CUDA here."""
+    monkeypatch.setattr(E, "TORCHRUN", True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: None)  # as if cuda:3 existed
+    calls, gpu = [], torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(device))
+    monkeypatch.setattr(E.dist, "init_process_group", lambda *args, **kw: calls.append((args, kw)))
+    assert E.process_device(cfg_for(device="cuda")) == gpu
+    assert calls == [gpu, (("nccl",), {"device_id": gpu})], calls
+
 # --- Measuring speed
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch's compiler
 def test_compiled_step_matches_eager(monkeypatch):
@@ -1428,6 +1440,21 @@ def test_compiled_blocks_break_no_graph_and_a_smaller_last_batch_compiles_nothin
     evaluate(7)  # batches of 4 and 3
     assert not breaks, f"graph breaks: {dict(breaks)}"
     assert len(graphs) == n_graphs, f"{len(graphs) - n_graphs} graphs compiled for the last batch"
+
+def test_peak_flops_of_each_gpu_is_its_own_not_that_of_a_name_inside_it(monkeypatch):
+    """MFU's peak, dense bf16 TFLOP/s from the vendors' data sheets, for each GPU as torch names it:
+    the GB200 is no B200, the H100 NVL no H100, the H800 PCIe no H800."""
+    sheets = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835,
+              "NVIDIA H800": 989, "NVIDIA H800 PCIe": 756, "NVIDIA GH200 480GB": 989,
+              "NVIDIA H200": 989, "NVIDIA H200 NVL": 835, "NVIDIA B200": 2250,
+              "NVIDIA GB200": 2500, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A800 80GB PCIe": 312,
+              "NVIDIA L40S": 362, "NVIDIA L40": 181, "NVIDIA L4": 121, "NVIDIA RTX 6000": None}
+    for name, tflops in sheets.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        peak = E.peak_flops(torch.device("cuda"), "bf16")
+        assert peak == (tflops and tflops * 1e12), f"{name}: {peak}"
+    assert E.peak_flops(torch.device("cuda"), "fp32") is None, "fp32 has no bf16 peak"
+    assert E.peak_flops(torch.device("cpu"), "bf16") is None, "a CPU has none"
 
 def test_benchmark_runs_on_cpu_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
