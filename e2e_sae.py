@@ -105,9 +105,8 @@ def need(ok, message):
 
 @contextmanager
 def explain(what):
-    """Any error inside the block (a library's, about a file or the network) becomes a UserError:
-    `what`, with the error's first sentence in brackets (not the advice after it, such as torch's
-    to load a file with weights_only=False, which would run code from it)."""
+    """Any error inside the block becomes a UserError: `what`, with the error's first sentence in
+    brackets (not advice after it, such as torch's to load with weights_only=False)."""
     try:
         yield
     except UserError:
@@ -551,9 +550,8 @@ def format_metrics(m):
 
 @torch.no_grad()
 def random_gpt2(config):
-    """A GPT-2 with random weights, the same every time, with fused attention (SDPA) and GELU. Its
-    biases are random too (GPT-2's init zeroes them): a trained model's are not zero, and without
-    them a zeroed stream would give uniform logits at every layer."""
+    """A GPT-2 with random weights, the same every time, fused attention (SDPA) and GELU. Biases are
+    random too (GPT-2's init zeroes them): else a zeroed stream would give uniform logits."""
     config._attn_implementation = "sdpa"
     config.activation_function = "gelu_pytorch_tanh"  # GPT-2's gelu_new, fused (see load_model)
     with torch.random.fork_rng(devices=[]):
@@ -608,9 +606,8 @@ def looks_like_path(name):
 
 
 def load_model(name, device):
-    """A frozen causal LM in eval mode and its tokenizer (None where it has none). Weights are fp32
-    (autocast picks the compute dtype), attention is PyTorch's fused SDPA (FlashAttention on recent
-    GPUs), which never holds the (T, T) attention matrix in memory, and GELUs are fused."""
+    """A frozen causal LM in eval mode and its tokenizer (or None). Weights are fp32 (autocast picks
+    the compute dtype); attention is fused SDPA (no (T, T) matrix in memory); GELUs are fused."""
     model, tokenizer = RANDOM_MODELS[name]() if name in RANDOM_MODELS else None, None
     if model is None:
         local = Path(name).expanduser().is_dir()  # (Config checked a local folder)
@@ -661,11 +658,10 @@ def read_rows(dataset):
 
 
 def sequences(cfg, tokenizer, vocab_size):
-    """The dataset as a stream of (T,) token sequences, from its first. Rows with input_ids are cut
-    to T tokens (shorter ones are skipped); text rows are tokenised and packed, with EOS between;
-    `random` gives uniform ids, seeded with a constant, not --seed, so that every run has the same
-    evaluation set. Every id is checked: on a GPU, one beyond the vocabulary would surface as an
-    opaque device-side assert."""
+    """The dataset as a stream of (T,) token sequences. Rows with input_ids are cut to T tokens
+    (shorter ones are skipped); text rows are tokenised and packed, EOS between; `random` gives
+    uniform ids seeded with a constant, not --seed (every run has the same evaluation set). Ids are
+    checked: on a GPU, one beyond the vocabulary would be an opaque device-side assert."""
     T, g, packed = cfg.n_ctx, torch.Generator().manual_seed(0), []
     for row in itertools.repeat({}) if cfg.dataset == "random" else read_rows(cfg.dataset):
         if not row:
@@ -737,10 +733,9 @@ def load_data(cfg, tokenizer, vocab_size):
 
 # -----------------------------------------------------------------------------
 # Many processes. `torchrun --nproc_per_node=8 e2e_sae.py ...` starts 8 copies of this file, each
-# told its RANK (0 … WORLD_SIZE − 1), LOCAL_RANK (its GPU) and the WORLD_SIZE. They train one SAE
-# together: each micro-batch of --batch-size sequences is split WORLD_SIZE ways, DDP averages the
-# SAE's gradients, all_reduce adds up the logged terms and the evaluation sums, and rank 0 alone
-# prints and writes. A plain `python e2e_sae.py` is rank 0 of 1, and none of this acts.
+# told its RANK, LOCAL_RANK (its GPU) and the WORLD_SIZE. Each micro-batch is split WORLD_SIZE ways,
+# DDP averages the SAE's gradients, all_reduce adds up the logged terms and the evaluation sums, and
+# rank 0 alone prints and writes. A plain `python e2e_sae.py` is rank 0 of 1.
 
 TORCHRUN = all(v in os.environ for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 RANK, WORLD_SIZE = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if TORCHRUN else (0, 1)
@@ -771,8 +766,7 @@ def process_device(cfg):
 
 
 def all_reduce(tensors):
-    """Sums each tensor of the list over the processes, in place, in one collective and in float64
-    (sums of counts stay exact). In a plain run the tensors are their own sums."""
+    """Sums each tensor over the processes, in place, in one float64 collective (exact counts)."""
     if dist.is_initialized():
         flat = torch.cat([t.double().flatten() for t in tensors])
         dist.all_reduce(flat)
@@ -846,8 +840,7 @@ def fold(W_enc, b_enc, W_dec, b_dec, scale=1.0, pre_bias=False):
 
 def read_saelens(path):
     """A SAELens folder's standard SAE, folded (p: apply_b_dec_to_input; s: activation_scaler.json).
-    Its basis: SAELens loads models uncentred unless model_from_pretrained_kwargs says
-    center_writing_weights, except before 3.19.2, which centred them and saved no such kwargs."""
+    Uncentred unless model_from_pretrained_kwargs says center_writing_weights (or before 3.19.2)."""
     with explain(f"{path / 'cfg.json'} is not a readable SAELens configuration"):
         cfg = json.loads((path / "cfg.json").read_text())
         meta = {**cfg, **(cfg.get("metadata") or {})}  # SAELens 6 keeps the run's facts apart
@@ -893,8 +886,7 @@ RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "che
 
 
 def atomic_write(path, data):
-    """data (bytes or str) into a temporary file beside path, then renamed over it: a crash at any
-    moment leaves the old file or the new one, never half of one."""
+    """data (bytes or str) into a file beside path, renamed over it: a crash leaves no half file."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with explain(f"cannot write {path}; the previous version, if any, is intact"):
@@ -956,10 +948,8 @@ def open_out_dir(cfg, run_info, step):
 
 
 def save_checkpoint(out, run, step, train_seconds, eval_due=False):
-    """checkpoint.pt, written by rank 0 while every process waits: what makes a resumed run end as
-    the run left alone would. That is the SAE, Adam's state and the RNG state, with the step (the
-    data position is step × --batch-size × --grad-accum sequences) and whether the evaluation due
-    at that step is still to come."""
+    """checkpoint.pt (rank 0 writes, all wait): what makes a resumed run end as the run left alone:
+    the SAE, Adam, the RNG, the step (the data position) and whether its evaluation is to come."""
     if MAIN_PROCESS:
         buffer = io.BytesIO()
         torch.save({"step": step, "train_seconds": train_seconds, "eval_due": eval_due,
@@ -984,11 +974,9 @@ def load_checkpoint(out, run):
 
 
 def save_saelens(out, run_info):
-    """cfg.json and sae_weights.safetensors: what SAELens's `SAE.load_from_disk(folder)` reads, in
-    its version 6 format (architecture "standard": relu(x @ W_enc + b_enc) @ W_dec + b_dec, our
-    SAE). Every run writes them, so that every output folder loads in SAELens as it is; and since
-    SAELens names and lays out the four tensors as sae.safetensors does, its weights file is a
-    second name (a hard link) for sae.safetensors: the tensors are on disk once."""
+    """cfg.json and sae_weights.safetensors, so that SAELens's `SAE.load_from_disk(folder)` reads
+    any output folder (version 6, "standard": relu(x @ W_enc + b_enc) @ W_dec + b_dec). Its weights
+    are a hard link to sae.safetensors, which names and lays out the tensors the same way."""
     meta = {"sae_lens_version": "6.0.0", "model_name": run_info["model"], "hook_head_index": None,
             "hook_name": f"blocks.{run_info['layer']}.hook_resid_pre", "prepend_bos": False,
             "context_size": run_info["n_ctx"], "dataset_path": run_info["dataset"],
@@ -1012,9 +1000,8 @@ def save_saelens(out, run_info):
 
 
 def setup(cfg, sae=None):
-    """What training, --benchmark, --eval-only and --inspect share: the device and precision, the
-    frozen model and its blocks, the SAE (a new one seeded from --seed, unless given) with Adam, and
-    under torchrun its DDP wrapper, which averages the SAE's gradients over the processes."""
+    """What training, --benchmark, --eval-only and --inspect share: device and precision, the frozen
+    model, its blocks, the SAE (new, seeded by --seed, unless given), Adam, DDP under torchrun."""
     device = process_device(cfg)
     # TF32 for the fp32 matmuls of a bf16 run; --dtype fp32 is fp32 throughout, as the paper ran.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.dtype == "bf16"
@@ -1072,8 +1059,7 @@ def lr_factor(step, warmup_steps, total_steps, min_ratio):
 
 def train_step(cfg, run, micro_batches):
     """One optimiser step on micro-batches (B, T) → this process's loss terms, L0 and the gradient
-    norm before clipping, averaged over the micro-batches: tensors on the device. Nothing here
-    waits for the GPU; train() reads the terms when it logs (see read_window)."""
+    norm before clipping, averaged: tensors on the device; nothing waits for the GPU here."""
     terms = {}
     for i, tokens in enumerate(micro_batches):
         if isinstance(run.step_sae, DDP):  # DDP averages the gradients after the last micro-batch
@@ -1092,9 +1078,8 @@ def train_step(cfg, run, micro_batches):
 
 
 def read_window(run, window, signalled, last_saved):
-    """The terms of the steps since the last log line (window), averaged over the steps and the
-    processes, and whether any process got a signal: the one wait for the GPU of a step that logs,
-    evaluates or checkpoints. A non-finite term stops the run before anything of it is written."""
+    """The window's terms averaged over steps and processes, and whether any process got a signal:
+    the one wait for the GPU. A non-finite term stops the run before anything of it is written."""
     keys = list(window[0])
     sums = [sum(terms[k] for terms in window) / len(window) for k in keys]
     values = all_reduce([torch.stack([*sums, torch.full((), float(signalled), device=run.device)])])
@@ -1107,10 +1092,9 @@ def read_window(run, window, signalled, last_saved):
 
 
 class StopSignal:
-    """While active, SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) only set .signum, so
-    that the loop finishes its step and writes a checkpoint. In a plain run a second signal acts as
-    usual; under torchrun, which passes a signal on to every process (and a scheduler may signal
-    them all too), the handler stays, and torchrun's --shutdown-timeout (30 s) is the hard stop."""
+    """While active, SIGINT (Ctrl-C) and SIGTERM (pre-emption) only set .signum: the loop finishes
+    its step and writes a checkpoint. In a plain run a second signal acts as usual; torchrun passes
+    signals to every process, so there the handler stays and --shutdown-timeout is the hard stop."""
 
     def __enter__(self):
         self.signum = None
@@ -1159,9 +1143,8 @@ def train(cfg):
         print0(f"resuming the run in {out} at step {start} of {n_steps}, on the learning-rate "
                f"schedule of --n-samples {cfg.n_samples}")
     eval_tokens, train_seqs = load_data(cfg, run.tokenizer, run.model.config.vocab_size)
-    # The data position is the number of training sequences read: the same --seed gives the same
-    # order, so a resumed run skips them. Reading the next one now makes a dataset without training
-    # rows fail before anything is written, and keeps a local dataset's one-time read untimed.
+    # The same --seed gives the same order: a resumed run skips what it read. Reading one now fails
+    # a dataset without training rows before anything is written, and keeps its reading untimed.
     train_seqs = itertools.islice(train_seqs, start * S, None)
     train_seqs = itertools.chain([next(train_seqs)], train_seqs)
     run_info = {**asdict(cfg), "d_model": run.model.config.hidden_size, "n_layers": len(run.blocks),
@@ -1318,8 +1301,7 @@ PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H80
 
 
 def peak_flops(device, dtype):
-    """The bf16 peak in FLOP/s of the run's GPUs (under torchrun, all of them), or None where
-    unknown (CPU, fp32, a GPU not in the table)."""
+    """The bf16 peak FLOP/s of all the run's GPUs, or None (CPU, fp32, a GPU not in the table)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" and dtype == "bf16" else ""
     return next((peak * WORLD_SIZE for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
@@ -1391,12 +1373,10 @@ def density(fires, n_tokens):
 
 @torch.no_grad()
 def inspect(cfg):
-    """--inspect: the SAE in cfg.sae over the dataset's first N sequences, a batch at a time,
-    keeping for each dictionary element a running top-TOP_CONTEXTS of its largest activation in a
-    sequence, and where it was: memory is (TOP_CONTEXTS + B) × F × 2 numbers, whatever N is. A
-    second pass over the tokens takes the CONTEXT_TOKENS on each side. It prints the chosen
-    elements' frequency, mean activation when active and top contexts (the max token «marked»),
-    and the density histogram, and writes all of it to inspect.json."""
+    """--inspect: the SAE in cfg.sae over the dataset's first N sequences, keeping for each element
+    a running top-TOP_CONTEXTS of its largest activation per sequence and where: (TOP_CONTEXTS + B)
+    × F × 2 numbers, whatever N is; a second pass takes CONTEXT_TOKENS each side. Prints elements'
+    frequency, mean activation, top contexts («marked») and density; writes inspect.json."""
     sae, k, W, T = load_sae(cfg.sae)[0], TOP_CONTEXTS, CONTEXT_TOKENS, cfg.n_ctx
     F_, n = sae.encoder.out_features, cfg.inspect_samples or cfg.eval_samples
     with explain(f"--features takes comma-separated numbers, not {cfg.features!r}"):
@@ -1427,6 +1407,10 @@ def inspect(cfg):
     tokens = {s: seq.tolist() for s, seq in enumerate(first_n()) if s in needed}  # the second pass
     result = {"sae": str(cfg.sae), "n_sequences": n_seqs, "n_tokens": n_seqs * T, "features": [],
               "density": density(fires, n_seqs * T)}
+    short = f"; the dataset has no more than {n_seqs}" * (n_seqs < n)
+    trained = "; beyond --eval-samples they include training data" * (n_seqs > cfg.eval_samples)
+    print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}, over the first {n_seqs} sequences "
+          f"({n_seqs * T:,} tokens){short}{trained}")
     for f in chosen:
         contexts = []
         for activation, at in zip(top[:, f].tolist(), top_at[:, f].tolist()):
@@ -1440,17 +1424,12 @@ def inspect(cfg):
             pieces[mark] = f"{pieces[mark][:len(pieces[mark]) - len(word)]}«{word}»"  # " «fox»"
             contexts.append({"activation": activation, "sequence": s, "position": t,
                              "tokens": window, "marked": mark, "text": "".join(pieces)})
-        result["features"].append({"feature": f, "frequency": fires[f].item() / (n_seqs * T),
-                                   "mean_activation": (act_sum[f] / max(fires[f], 1)).item(),
-                                   "contexts": contexts})
-    short = f"; the dataset has no more than {n_seqs}" * (n_seqs < n)
-    trained = "; beyond --eval-samples they include training data" * (n_seqs > cfg.eval_samples)
-    print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}, over the first {n_seqs} sequences "
-          f"({n_seqs * T:,} tokens){short}{trained}")
-    for r in result["features"]:
-        print(f"\nfeature {r['feature']}: fires on {r['frequency']:.3%} of tokens, mean activation "
+        r = {"feature": f, "frequency": fires[f].item() / (n_seqs * T),
+             "mean_activation": (act_sum[f] / max(fires[f], 1)).item(), "contexts": contexts}
+        result["features"].append(r)
+        print(f"\nfeature {f}: fires on {r['frequency']:.3%} of tokens, mean activation "
               f"when active {r['mean_activation']:.3g}")
-        for context in r["contexts"]:
+        for context in contexts:
             print(f"  {context['activation']:8.3f}  {context['text']}")
     d, label = result["density"], lambda lo, hi: f"10^{lo:.1f} … 10^{hi:.1f}"
     print(f"\nfiring frequency of the {d['dead'] + sum(d['counts'])} dictionary elements "
@@ -1470,18 +1449,16 @@ def write_output(cfg, name, result):
 
 def max_cosine(A, B, exclude_self=False, chunk_elements=2**25):
     """For each unit-norm row of A (F_A, D), its largest cosine similarity with a row of B (F_B, D):
-    (F_A,). With exclude_self (B is A) an element is not compared with itself: its own cosine, 1,
-    is the largest, and the second largest is taken. The (F_A, F_B) matrix is made chunk_elements
-    at a time: 128 MiB in fp32, where all of it is 8 GiB at F = 46,080."""
+    (F_A,). With exclude_self (B is A), the second largest (its own is 1). The (F_A, F_B) matrix is
+    made chunk_elements at a time: 128 MiB in fp32, where all of it is 8 GiB at F = 46,080."""
     rows = max(1, chunk_elements // len(B))
     return torch.cat([(a @ B.T).topk(1 + exclude_self).values[:, -1] for a in A.split(rows)])
 
 
 @torch.no_grad()
 def compare(cfg):
-    """--compare DIR_A DIR_B: the geometry of two dictionaries (the paper compares e2e with local
-    SAEs). Each element of A gets its largest cosine similarity with any element of B (cross-SAE: is
-    it in B too?) and with any other element of A (within-SAE: how spread out is A?)."""
+    """--compare DIR_A DIR_B: each element of A's largest cosine similarity with any of B (cross:
+    is it in B too?) and with another of A (within-SAE: how spread out is A?), as the paper does."""
     a, b = (load_sae(folder)[0] for folder in cfg.compare)
     device = process_device(cfg)
     A, B = a.dictionary.T.to(device), b.dictionary.T.to(device)  # (F_A, D), (F_B, D): unit norm
@@ -1512,10 +1489,9 @@ def compare(cfg):
 NOT_INHERITED = {"eval_only", "sae", "benchmark", "resume", "overwrite", "out_dir", "device",
                  "dtype", "compile", "inspect", "features", "top_features", "inspect_samples",
                  "compare"}
-# What may differ from the run's own configuration when resuming. --eval-every, --log-every and
-# --save-every change neither the SAE nor the data; another device, dtype or --compile changes the
-# arithmetic, and the result is no longer bitwise the run left alone; another --n-samples, the
-# learning-rate schedule from the step resumed at. Unless given, they are the run's own.
+# What may differ from the run's own configuration when resuming (unless given, the run's own).
+# --eval-every, --log-every, --save-every change neither SAE nor data; device, dtype, --compile
+# change the arithmetic (no longer bitwise); --n-samples, the learning-rate schedule from then on.
 RESUMABLE = {"resume", "n_samples", "eval_every", "log_every", "save_every", "device", "dtype",
              "compile"}
 
@@ -1526,8 +1502,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser():
-    """One --flag per Config field: Config.n_samples becomes --n-samples; the field's comment is its
-    help."""
+    """One --flag per Config field (n_samples: --n-samples); the field's comment is its help."""
     parser = ArgumentParser(description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     source = Path(__file__).read_text()
