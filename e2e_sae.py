@@ -564,9 +564,8 @@ def random_gpt2(config):
 
 
 def tiny_gpt2():
-    """GPT-2 small's 12 blocks at width 64, vocabulary 512. Weights are drawn 10× wider than GPT-2's
-    init, so that the next-token distribution is far from uniform (entropy ≈ 5.0 nats, not
-    ln 512 = 6.2) and the KL has something to preserve."""
+    """GPT-2 small's 12 blocks at width 64, vocabulary 512, weights 10× wider than GPT-2's init: the
+    next-token entropy is ≈ 5.0 nats, not ln 512 = 6.2, so the KL has something to preserve."""
     return random_gpt2(GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=1024,
                                   initializer_range=0.2, bos_token_id=511, eos_token_id=511))
 
@@ -703,11 +702,10 @@ def shuffled(items, buffer_size, rng):
 
 
 def load_data(cfg, tokenizer, vocab_size):
-    """(eval_tokens (E, T), an endless iterator of training sequences (T,)). The dataset's first
-    eval_samples sequences are the evaluation set, whatever the source, and training reads only the
-    sequences after them, in an order that depends on --seed alone: a local dataset is read into
-    memory once and reshuffled whole every epoch; a streamed one goes through a shuffle buffer, and
-    is streamed again from its start when it runs out."""
+    """(eval_tokens (E, T), an endless iterator of training sequences (T,)). The first eval_samples
+    sequences are the evaluation set; training reads those after them, in an order set by --seed:
+    a local dataset is held and reshuffled every epoch; a streamed one goes through a shuffle buffer
+    and restarts when it runs out."""
     stream = sequences(cfg, tokenizer, vocab_size)
     eval_seqs = list(itertools.islice(stream, cfg.eval_samples))
     need(len(eval_seqs) == cfg.eval_samples, f"--dataset {cfg.dataset} holds only {len(eval_seqs)} "
@@ -748,8 +746,7 @@ def print0(*args, **kwargs):
 
 
 def process_device(cfg):
-    """--device, checked by putting a tensor on it. Under torchrun, "cuda" is the GPU of LOCAL_RANK,
-    and the process joins the others: NCCL between GPUs, gloo on the CPU."""
+    """--device, checked; under torchrun "cuda" is LOCAL_RANK's GPU, and it joins the others."""
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
     if TORCHRUN and cuda:
@@ -800,8 +797,8 @@ def load_sae(folder):
 
 
 def read_sae(path):
-    """The SAE saved at path as (an SAE's state dict, the Config fields its files state): a folder
-    of this file's or SAELens's (a standard SAE), or a .pt of the paper's library."""
+    """(state dict, stated Config fields) of the SAE in a folder of ours or SAELens's, or a .pt of
+    the paper's library."""
     path = Path(path)
     if path.name == "sae.safetensors":  # the file stands for its folder
         path = path.parent
@@ -904,8 +901,7 @@ def write_json(path, obj):
 
 
 def read_config(folder):
-    """The Config fields of folder/config.json (which also says d_model, dict_size, n_layers...).
-    A configuration from before `center` existed is of an SAE that read the uncentred stream."""
+    """The Config fields of folder/config.json (one from before `center` existed read uncentred)."""
     with explain(f"{Path(folder) / 'config.json'} is not a readable run configuration"):
         saved = {"center": False, **json.loads((Path(folder) / "config.json").read_text())}
         return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
@@ -934,8 +930,7 @@ def check_out_dir(cfg):
 
 
 def open_out_dir(cfg, run_info, step):
-    """The output folder with config.json, and the log up to `step` (a resumed run keeps its past,
-    and drops what it logged after its checkpoint), open for appending."""
+    """The output folder with config.json, and log.jsonl up to `step`, open for appending."""
     out = Path(cfg.out_dir)
     with explain(f"cannot create --out-dir {out}"):
         out.mkdir(parents=True, exist_ok=True)
@@ -961,8 +956,8 @@ def save_checkpoint(out, run, step, train_seconds, eval_due=False):
 
 
 def load_checkpoint(out, run):
-    """Restores the SAE, Adam and the RNG from out/checkpoint.pt, and returns the rest. With
-    weights_only=True, loading builds tensors and plain values only: no code from the file runs."""
+    """Restores the SAE, Adam and the RNG from out/checkpoint.pt, and returns the rest (loading runs
+    no code from the file: weights_only)."""
     path = out / "checkpoint.pt"
     need(path.is_file(), f"{out} holds no checkpoint.pt to resume from")
     with explain(f"{path} is not a valid checkpoint for this run"):
@@ -1033,8 +1028,7 @@ def setup(cfg, sae=None):
     sae = sae.to(device)
     sae.center = cfg.center
     if cfg.compile:
-        # Each block's and the SAE's forward() is replaced by a compiled one; the hooks, which
-        # run in __call__ around forward(), stay outside it. A debugger steps into the compiler.
+        # Compiled forward()s; the hooks run in __call__, outside them. A debugger steps into it.
         for module in [sae, *blocks]:  # dynamic: a smaller last batch (not of 1) adds no graph
             module.forward = torch.compile(module.forward, dynamic=True)
     return SimpleNamespace(
@@ -1143,8 +1137,7 @@ def train(cfg):
         print0(f"resuming the run in {out} at step {start} of {n_steps}, on the learning-rate "
                f"schedule of --n-samples {cfg.n_samples}")
     eval_tokens, train_seqs = load_data(cfg, run.tokenizer, run.model.config.vocab_size)
-    # The same --seed gives the same order: a resumed run skips what it read. Reading one now fails
-    # a dataset without training rows before anything is written, and keeps its reading untimed.
+    # A resumed run skips what it read (same --seed, same order); one read now fails early, untimed.
     train_seqs = itertools.islice(train_seqs, start * S, None)
     train_seqs = itertools.chain([next(train_seqs)], train_seqs)
     run_info = {**asdict(cfg), "d_model": run.model.config.hidden_size, "n_layers": len(run.blocks),
@@ -1292,8 +1285,7 @@ def flops_per_token(model, blocks, sae, loss, layer, n_ctx):
     return 2 * n * block_fwd + (n - layer) * block_bwd + 3 * 2 * D * V + sae_flops
 
 
-# Dense bf16 tensor-core peak of GPUs in FLOP/s (vendor data sheets), for MFU. The first key found
-# in torch.cuda.get_device_name() wins, so longer names (GB200, H100 NVL) precede their prefixes.
+# Dense bf16 peak FLOP/s (data sheets), for MFU. The first key in the device name wins: GB200 first.
 PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H800 PCIe": 756e12,
                    "H800": 989e12, "GH200": 989e12, "H200 NVL": 835e12, "H200": 989e12,
                    "GB200": 2500e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
@@ -1384,8 +1376,8 @@ def inspect(cfg):
     need(all(0 <= f < F_ for f in chosen or []),
          f"--features {cfg.features}: the dictionary has elements 0 … {F_ - 1}")
     run = setup(cfg, sae)
-    first_n = lambda: itertools.islice(sequences(cfg, run.tokenizer, run.model.config.vocab_size),
-                                       n)  # (T,) each
+    vocab_size = run.model.config.vocab_size
+    first_n = lambda: itertools.islice(sequences(cfg, run.tokenizer, vocab_size), n)  # (T,) each
     fires, act_sum = torch.zeros(F_, dtype=torch.long), torch.zeros(F_, dtype=torch.float64)  # (F,)
     top = torch.full((k, F_), -1.0)  # (k, F): each element's best activations so far, and where:
     top_at = torch.zeros_like(top).long()  # sequence × T + position
