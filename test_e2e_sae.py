@@ -1097,6 +1097,8 @@ def plant_nan(out):  # NaN into the KL term and the loss of compute_loss's resul
 ], ids=["signal", "signal-jsonl", "before-an-evaluation", "during-evaluations", "hard-kill", "nan"])
 def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alone, data, stops,
                                                      step):
+    """Each checkpoint left is re-saved as a GPU run writes it (its tensors on cuda:0; the CPU build
+    writes such a file when told that location) and resumed with --device cpu."""
     if data == "jsonl":
         g = torch.Generator().manual_seed(3)
         data = write_sources(tmp_path, torch.randint(512, (109, 16), generator=g).tolist())[1]
@@ -1112,7 +1114,12 @@ def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alon
     assert not (out / "sae.safetensors").exists()
     assert step != 6 or not any("eval/kl" in r for r in log)  # the evaluation is still due
     assert step != 12 or max(r["step"] for r in log) == 14  # lines past the checkpoint, to go
-    E.train(E.parse_config(["--resume", str(out), "--save-every", "16"]))  # a harmless change
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(checkpoint(out), out / "checkpoint.pt")
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location meets
+        checkpoint(out)
+    E.train(E.parse_config(["--resume", str(out), "--save-every", "16", "--device", "cpu"]))
     assert_same_run(alone, out)
     assert not (out / "checkpoint.pt").exists()  # a finished run keeps only its SAE
 
@@ -1807,21 +1814,6 @@ def test_gpt2s_gelu_is_the_fused_tanh_gelu_with_gelu_news_logits(tmp_path):
     with torch.no_grad():
         difference = (model(tokens).logits - reference(tokens).logits).abs().max().item()
     assert difference < 1e-4, f"largest logit difference {difference}"
-
-
-def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch, alone):
-    """checkpoint.pt re-saved with its tensors on cuda:0 (as a GPU run writes it; the CPU build
-    writes such a file when told that location) resumes with --device cpu to the run left alone."""
-    out = tmp_path / "run"
-    assert isinstance(stopped(monkeypatch, run_args(out), "train_step", 9), E.Interrupted)
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    with monkeypatch.context() as m:
-        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
-        torch.save(state, out / "checkpoint.pt")
-    with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location meets
-        torch.load(out / "checkpoint.pt", weights_only=True)
-    E.train(E.parse_config(["--resume", str(out), "--device", "cpu"]))
-    assert_same_run(alone, out)
 
 
 # --- A GPU's peak memory, estimated on the CPU: fake tensors allocate nothing -------------------
