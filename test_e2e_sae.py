@@ -1783,7 +1783,6 @@ def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path,
         # to rounding: the saved dictionary, already unit-norm, is normalised again when loaded
         assert m[k] == pytest.approx(saved[k], rel=1e-6), f"{k}: {m[k]} against {saved[k]}"
 
-
 def test_evaluate_reads_no_process_state(tiny, monkeypatch):
     """WORLD_SIZE=2, RANK=0 in the module (as torchrun's environment sets them) without a process
     group: evaluate() gives the plain result. Splitting and adding up is its caller's work."""
@@ -1793,7 +1792,6 @@ def test_evaluate_reads_no_process_state(tiny, monkeypatch):
         monkeypatch.setattr(E, name, value)
     under_torchrun = E.evaluate(*tiny, sae, tokens, layer=4)
     assert under_torchrun == plain, (under_torchrun, plain)
-
 
 def test_evaluation_reads_logits_in_chunks_with_the_same_metrics(tiny, monkeypatch):
     """Chunks of 7 positions (ragged: 7 does not divide 2 · 16) give what one chunk gives, and no
@@ -1813,7 +1811,6 @@ def test_evaluation_reads_logits_in_chunks_with_the_same_metrics(tiny, monkeypat
     assert chunked.pop("downstream_mse") == one_chunk.pop("downstream_mse")
     assert chunked == pytest.approx(one_chunk, rel=1e-6, abs=2e-6)  # fp32 sums per chunk
 
-
 def test_gpt2s_gelu_is_the_fused_tanh_gelu_with_gelu_news_logits(tmp_path):
     """A GPT-2 saved with gelu_new (as the hub's is) loads with torch's fused tanh GELU, the same
     formula: the logits agree to rounding."""
@@ -1829,7 +1826,6 @@ def test_gpt2s_gelu_is_the_fused_tanh_gelu_with_gelu_news_logits(tmp_path):
     with torch.no_grad():
         difference = (model(tokens).logits - reference(tokens).logits).abs().max().item()
     assert difference < 1e-4, f"largest logit difference {difference}"
-
 
 # --- A GPU's peak memory, estimated on the CPU: fake tensors allocate nothing -------------------
 class PeakMemory(TorchDispatchMode):
@@ -1856,7 +1852,6 @@ class PeakMemory(TorchDispatchMode):
                     self.peak, self.at = self.live, f"{func} → {tuple(x.shape)} {x.dtype}"
         return out
 
-
 def memory_estimate(loss="e2e", B=8, T=1024, model="gpt2-random", fake=True, **config):
     """(one training step's, one evaluation batch's) PeakMemory above the weights, the SAE and
     Adam's moments, in bf16 autocast, on fake tensors (or real ones, fake=False). CPU autocast
@@ -1880,10 +1875,8 @@ def memory_estimate(loss="e2e", B=8, T=1024, model="gpt2-random", fake=True, **c
             E.evaluate_and_log(cfg, run, tokens[0], None, 0, final=True)  # lines read values
     return step, evaluation
 
-
 def two_blocks(**config):
     return lambda: E.random_gpt2(GPT2Config(n_layer=2, **config))
-
 
 def test_the_memory_estimate_is_what_real_tensors_take(monkeypatch):
     """A tiny run's peaks on fake tensors are those of the same run on real ones."""
@@ -1893,7 +1886,6 @@ def test_the_memory_estimate_is_what_real_tensors_take(monkeypatch):
     assert fake[0].peak == real[0].peak, f"step: fake {fake[0].peak:,} B, real {real[0].peak:,} B"
     assert fake[1].peak == real[1].peak, f"evaluation: {fake[1].peak:,} B, {real[1].peak:,} B"
 
-
 def test_an_evaluation_batch_needs_less_memory_than_a_training_step(monkeypatch):
     """GPT-2 small's widths and vocabulary in 2 blocks, F = 60 × 768, 2 × 512 tokens."""
     monkeypatch.setitem(E.RANDOM_MODELS, "gpt2-random", two_blocks())
@@ -1901,11 +1893,9 @@ def test_an_evaluation_batch_needs_less_memory_than_a_training_step(monkeypatch)
     assert evaluation.peak < step.peak, (f"evaluation {evaluation.peak / 2**30:.2f} GiB at "
                                          f"{evaluation.at}; step {step.peak / 2**30:.2f} GiB")
 
-
 # --- What a newcomer meets first: fast answers, what a run says, where it writes, errors that name
 # the problem
 HEAVY = ("transformers", "datasets", "pyarrow", "pandas")  # seconds to import, beyond torch's
-
 
 def test_help_and_flag_errors_come_before_the_heavy_libraries_are_imported(tmp_path):
     """--help, a bad flag and a local model without the block --layer names, in a fresh process as a
@@ -1932,7 +1922,6 @@ def test_help_and_flag_errors_come_before_the_heavy_libraries_are_imported(tmp_p
     assert "invalid float value: 'fast'" in done.stderr, done.stderr
     assert "--layer 99 is outside the model's blocks 0 … 2" in done.stderr, done.stderr
 
-
 def test_default_output_folders_name_the_model(tmp_path):
     """out/<model>_<loss>_layer<L>: the tiny run, GPT-2, a hub id and a local folder differ."""
     local = Path(write(tmp_path, "my-model/config.json", json.dumps({"n_layer": 12}))).parent
@@ -1944,7 +1933,6 @@ def test_default_output_folders_name_the_model(tmp_path):
     assert gpt2 == "out/gpt2_e2e_layer6", gpt2
     assert hub == "out/pythia-70m_e2e_layer3", hub
     assert folder == "out/my-model_local_layer6", folder
-
 
 def test_a_resumed_run_says_so_first_and_may_take_a_new_length(tmp_path, monkeypatch, capsys):
     """Stopped after step 5 of 16: a resume with an --n-samples shorter than done is refused, and
@@ -1972,7 +1960,6 @@ def test_a_resumed_run_says_so_first_and_may_take_a_new_length(tmp_path, monkeyp
     assert max(r["step"] for r in log) == 24, [r["step"] for r in log]
     assert json.loads((out / "config.json").read_text())["n_samples"] == 192
     assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16
-
 
 if __name__ == "__main__":  # python test_e2e_sae.py: the estimates at GPT-2 small's shapes
     print("Peak GPU memory above the weights, the SAE and Adam's moments, GiB (estimated, bf16)")
