@@ -600,7 +600,8 @@ def make_tokenizer(folder: Path, texts):
     return fast
 
 # --- Configuration and the command line
-def test_the_paper_run_needs_no_other_flag_presets_yield_to_flags_and_the_lr_schedule():
+def test_the_paper_run_needs_no_other_flag_presets_yield_to_flags_and_the_lr_schedule(tmp_path):
+    local = Path(write(tmp_path, "my-model/config.json", json.dumps({"n_layer": 12}))).parent
     paper_run = dict(model="gpt2", dataset=E.PAPER_DATASET, n_ctx=1024, n_samples=400_000,
                      batch_size=8, grad_accum=2, lr=5e-4, warmup_samples=20_000, lr_min_ratio=0.1,
                      grad_clip=10.0, dict_ratio=60.0, eval_samples=500, sparsity_coeff=3.0,
@@ -616,6 +617,10 @@ def test_the_paper_run_needs_no_other_flag_presets_yield_to_flags_and_the_lr_sch
             ("--no-center", dict(center=False)),
             ("--loss e2e_ds --sparsity-coeff 7 --kl-coeff 1", dict(sparsity_coeff=7.0)),
             ("--model tiny --n-ctx 64", {**E.TINY_RUN, "n_ctx": 64}),
+            # default folders, out/<model>_<loss>_layer<L>: tiny, GPT-2, a hub id, a local folder
+            ("--model tiny", dict(out_dir="out/tiny_e2e_layer6")),
+            ("--model EleutherAI/pythia-70m --layer 3", dict(out_dir="out/pythia-70m_e2e_layer3")),
+            (f"--model {local} --loss local", dict(out_dir="out/my-model_local_layer6")),
             ("--benchmark --device cpu", cpu_bench),
             ("--benchmark --device cuda --loss local",
              dict(batch_size=8, n_ctx=1024, grad_accum=1, bench_warmup=3, bench_steps=10)),
@@ -1390,12 +1395,19 @@ def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processe
     assert pooled["downstream_mse"] == pytest.approx(one_ds, rel=1e-6)
 
 @pytest.mark.parametrize("n", [2, 3, 7])
-def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny, n):
+def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny, monkeypatch, n):
     """n processes simulated (with 7, some shares of the 5 sequences are empty): each evaluates its
-    share, and the sums its all_reduce adds up give one process's metrics."""
+    share, and the sums its all_reduce adds up give one process's metrics. evaluate() reads no
+    process state: WORLD_SIZE=n, RANK=0 in the module (as torchrun's environment sets them) without
+    a process group give the plain result; splitting and adding up is its caller's work."""
     torch.manual_seed(0)
     sae, tokens, sums = E.SAE(64, 128), tokens_for(tiny[0], B=5, T=12), []
     one = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
+    with monkeypatch.context() as m:
+        for name, value in dict(TORCHRUN=True, RANK=0, WORLD_SIZE=n).items():
+            m.setattr(E, name, value)
+        under_torchrun = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
+    assert under_torchrun == one, (under_torchrun, one)
 
     class Collected(Exception):
         pass
@@ -1783,16 +1795,6 @@ def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path,
         # to rounding: the saved dictionary, already unit-norm, is normalised again when loaded
         assert m[k] == pytest.approx(saved[k], rel=1e-6), f"{k}: {m[k]} against {saved[k]}"
 
-def test_evaluate_reads_no_process_state(tiny, monkeypatch):
-    """WORLD_SIZE=2, RANK=0 in the module (as torchrun's environment sets them) without a process
-    group: evaluate() gives the plain result. Splitting and adding up is its caller's work."""
-    sae, tokens = E.SAE(64, 128), tokens_for(tiny[0], B=3)
-    plain = E.evaluate(*tiny, sae, tokens, layer=4)
-    for name, value in dict(TORCHRUN=True, RANK=0, WORLD_SIZE=2).items():
-        monkeypatch.setattr(E, name, value)
-    under_torchrun = E.evaluate(*tiny, sae, tokens, layer=4)
-    assert under_torchrun == plain, (under_torchrun, plain)
-
 def test_evaluation_reads_logits_in_chunks_with_the_same_metrics(tiny, monkeypatch):
     """Chunks of 7 positions (ragged: 7 does not divide 2 · 16) give what one chunk gives, and no
     (B·T, V) tensor is made."""
@@ -1921,18 +1923,6 @@ def test_help_and_flag_errors_come_before_the_heavy_libraries_are_imported(tmp_p
     assert exits_said == ["exit 0", "exit 2", "exit 2"], said
     assert "invalid float value: 'fast'" in done.stderr, done.stderr
     assert "--layer 99 is outside the model's blocks 0 … 2" in done.stderr, done.stderr
-
-def test_default_output_folders_name_the_model(tmp_path):
-    """out/<model>_<loss>_layer<L>: the tiny run, GPT-2, a hub id and a local folder differ."""
-    local = Path(write(tmp_path, "my-model/config.json", json.dumps({"n_layer": 12}))).parent
-    tiny = E.parse_config(["--model", "tiny"]).out_dir
-    gpt2 = E.parse_config(["--model", "gpt2"]).out_dir
-    hub = E.parse_config(["--model", "EleutherAI/pythia-70m", "--layer", "3"]).out_dir
-    folder = E.parse_config(["--model", str(local), "--loss", "local"]).out_dir
-    assert tiny == "out/tiny_e2e_layer6", tiny
-    assert gpt2 == "out/gpt2_e2e_layer6", gpt2
-    assert hub == "out/pythia-70m_e2e_layer3", hub
-    assert folder == "out/my-model_local_layer6", folder
 
 def test_a_resumed_run_says_so_first_and_may_take_a_new_length(tmp_path, monkeypatch, capsys):
     """Stopped after step 5 of 16: a resume with an --n-samples shorter than done is refused, and
