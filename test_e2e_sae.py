@@ -678,6 +678,8 @@ def bad_checkpoint(p, kind):
 rows = lambda p, *rows: write(p, "rows.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 inspect = lambda p, *a, width=64: ["--inspect", "--sae", sae_dir(p, width, 8), "--layer", "3", *a]
 init = lambda p, *args, **cfg: ["--init-from", saelens_dir(p / "s", **cfg)[0], *args]
+ev = lambda sae, *args: ["--eval-only", "--sae", sae, *args]
+tiny_ds = lambda path: ["--dataset", path, "--n-ctx", "4", "--eval-samples", "1"]
 
 def sae_file(folder: Path, **shapes) -> str:
     """folder/sae.safetensors of a 64 × 8 SAE's tensors, those named in `shapes` of that shape."""
@@ -745,23 +747,20 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
      "an 'input_ids' or a 'text' column; these have \\['tokens'\\]"),
     (lambda p: ["--dataset", write_sources(p, [[1, 2, 3]] * 4)[2], "--n-ctx", "16"],
      "holds only 0 sequences of 16 tokens, fewer than --eval-samples 32"),
-    (lambda p: ["--dataset", write_sources(p, [[600] * 4])[0], "--n-ctx", "4",
-                "--eval-samples", "1"],
+    (lambda p: tiny_ds(write_sources(p, [[600] * 4])[0]),
      "the dataset has token id 600, beyond the model's vocabulary of 512"),
     # training rows are checked too, not only the evaluation set
-    (lambda p: ["--dataset", rows(p, {"input_ids": [1] * 4}, {"input_ids": [600] * 4}),
-                "--n-ctx", "4", "--eval-samples", "1"], "token id 600"),
+    (lambda p: tiny_ds(rows(p, {"input_ids": [1] * 4}, {"input_ids": [600] * 4})), "token id 600"),
     (lambda p: write(p, "out/config.json", "{}") and [  # an earlier run stays as it was
         "--dataset", write_sources(p, [[1] * 4] * 2)[0], "--n-ctx", "4", "--eval-samples", "2",
         "--overwrite"], "has no sequences left for training after the 2 evaluation sequences"),
     # saved SAEs and runs
     (["--eval-only"], "--eval-only and --inspect need --sae DIR"),
-    (lambda p: ["--eval-only", "--sae", str(p), "--layer", "3"], "holds no sae.safetensors"),
-    (lambda p: ["--eval-only", "--sae", str(Path(write(p, "sae.safetensors", "garbage")).parent),
-                "--layer", "3"], "sae.safetensors is not a valid SAE file"),
-    (lambda p: ["--eval-only", "--sae", sae_dir(p)],
-     "has no config.json: pass --model and --layer"),
-    (lambda p: ["--eval-only", "--sae", sae_dir(p, config="{broken")], NOT_READABLE),
+    (lambda p: ev(str(p), "--layer", "3"), "holds no sae.safetensors"),
+    (lambda p: ev(str(Path(write(p, "sae.safetensors", "garbage")).parent), "--layer", "3"),
+     "sae.safetensors is not a valid SAE file"),
+    (lambda p: ev(sae_dir(p)), "has no config.json: pass --model and --layer"),
+    (lambda p: ev(sae_dir(p, config="{broken")), NOT_READABLE),
     (lambda p: ["--compare", sae_dir(p, config="[1, 2]"), str(p)], NOT_READABLE),
     (lambda p: ["--resume", str(p)], "holds no checkpoint.pt to resume from"),
     (lambda p: ["--resume", bad_checkpoint(p, "cut")], NOT_VALID),
@@ -778,8 +777,7 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
     (lambda p: ["--compare", sae_dir(p), str(p / "nowhere")], "nowhere: no such folder"),
     (lambda p: init(p, architecture="topk"),
      "holds a SAELens topk SAE \\(relu\\), which this file's SAE cannot represent"),
-    (lambda p: ["--eval-only", "--sae", saelens_dir(p / "s", flat=True,
-                                                    activation_fn_str="topk")[0]],
+    (lambda p: ev(saelens_dir(p / "s", flat=True, activation_fn_str="topk")[0]),
      "holds a SAELens standard SAE \\(topk\\)"),
     (lambda p: init(p, normalize_activations="layer_norm"),
      "normalises its input by 'layer_norm' without its factor in activation_scaler.json"),
@@ -796,25 +794,23 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
     (lambda p: init(p, "--no-center"),
      "--center False does not fit the SAE in .*s, saved with --center True"),
     (lambda p: init(p, d_in=32), "the SAE in .*s reads width 32, but tiny has 64"),
-    (lambda p: ["--eval-only", "--sae",
-                paper_checkpoint(p / "x.pt", ("encoder.0.weight", "pos_embed"))[0]],
+    (lambda p: ev(paper_checkpoint(p / "x.pt", ("encoder.0.weight", "pos_embed"))[0]),
      "x.pt holds blocks-3-hook_resid_pre.encoder.0.weight, blocks-3-hook_resid_pre.pos_embed…, "
      "not one SAE of the"),
-    (lambda p: ["--eval-only", "--sae", write(p, "y.pt", "not a checkpoint")],
-     "y.pt is not a checkpoint of the paper's"),
+    (lambda p: ev(write(p, "y.pt", "not a checkpoint")), "y.pt is not a checkpoint of the paper's"),
     (lambda p: ["--compare", sae_dir(p / "a"), sae_dir(p / "b", 32, 8)],
      "the SAEs read different widths \\(64 and 32\\): they cannot be compared"),
     (lambda p: ["--compare", sae_dir(p / "a"), sae_dir(p / "b"), "--device", "cuda:99"],
      "--device cuda:99 is not usable here"),
     # paths that cannot serve: said before any library's progress bar
-    (lambda p: ["--eval-only", "--sae", str(p / "gone"), "--layer", "3"], "gone: no such folder"),
+    (lambda p: ev(str(p / "gone"), "--layer", "3"), "gone: no such folder"),
     (lambda p: ["--init-from", str(p / "gone")], "gone: no such folder"),
-    (lambda p: ["--eval-only", "--sae", sae_file(p / "s", W_dec=(8, 32)), "--layer", "3"],
+    (lambda p: ev(sae_file(p / "s", W_dec=(8, 32)), "--layer", "3"),
      "sae.safetensors: b_enc, W_dec, b_dec have shapes \\[\\(8,\\), \\(8, 32\\), \\(64,\\)\\], "
      "expected \\[\\(8,\\), \\(8, 64\\), \\(64,\\)\\] \\(W_enc's is \\(64, 8\\)\\)$"),
     (lambda p: ["--init-from", sae_file(p / "s", b_enc=(9,))],
      "sae.safetensors: b_enc, W_dec, b_dec have shapes \\[\\(9,\\), "),
-    (lambda p: ["--eval-only", "--sae", not_an_sae(p / "m.pt"), "--layer", "3"],
+    (lambda p: ev(not_an_sae(p / "m.pt"), "--layer", "3"),
      "m.pt is not a checkpoint of the paper's library \\(Weights only load failed\\)$"),
     (lambda p: ["--model", weightless(p), "--layer", "99"],
      "--layer 99 is outside the model's blocks 0 … 2$"),
@@ -835,10 +831,8 @@ def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, monkeypatch, cap
     assert err.startswith("error: "), err
     assert err.count("\n") == 1, err
     assert re.search(message, err), err
-    assert "Traceback" not in err, err
-    assert "usage:" not in err, err
-    assert "weights_only" not in err, err
-    assert "Loading weights" not in err, err
+    for unwanted in ("Traceback", "usage:", "weights_only", "Loading weights"):
+        assert unwanted not in err, f"{unwanted!r} in {err}"
     assert (sorted(os.listdir(out)) if out.exists() else None) == before
 
 def test_offline_and_an_interrupted_start_are_one_line(tmp_path, monkeypatch, capsys):
@@ -1143,15 +1137,19 @@ def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alon
     assert_same_run(alone, out)
     assert not (out / "checkpoint.pt").exists()  # a finished run keeps only its SAE
 
-def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monkeypatch):
+def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monkeypatch, capsys):
+    """Stopped after step 5 of 16 (bf16): contradicting flags, a shorter --n-samples than done, a
+    checkpoint that does not fit are refused and lose nothing; --n-samples 192 says first where it
+    resumes, counts from there with an ETA, ends at step 24 on the schedule of 24 steps."""
     out = tmp_path / "run"
-    e = stopped(monkeypatch, run_args(out, "random", "--dtype", "bf16"), "train_step", 3)
+    e = stopped(monkeypatch, run_args(out, "random", "--dtype", "bf16"), "train_step", 5)
     assert isinstance(e, E.Interrupted), repr(e)
+    saved, _ = (out / "checkpoint.pt").read_bytes(), capsys.readouterr()
     ways = f"--overwrite to replace it, --resume {out} to continue it, or another --out-dir"
     with pytest.raises(E.UserError, match=f"holds an unfinished run .*: pass {re.escape(ways)}$"):
         E.train(E.parse_config(run_args(out)))
-    only = ("; only --n-samples, --eval-every, --log-every, --save-every, --device, --dtype and --compile may "
-            "change when resuming")
+    only = ("; only --n-samples, --eval-every, --log-every, --save-every, --device, --dtype and "
+            "--compile may change when resuming")
     layer_5 = re.escape(f"--layer 5 contradicts the run in {out} (--layer 6){only}")
     for flags, message in [
             (["--layer", "5"], layer_5),
@@ -1171,11 +1169,31 @@ def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monke
                           "--dtype", "fp32"])
     assert (cfg.eval_every, cfg.log_every, cfg.dtype) == (32, 1, "fp32")
     assert E.Config(resume=str(out), model="tiny").out_dir == str(out)  # in Python too
+    code, err = exits(["--resume", str(out), "--n-samples", "32"], capsys)
+    assert code == 2, code
+    assert err == "error: --n-samples 32 is less than the 40 sequences trained on\n", err
+    assert (out / "checkpoint.pt").read_bytes() == saved, "the checkpoint changed"
     state = checkpoint(out)  # a checkpoint whose SAE does not fit the model (width 32, not 64)
     state["sae"]["encoder.weight"] = torch.zeros(256, 32)
     torch.save(state, out / "checkpoint.pt")
     with pytest.raises(E.UserError, match="checkpoint.pt is not a valid checkpoint for this run"):
         E.train(E.parse_config(["--resume", str(out)]))
+    write(out, "checkpoint.pt", saved)
+    E.main(["--resume", str(out), "--n-samples", "192"])
+    printed = capsys.readouterr()
+    first = printed.out.splitlines()[0]
+    log = E.read_log(out / "log.jsonl")
+    lr_at_16 = next(r["train/lr"] for r in log if r["step"] == 16 and "train/lr" in r)
+    # the first line, the bar from step 5 with an ETA, no word of passes over random tokens
+    assert first == (f"resuming the run in {out} at step 5 of 24, on the learning-rate schedule "
+                     "of --n-samples 192"), first
+    assert "| 5/24 [" in printed.err, printed.err[-500:]
+    assert re.search(r"\| (6|7|8|9|1\d|2[0-3])/24 \[\d\d:\d\d<\d\d:\d\d", printed.err), printed.err
+    assert "passes" not in printed.out, printed.out
+    # the run's new length, and the schedule of 24 steps (warm-up 2) at step index 15
+    assert max(r["step"] for r in log) == 24, [r["step"] for r in log]
+    assert read_json(out / "config.json")["n_samples"] == 192
+    assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16
 
 def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     """SIGKILL a fork writing checkpoints in a loop: the file left loads, as a completed step's."""
@@ -1923,33 +1941,6 @@ def test_help_and_flag_errors_come_before_the_heavy_libraries_are_imported(tmp_p
     assert exits_said == ["exit 0", "exit 2", "exit 2"], said
     assert "invalid float value: 'fast'" in done.stderr, done.stderr
     assert "--layer 99 is outside the model's blocks 0 … 2" in done.stderr, done.stderr
-
-def test_a_resumed_run_says_so_first_and_may_take_a_new_length(tmp_path, monkeypatch, capsys):
-    """Stopped after step 5 of 16: a resume with an --n-samples shorter than done is refused, and
-    loses nothing; with --n-samples 192 it says first where it resumes, counts from there with an
-    ETA, and ends at step 24 with the learning-rate schedule of 24 steps."""
-    out = tmp_path / "run"
-    assert isinstance(stopped(monkeypatch, run_args(out), "train_step", 5), E.Interrupted)
-    saved, _ = (out / "checkpoint.pt").read_bytes(), capsys.readouterr()
-    code, err = exits(["--resume", str(out), "--n-samples", "32"], capsys)
-    assert code == 2, code
-    assert err == "error: --n-samples 32 is less than the 40 sequences trained on\n", err
-    assert (out / "checkpoint.pt").read_bytes() == saved, "the checkpoint changed"
-    E.main(["--resume", str(out), "--n-samples", "192"])
-    printed = capsys.readouterr()
-    first = printed.out.splitlines()[0]
-    log = E.read_log(out / "log.jsonl")
-    lr_at_16 = next(r["train/lr"] for r in log if r["step"] == 16 and "train/lr" in r)
-    # the first line, the bar from step 5 with an ETA, no word of passes over random tokens
-    assert first == (f"resuming the run in {out} at step 5 of 24, on the learning-rate schedule "
-                     "of --n-samples 192"), first
-    assert "| 5/24 [" in printed.err, printed.err[-500:]
-    assert re.search(r"\| (6|7|8|9|1\d|2[0-3])/24 \[\d\d:\d\d<\d\d:\d\d", printed.err), printed.err
-    assert "passes" not in printed.out, printed.out
-    # the run's new length, and the schedule of 24 steps (warm-up 2) at step index 15
-    assert max(r["step"] for r in log) == 24, [r["step"] for r in log]
-    assert json.loads((out / "config.json").read_text())["n_samples"] == 192
-    assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16
 
 if __name__ == "__main__":  # python test_e2e_sae.py: the estimates at GPT-2 small's shapes
     print("Peak GPU memory above the weights, the SAE and Adam's moments, GiB (estimated, bf16)")
