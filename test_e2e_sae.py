@@ -37,9 +37,9 @@ def tiny():
     model = E.tiny_gpt2().eval().requires_grad_(False)
     return model, E.decoder_blocks(model)
 
-def identity_sae(d_model: int) -> E.SAE:
+def identity_sae(d_model: int, center=True) -> E.SAE:
     """F = 2D, encoder [I; −I], decoder [I, −I], zero biases: c = (a⁺, a⁻), â = a⁺ − a⁻ = a."""
-    sae, eye = E.SAE(d_model, 2 * d_model), torch.eye(d_model)
+    sae, eye = E.SAE(d_model, 2 * d_model, center=center), torch.eye(d_model)
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.cat([eye, -eye], 0))  # (2D, D)
         sae.decoder.weight.copy_(torch.cat([eye, -eye], 1))  # (D, 2D), columns already unit norm
@@ -204,15 +204,12 @@ def test_losses_equal_hand_computations():
     resid_sae = [randn(2, 3, 4) for _ in range(3)]
     mse, l1, kl = mse_by_hand(a_hat, a), l1_by_hand(c), kl_by_hand(logits_orig, logits_sae)
     downstream = sum(mse_by_hand(s, o) for s, o in zip(resid_sae, resid_orig)) / 3
-    # local
     loss, terms = E.local_loss(a, a_hat, c, phi)
     assert loss.item() == pytest.approx(mse + phi * l1, rel=1e-5), f"local {loss.item()}"
     assert terms["mse"].item() == pytest.approx(mse, rel=1e-5), f"MSE {terms['mse']}, not {mse}"
-    # e2e
     kl_term = E.kl_div(logits_orig, logits_sae)
     loss, _ = E.e2e_loss(kl_term, c, phi)
     assert loss.item() == pytest.approx(kl + phi * l1, rel=1e-5), f"e2e {loss.item()}"
-    # e2e_ds
     loss, terms = E.e2e_ds_loss(kl_term, c, resid_orig, resid_sae, phi, beta)
     by_hand = 0.5 * kl + phi * l1 + beta * downstream
     assert loss.item() == pytest.approx(by_hand, rel=1e-5), f"e2e_ds {loss.item()}, not {by_hand}"
@@ -281,8 +278,7 @@ def test_evaluate_matches_independent_computations(tiny, center):
     model, blocks = tiny
     L, tokens = 3, tokens_for(model, B=5, T=12, seed=3)
     torch.manual_seed(0)
-    sae = identity_sae(64)
-    sae.center = center
+    sae = identity_sae(64, center)
     basis = (lambda h: h - h.mean(-1, keepdim=True)) if center else (lambda h: h)
     with torch.no_grad():
         sae.decoder.weight.add_(0.03 * torch.randn(64, 128))  # changed, not beyond recognition
@@ -484,9 +480,13 @@ def test_bf16_autocast_keeps_logits_and_the_residual_stream_fp32(tiny):
 def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, monkeypatch, capsys,
                                                                      other_models):
     """Models load frozen, in eval mode, with SDPA; the hook sees Llama's hidden_states[L]; a Llama
-    run trains in the raw stream (RMSNorm); GPT-2 and NeoX read the centred one; fp32 is no TF32."""
+    run trains in the raw stream (RMSNorm); GPT-2 and NeoX read the centred one; fp32 is no TF32.
+    A GPT-2 saved with gelu_new (as the hub's is) runs torch's fused tanh GELU, the same formula."""
     assert E.load_model("tiny", torch.device("cpu"))[0].config._attn_implementation == "sdpa"
-    saved = {"gpt2": E.tiny_gpt2(), "llama": other_models["llama"], "neox": other_models["neox"]}
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512,
+                                      initializer_range=0.2, activation_function="gelu_new"))
+    saved = {"gpt2": gpt2.eval(), "llama": other_models["llama"], "neox": other_models["neox"]}
     for name, m in saved.items():
         m.save_pretrained(tmp_path / name)
     for name in ("gpt2", "llama"):
@@ -495,8 +495,15 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
         assert tokenizer is None, tokenizer
         assert not model.training, f"{name} in training mode"
         assert not any(p.requires_grad for p in model.parameters()), f"{name} is not frozen"
-    blocks, tokens, sae = E.decoder_blocks(model), tokens_for(model), identity_sae(32)
-    sae.center = False  # as setup() sets it for an RMSNorm model
+        if name == "gpt2":
+            act, tokens = model.transformer.h[0].mlp.act, tokens_for(model, T=64)
+            assert isinstance(act, torch.nn.GELU), act
+            assert act.approximate == "tanh", act.approximate
+            with torch.no_grad():
+                difference = (model(tokens).logits - gpt2(tokens).logits).abs().max().item()
+            assert difference < 1e-4, f"largest logit difference {difference}"
+    # the raw stream, as setup() decides for an RMSNorm model
+    blocks, tokens, sae = E.decoder_blocks(model), tokens_for(model), identity_sae(32, False)
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states
         with E.splice_sae(blocks[2], sae) as seen:
@@ -1796,16 +1803,17 @@ def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
 # From a notebook, and on a GPU: the SAE's basis travels with it, evaluation reads no process
 # state, logits are read in chunks, GPT-2's GELU is fused, a GPU's checkpoint resumes on a CPU
 # =================================================================================================
-@pytest.mark.parametrize("basis", [[], ["--no-center"]], ids=["centred", "raw"])
-def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path, basis):
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
+def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path, alone, center):
     """What a notebook does with a finished run: load_sae(), the tiny model, the run's held-out
     sequences, evaluate() with its defaults. The numbers are the run's metrics.json."""
-    out = tmp_path / "run"
-    E.main(["--model", "tiny", "--n-samples", "16", "--eval-samples", "8", "--eval-every", "0",
-            "--out-dir", str(out), *basis])
-    saved = json.loads((out / "metrics.json").read_text())
+    out = alone if center else tmp_path / "run"
+    if not center:
+        E.main(["--model", "tiny", "--n-samples", "16", "--eval-samples", "8", "--eval-every", "0",
+                "--out-dir", str(out), "--no-center"])
+    saved = read_json(out / "metrics.json")
     sae, cfg = E.load_sae(out)
-    assert sae.center == (basis == []), f"sae.center {sae.center}"
+    assert sae.center == center, f"sae.center {sae.center}"
     model = E.tiny_gpt2()
     eval_tokens = E.load_data(cfg, None, model.config.vocab_size)[0]
     m = E.evaluate(model, E.decoder_blocks(model), sae, eval_tokens, cfg.layer)
@@ -1830,22 +1838,6 @@ def test_evaluation_reads_logits_in_chunks_with_the_same_metrics(tiny, monkeypat
     assert max(rows for rows, _ in sizes) == 7, sizes
     assert chunked.pop("downstream_mse") == one_chunk.pop("downstream_mse")
     assert chunked == pytest.approx(one_chunk, rel=1e-6, abs=2e-6)  # fp32 sums per chunk
-
-def test_gpt2s_gelu_is_the_fused_tanh_gelu_with_gelu_news_logits(tmp_path):
-    """A GPT-2 saved with gelu_new (as the hub's is) loads with torch's fused tanh GELU, the same
-    formula: the logits agree to rounding."""
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, initializer_range=0.2,
-                        activation_function="gelu_new")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    reference = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
-    model = E.load_model(str(tmp_path / "gpt2"), torch.device("cpu"))[0]
-    assert isinstance(model.transformer.h[0].mlp.act, torch.nn.GELU), model.transformer.h[0].mlp
-    assert model.transformer.h[0].mlp.act.approximate == "tanh"
-    tokens = tokens_for(model, T=64)
-    with torch.no_grad():
-        difference = (model(tokens).logits - reference(tokens).logits).abs().max().item()
-    assert difference < 1e-4, f"largest logit difference {difference}"
 
 # --- A GPU's peak memory, estimated on the CPU: fake tensors allocate nothing -------------------
 class PeakMemory(TorchDispatchMode):
