@@ -301,8 +301,7 @@ def test_evaluate_matches_independent_computations(tiny, center):
     p, q, z = (run.logits.log_softmax(-1) for run in (clean, spliced, zero))
     a = basis(clean.hidden_states[L]).double().numpy().reshape(-1, 64)  # (B·T, D)
     a_hat = a_hat.double().numpy().reshape(-1, 64)
-    kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    kl_zero = (p.exp() * (p - z)).sum(-1).mean().item()
+    kl, kl_zero = ((p.exp() * (p - r)).sum(-1).mean().item() for r in (q, z))  # KL(P_orig ‖ ·)
     ce_orig, ce_sae, ce_zero = clean.loss.item(), spliced.loss.item(), zero.loss.item()  # HF's
     agree = clean.logits.argmax(-1) == spliced.logits.argmax(-1)  # (B, T)
     expected = {"ce_loss_orig": ce_orig, "ce_loss_sae": ce_sae,  # over B·(T−1) predictions
@@ -512,9 +511,9 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
     assert torch.equal(seen.a, hidden[2]), f"a off by {(seen.a - hidden[2]).abs().max()}"
     assert torch.allclose(spliced, logits, atol=1e-5), f"off by {(spliced - logits).abs().max()}"
     for loss in ("local", "e2e_ds"):
-        metrics = E.train(cfg_for(loss, 2, model=str(tmp_path / "llama"), n_samples=16,
-                                  batch_size=2, grad_accum=2, n_ctx=16, eval_samples=4,
-                                  dict_ratio=2, out_dir=str(tmp_path / loss)))
+        metrics = E.train(cfg_for(loss, 2, model=str(tmp_path / "llama"), n_samples=16, n_ctx=16,
+                                  batch_size=2, grad_accum=2, eval_samples=4, dict_ratio=2,
+                                  out_dir=str(tmp_path / loss)))
         config = check_output_folder(tmp_path / loss, loss, 4, 2)[1]
         assert set(metrics) == METRIC_KEYS, sorted(metrics)
         assert set(metrics["downstream_mse"]) == {3}, metrics["downstream_mse"]
@@ -694,11 +693,6 @@ def sae_file(folder: Path, **shapes) -> str:
     tensors = {k: torch.zeros(shapes.get(k, shape)) for k, shape in layout.items()}
     save_file(tensors, write(folder, "sae.safetensors", b""))
     return str(folder)
-def not_an_sae(path: Path) -> str:
-    """A .pt that holds a pickled module: loading it would run code, and weights_only refuses it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(torch.nn.Linear(2, 2), path)
-    return str(path)
 GPT2_3_BLOCKS = '{"model_type": "gpt2", "n_layer": 3}'
 weightless = lambda p: str(Path(write(p, "m/config.json", GPT2_3_BLOCKS)).parent)  # no weights
 
@@ -817,7 +811,8 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
      "expected \\[\\(8,\\), \\(8, 64\\), \\(64,\\)\\] \\(W_enc's is \\(64, 8\\)\\)$"),
     (lambda p: ["--init-from", sae_file(p / "s", b_enc=(9,))],
      "sae.safetensors: b_enc, W_dec, b_dec have shapes \\[\\(9,\\), "),
-    (lambda p: ev(not_an_sae(p / "m.pt"), "--layer", "3"),
+    # a .pt holding a pickled module: loading it would run code, and weights_only refuses it
+    (lambda p: torch.save(torch.nn.Linear(2, 2), p / "m.pt") or ev(str(p / "m.pt"), "--layer", "3"),
      "m.pt is not a checkpoint of the paper's library \\(Weights only load failed\\)$"),
     (lambda p: ["--model", weightless(p), "--layer", "99"],
      "--layer 99 is outside the model's blocks 0 … 2$"),
@@ -1433,18 +1428,14 @@ def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny,
             m.setattr(E, name, value)
         under_torchrun = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
     assert under_torchrun == one, (under_torchrun, one)
-
     class Collected(Exception):
         pass
-
     def collect(process_sums):  # first pass: every process's own sums, then stop
         sums.append([t.clone() for t in process_sums])
         raise Collected
-
     def add_up(process_sums):  # what the collective gives every process: the sums of all
         for i, t in enumerate(process_sums):
             t.copy_(sum(s[i] for s in sums))
-
     for share in tokens.tensor_split(n):
         with pytest.raises(Collected):
             E.evaluate(*tiny, sae, share, layer=4, batch_size=2, all_reduce=collect)
@@ -1596,9 +1587,7 @@ def test_inspect_finds_a_planted_feature(tmp_path, capsys):
     assert d["dead"] == 7, d
     assert sum(d["counts"]) == 1, d
     assert "7 dead" in printed, printed
-    edges = d["log10_freq_edges"]
-    bin_ = next(i for i, (lo, hi) in enumerate(zip(edges, edges[1:]))
-                if lo <= math.log10(planted["frequency"]) < hi)
+    bin_ = sum(edge <= math.log10(planted["frequency"]) for edge in d["log10_freq_edges"]) - 1
     assert d["counts"][bin_] == 1, d
     # More sequences asked for than a dataset holds: what there is, and a note.
     E.main([*argv, "--dataset", write_sources(tmp_path, tokens[:5].tolist())[0], "--features", "0"])
@@ -1610,9 +1599,8 @@ def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
     """Each element's top contexts, batch by batch, against sorting all maxima at once."""
     torch.manual_seed(1)
     sae, _ = E.load_sae(sae_dir(tmp_path / "sae", 64, 16))
-    E.main(["--inspect", "--sae", str(tmp_path / "sae"), "--model", "tiny", "--layer", "3",
-            "--n-ctx", "24", "--inspect-samples", "10", "--batch-size", "3", "--top-features", "16",
-            "--device", "cpu"])
+    E.main(["--inspect", "--sae", str(tmp_path / "sae"), *"--model tiny --layer 3 --n-ctx 24 "
+            "--inspect-samples 10 --batch-size 3 --top-features 16 --device cpu".split()])
     result = read_json(tmp_path / "sae" / "inspect.json")
     tokens = E.load_data(cfg_for(n_ctx=24, eval_samples=10), None, 512)[0]
     with torch.no_grad():
@@ -1827,12 +1815,10 @@ def test_evaluation_reads_logits_in_chunks_with_the_same_metrics(tiny, monkeypat
     sae, tokens = E.SAE(64, 128), tokens_for(tiny[0])
     one_chunk = E.evaluate(*tiny, sae, tokens, layer=4)
     sizes, chunks = [], E.log_softmax_chunks
-
     def seven_rows(head, hs, chunk_rows=None):
         for rows, log_ps in chunks(head, hs, 7):
             sizes.append(log_ps[0].shape)
             yield rows, log_ps
-
     monkeypatch.setattr(E, "log_softmax_chunks", seven_rows)
     chunked = E.evaluate(*tiny, sae, tokens, layer=4)
     assert max(rows for rows, _ in sizes) == 7, sizes
