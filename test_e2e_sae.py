@@ -934,8 +934,7 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
     assert cfg.out_dir == str(tmp_path / "bare"), cfg.out_dir
     assert abs(m["kl"]) < 1e-6, f"KL {m['kl']}"
     assert read_json(tmp_path / "bare" / "eval.json") == json.loads(json.dumps(m))
-    old = json.dumps({"model": "tiny", "layer": 3})  # written before `center` existed
-    write(tmp_path, "bare/config.json", old)
+    write(tmp_path, "bare/config.json", '{"model": "tiny", "layer": 3}')  # before `center` was
     assert not E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare")]).center
 
 # --- Runs in subprocesses: `python e2e_sae.py` itself, a real SIGTERM, torchrun
@@ -1035,8 +1034,7 @@ def test_saved_sae_reproduces_the_module_and_is_what_saelens_reads(tmp_path):
     assert all(torch.equal(t[k], w[k]) for k in t)
     norms = t["W_dec"].norm(dim=1)
     assert torch.allclose(norms, torch.ones(48), atol=1e-6), f"W_dec's row norms {norms}"
-    sae_weights = tmp_path / "sae_weights.safetensors"
-    assert sae_weights.samefile(tmp_path / "sae.safetensors")  # a hard link: on disk once
+    assert (tmp_path / "sae_weights.safetensors").samefile(tmp_path / "sae.safetensors")  # a link
     cfg = read_json(tmp_path / "cfg.json")
     standard = {"architecture": "standard", "d_in": 16, "d_sae": 48, "dtype": "float32",
                 "apply_b_dec_to_input": False, "device": "cpu", "normalize_activations": "none",
@@ -1284,8 +1282,7 @@ def saelens_dir(folder: Path, d_in=64, layer=3, flat=False, scale=None, kwargs=N
             "model_from_pretrained_kwargs": kwargs}
     run = {"d_in": d_in, "d_sae": 32, "dtype": "float32", "apply_b_dec_to_input": True,
            "normalize_activations": "expected_average_only_in" if scale else "none"}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(t, str(folder / "sae_weights.safetensors"))
+    save_file(t, write(folder, "sae_weights.safetensors", b""))
     v6 = {**run, "architecture": "standard", "metadata": {**meta, "sae_lens_version": "6.5.0"}}
     write(folder, "cfg.json", json.dumps({**run, **meta, **cfg} if flat else {**v6, **cfg}))
     scale and write(folder, "activation_scaler.json", json.dumps({"scaling_factor": scale}))
@@ -1305,8 +1302,8 @@ def paper_checkpoint(path: Path, keys=("encoder.0.weight", "encoder.0.bias", "de
     randn = lambda *shape: torch.randn(*shape, generator=g)
     w = {"encoder.0.weight": 0.3 * randn(32, 64), "encoder.0.bias": 0.3 * randn(32),
          "decoder.weight": 2 * randn(64, 32), "decoder.bias": randn(64)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({f"blocks-3-hook_resid_pre.{k}": w.get(k, torch.ones(1)) for k in keys}, path)
+    keyed = {f"blocks-3-hook_resid_pre.{k}": w.get(k, torch.ones(1)) for k in keys}
+    torch.save(keyed, write(path.parent, path.name, b""))
     def by_hand(a):  # the library's SAE: c = ReLU(W_e a + b_e), â = D_n c + b_d, D_n unit columns
         c = torch.relu(a @ w["encoder.0.weight"].T + w["encoder.0.bias"])
         return c @ F.normalize(w["decoder.weight"], dim=0).T + w["decoder.bias"], c
@@ -1326,8 +1323,7 @@ def test_saes_of_other_tools_are_read_exactly_and_evaluated_where_they_say(tmp_p
     assert torch.allclose(a_hat, expected, atol=1e-5), f"off by {(a_hat - expected).abs().max()}"
     assert torch.equal(c > 0, f > 0), "other elements fire"
     assert 0 < (f > 0).sum() < f.numel(), f"{(f > 0).sum()} of {f.numel()} fire"
-    args = ["--eval-only", "--sae", path, "--model", "tiny", "--n-ctx", "16", "--eval-samples", "4",
-            "--device", "cpu"]
+    args = ev(path, *"--model tiny --n-ctx 16 --eval-samples 4 --device cpu".split())
     cfg = E.parse_config(args[:3] if kind != "paper" else args[:5])
     assert (cfg.model, cfg.layer, cfg.center) == ("tiny", 3, True)
     E.main(args)
@@ -1416,10 +1412,9 @@ def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processe
 
 @pytest.mark.parametrize("n", [2, 3, 7])
 def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny, monkeypatch, n):
-    """n processes simulated (with 7, some shares of the 5 sequences are empty): each evaluates its
-    share, and the sums its all_reduce adds up give one process's metrics. evaluate() reads no
-    process state: WORLD_SIZE=n, RANK=0 in the module (as torchrun's environment sets them) without
-    a process group give the plain result; splitting and adding up is its caller's work."""
+    """n simulated processes (with 7, some of the 5 sequences' shares are empty) each evaluate a
+    share; the sums all_reduce adds up give one process's metrics. evaluate() reads no process
+    state: torchrun's RANK=0, WORLD_SIZE=n without a process group give the plain result."""
     torch.manual_seed(0)
     sae, tokens, sums = E.SAE(64, 128), tokens_for(tiny[0], B=5, T=12), []
     one = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
@@ -1480,9 +1475,8 @@ def test_under_torchrun_nccl_is_told_the_process_gpu(monkeypatch):
 @pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
 def test_compiled_step_matches_eager(monkeypatch, loss):
     """--compile: compiled blocks and SAE, hooked, give the eager loss and gradient (dynamo and
-    AOTAutograd as in a real run, not inductor's C++ code generation; 2 blocks); a training step and
-    evaluations (which record every block's input) run without graph breaks, and an evaluation
-    whose last batch is smaller compiles no new graph."""
+    AOTAutograd, not inductor's C++; 2 blocks); a step and evaluations (recording every block's
+    input) run without graph breaks; an evaluation's smaller last batch compiles no new graph."""
     graphs, aot_eager = [], torch._dynamo.lookup_backend("aot_eager")
     backend = lambda g, x: graphs.append(g) or aot_eager(g, x)
     monkeypatch.setattr(torch, "compile", partial(torch.compile, backend=backend))
