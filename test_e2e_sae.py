@@ -37,9 +37,9 @@ def tiny():
     model = E.tiny_gpt2().eval().requires_grad_(False)
     return model, E.decoder_blocks(model)
 
-def identity_sae(d_model: int) -> E.SAE:
+def identity_sae(d_model: int, center=True) -> E.SAE:
     """F = 2D, encoder [I; −I], decoder [I, −I], zero biases: c = (a⁺, a⁻), â = a⁺ − a⁻ = a."""
-    sae, eye = E.SAE(d_model, 2 * d_model), torch.eye(d_model)
+    sae, eye = E.SAE(d_model, 2 * d_model, center=center), torch.eye(d_model)
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.cat([eye, -eye], 0))  # (2D, D)
         sae.decoder.weight.copy_(torch.cat([eye, -eye], 1))  # (D, 2D), columns already unit norm
@@ -204,15 +204,12 @@ def test_losses_equal_hand_computations():
     resid_sae = [randn(2, 3, 4) for _ in range(3)]
     mse, l1, kl = mse_by_hand(a_hat, a), l1_by_hand(c), kl_by_hand(logits_orig, logits_sae)
     downstream = sum(mse_by_hand(s, o) for s, o in zip(resid_sae, resid_orig)) / 3
-    # local
     loss, terms = E.local_loss(a, a_hat, c, phi)
     assert loss.item() == pytest.approx(mse + phi * l1, rel=1e-5), f"local {loss.item()}"
     assert terms["mse"].item() == pytest.approx(mse, rel=1e-5), f"MSE {terms['mse']}, not {mse}"
-    # e2e
     kl_term = E.kl_div(logits_orig, logits_sae)
     loss, _ = E.e2e_loss(kl_term, c, phi)
     assert loss.item() == pytest.approx(kl + phi * l1, rel=1e-5), f"e2e {loss.item()}"
-    # e2e_ds
     loss, terms = E.e2e_ds_loss(kl_term, c, resid_orig, resid_sae, phi, beta)
     by_hand = 0.5 * kl + phi * l1 + beta * downstream
     assert loss.item() == pytest.approx(by_hand, rel=1e-5), f"e2e_ds {loss.item()}, not {by_hand}"
@@ -281,8 +278,7 @@ def test_evaluate_matches_independent_computations(tiny, center):
     model, blocks = tiny
     L, tokens = 3, tokens_for(model, B=5, T=12, seed=3)
     torch.manual_seed(0)
-    sae = identity_sae(64)
-    sae.center = center
+    sae = identity_sae(64, center)
     basis = (lambda h: h - h.mean(-1, keepdim=True)) if center else (lambda h: h)
     with torch.no_grad():
         sae.decoder.weight.add_(0.03 * torch.randn(64, 128))  # changed, not beyond recognition
@@ -305,8 +301,7 @@ def test_evaluate_matches_independent_computations(tiny, center):
     p, q, z = (run.logits.log_softmax(-1) for run in (clean, spliced, zero))
     a = basis(clean.hidden_states[L]).double().numpy().reshape(-1, 64)  # (B·T, D)
     a_hat = a_hat.double().numpy().reshape(-1, 64)
-    kl = (p.exp() * (p - q)).sum(-1).mean().item()
-    kl_zero = (p.exp() * (p - z)).sum(-1).mean().item()
+    kl, kl_zero = ((p.exp() * (p - r)).sum(-1).mean().item() for r in (q, z))  # KL(P_orig ‖ ·)
     ce_orig, ce_sae, ce_zero = clean.loss.item(), spliced.loss.item(), zero.loss.item()  # HF's
     agree = clean.logits.argmax(-1) == spliced.logits.argmax(-1)  # (B, T)
     expected = {"ce_loss_orig": ce_orig, "ce_loss_sae": ce_sae,  # over B·(T−1) predictions
@@ -484,9 +479,13 @@ def test_bf16_autocast_keeps_logits_and_the_residual_stream_fp32(tiny):
 def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, monkeypatch, capsys,
                                                                      other_models):
     """Models load frozen, in eval mode, with SDPA; the hook sees Llama's hidden_states[L]; a Llama
-    run trains in the raw stream (RMSNorm); GPT-2 and NeoX read the centred one; fp32 is no TF32."""
+    run trains in the raw stream (RMSNorm); GPT-2 and NeoX read the centred one; fp32 is no TF32.
+    A GPT-2 saved with gelu_new (as the hub's is) runs torch's fused tanh GELU, the same formula."""
     assert E.load_model("tiny", torch.device("cpu"))[0].config._attn_implementation == "sdpa"
-    saved = {"gpt2": E.tiny_gpt2(), "llama": other_models["llama"], "neox": other_models["neox"]}
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512,
+                                      initializer_range=0.2, activation_function="gelu_new"))
+    saved = {"gpt2": gpt2.eval(), "llama": other_models["llama"], "neox": other_models["neox"]}
     for name, m in saved.items():
         m.save_pretrained(tmp_path / name)
     for name in ("gpt2", "llama"):
@@ -495,8 +494,15 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
         assert tokenizer is None, tokenizer
         assert not model.training, f"{name} in training mode"
         assert not any(p.requires_grad for p in model.parameters()), f"{name} is not frozen"
-    blocks, tokens, sae = E.decoder_blocks(model), tokens_for(model), identity_sae(32)
-    sae.center = False  # as setup() sets it for an RMSNorm model
+        if name == "gpt2":
+            act, tokens = model.transformer.h[0].mlp.act, tokens_for(model, T=64)
+            assert isinstance(act, torch.nn.GELU), act
+            assert act.approximate == "tanh", act.approximate
+            with torch.no_grad():
+                difference = (model(tokens).logits - gpt2(tokens).logits).abs().max().item()
+            assert difference < 1e-4, f"largest logit difference {difference}"
+    # the raw stream, as setup() decides for an RMSNorm model
+    blocks, tokens, sae = E.decoder_blocks(model), tokens_for(model), identity_sae(32, False)
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states
         with E.splice_sae(blocks[2], sae) as seen:
@@ -505,9 +511,9 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
     assert torch.equal(seen.a, hidden[2]), f"a off by {(seen.a - hidden[2]).abs().max()}"
     assert torch.allclose(spliced, logits, atol=1e-5), f"off by {(spliced - logits).abs().max()}"
     for loss in ("local", "e2e_ds"):
-        metrics = E.train(cfg_for(loss, 2, model=str(tmp_path / "llama"), n_samples=16,
-                                  batch_size=2, grad_accum=2, n_ctx=16, eval_samples=4,
-                                  dict_ratio=2, out_dir=str(tmp_path / loss)))
+        metrics = E.train(cfg_for(loss, 2, model=str(tmp_path / "llama"), n_samples=16, n_ctx=16,
+                                  batch_size=2, grad_accum=2, eval_samples=4, dict_ratio=2,
+                                  out_dir=str(tmp_path / loss)))
         config = check_output_folder(tmp_path / loss, loss, 4, 2)[1]
         assert set(metrics) == METRIC_KEYS, sorted(metrics)
         assert set(metrics["downstream_mse"]) == {3}, metrics["downstream_mse"]
@@ -678,6 +684,8 @@ def bad_checkpoint(p, kind):
 rows = lambda p, *rows: write(p, "rows.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 inspect = lambda p, *a, width=64: ["--inspect", "--sae", sae_dir(p, width, 8), "--layer", "3", *a]
 init = lambda p, *args, **cfg: ["--init-from", saelens_dir(p / "s", **cfg)[0], *args]
+ev = lambda sae, *args: ["--eval-only", "--sae", sae, *args]
+tiny_ds = lambda path: ["--dataset", path, "--n-ctx", "4", "--eval-samples", "1"]
 
 def sae_file(folder: Path, **shapes) -> str:
     """folder/sae.safetensors of a 64 × 8 SAE's tensors, those named in `shapes` of that shape."""
@@ -685,11 +693,6 @@ def sae_file(folder: Path, **shapes) -> str:
     tensors = {k: torch.zeros(shapes.get(k, shape)) for k, shape in layout.items()}
     save_file(tensors, write(folder, "sae.safetensors", b""))
     return str(folder)
-def not_an_sae(path: Path) -> str:
-    """A .pt that holds a pickled module: loading it would run code, and weights_only refuses it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(torch.nn.Linear(2, 2), path)
-    return str(path)
 GPT2_3_BLOCKS = '{"model_type": "gpt2", "n_layer": 3}'
 weightless = lambda p: str(Path(write(p, "m/config.json", GPT2_3_BLOCKS)).parent)  # no weights
 
@@ -745,23 +748,20 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
      "an 'input_ids' or a 'text' column; these have \\['tokens'\\]"),
     (lambda p: ["--dataset", write_sources(p, [[1, 2, 3]] * 4)[2], "--n-ctx", "16"],
      "holds only 0 sequences of 16 tokens, fewer than --eval-samples 32"),
-    (lambda p: ["--dataset", write_sources(p, [[600] * 4])[0], "--n-ctx", "4",
-                "--eval-samples", "1"],
+    (lambda p: tiny_ds(write_sources(p, [[600] * 4])[0]),
      "the dataset has token id 600, beyond the model's vocabulary of 512"),
     # training rows are checked too, not only the evaluation set
-    (lambda p: ["--dataset", rows(p, {"input_ids": [1] * 4}, {"input_ids": [600] * 4}),
-                "--n-ctx", "4", "--eval-samples", "1"], "token id 600"),
+    (lambda p: tiny_ds(rows(p, {"input_ids": [1] * 4}, {"input_ids": [600] * 4})), "token id 600"),
     (lambda p: write(p, "out/config.json", "{}") and [  # an earlier run stays as it was
         "--dataset", write_sources(p, [[1] * 4] * 2)[0], "--n-ctx", "4", "--eval-samples", "2",
         "--overwrite"], "has no sequences left for training after the 2 evaluation sequences"),
     # saved SAEs and runs
     (["--eval-only"], "--eval-only and --inspect need --sae DIR"),
-    (lambda p: ["--eval-only", "--sae", str(p), "--layer", "3"], "holds no sae.safetensors"),
-    (lambda p: ["--eval-only", "--sae", str(Path(write(p, "sae.safetensors", "garbage")).parent),
-                "--layer", "3"], "sae.safetensors is not a valid SAE file"),
-    (lambda p: ["--eval-only", "--sae", sae_dir(p)],
-     "has no config.json: pass --model and --layer"),
-    (lambda p: ["--eval-only", "--sae", sae_dir(p, config="{broken")], NOT_READABLE),
+    (lambda p: ev(str(p), "--layer", "3"), "holds no sae.safetensors"),
+    (lambda p: ev(str(Path(write(p, "sae.safetensors", "garbage")).parent), "--layer", "3"),
+     "sae.safetensors is not a valid SAE file"),
+    (lambda p: ev(sae_dir(p)), "has no config.json: pass --model and --layer"),
+    (lambda p: ev(sae_dir(p, config="{broken")), NOT_READABLE),
     (lambda p: ["--compare", sae_dir(p, config="[1, 2]"), str(p)], NOT_READABLE),
     (lambda p: ["--resume", str(p)], "holds no checkpoint.pt to resume from"),
     (lambda p: ["--resume", bad_checkpoint(p, "cut")], NOT_VALID),
@@ -778,8 +778,7 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
     (lambda p: ["--compare", sae_dir(p), str(p / "nowhere")], "nowhere: no such folder"),
     (lambda p: init(p, architecture="topk"),
      "holds a SAELens topk SAE \\(relu\\), which this file's SAE cannot represent"),
-    (lambda p: ["--eval-only", "--sae", saelens_dir(p / "s", flat=True,
-                                                    activation_fn_str="topk")[0]],
+    (lambda p: ev(saelens_dir(p / "s", flat=True, activation_fn_str="topk")[0]),
      "holds a SAELens standard SAE \\(topk\\)"),
     (lambda p: init(p, normalize_activations="layer_norm"),
      "normalises its input by 'layer_norm' without its factor in activation_scaler.json"),
@@ -796,25 +795,24 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
     (lambda p: init(p, "--no-center"),
      "--center False does not fit the SAE in .*s, saved with --center True"),
     (lambda p: init(p, d_in=32), "the SAE in .*s reads width 32, but tiny has 64"),
-    (lambda p: ["--eval-only", "--sae",
-                paper_checkpoint(p / "x.pt", ("encoder.0.weight", "pos_embed"))[0]],
+    (lambda p: ev(paper_checkpoint(p / "x.pt", ("encoder.0.weight", "pos_embed"))[0]),
      "x.pt holds blocks-3-hook_resid_pre.encoder.0.weight, blocks-3-hook_resid_pre.pos_embed…, "
      "not one SAE of the"),
-    (lambda p: ["--eval-only", "--sae", write(p, "y.pt", "not a checkpoint")],
-     "y.pt is not a checkpoint of the paper's"),
+    (lambda p: ev(write(p, "y.pt", "not a checkpoint")), "y.pt is not a checkpoint of the paper's"),
     (lambda p: ["--compare", sae_dir(p / "a"), sae_dir(p / "b", 32, 8)],
      "the SAEs read different widths \\(64 and 32\\): they cannot be compared"),
     (lambda p: ["--compare", sae_dir(p / "a"), sae_dir(p / "b"), "--device", "cuda:99"],
      "--device cuda:99 is not usable here"),
     # paths that cannot serve: said before any library's progress bar
-    (lambda p: ["--eval-only", "--sae", str(p / "gone"), "--layer", "3"], "gone: no such folder"),
+    (lambda p: ev(str(p / "gone"), "--layer", "3"), "gone: no such folder"),
     (lambda p: ["--init-from", str(p / "gone")], "gone: no such folder"),
-    (lambda p: ["--eval-only", "--sae", sae_file(p / "s", W_dec=(8, 32)), "--layer", "3"],
+    (lambda p: ev(sae_file(p / "s", W_dec=(8, 32)), "--layer", "3"),
      "sae.safetensors: b_enc, W_dec, b_dec have shapes \\[\\(8,\\), \\(8, 32\\), \\(64,\\)\\], "
      "expected \\[\\(8,\\), \\(8, 64\\), \\(64,\\)\\] \\(W_enc's is \\(64, 8\\)\\)$"),
     (lambda p: ["--init-from", sae_file(p / "s", b_enc=(9,))],
      "sae.safetensors: b_enc, W_dec, b_dec have shapes \\[\\(9,\\), "),
-    (lambda p: ["--eval-only", "--sae", not_an_sae(p / "m.pt"), "--layer", "3"],
+    # a .pt holding a pickled module: loading it would run code, and weights_only refuses it
+    (lambda p: torch.save(torch.nn.Linear(2, 2), p / "m.pt") or ev(str(p / "m.pt"), "--layer", "3"),
      "m.pt is not a checkpoint of the paper's library \\(Weights only load failed\\)$"),
     (lambda p: ["--model", weightless(p), "--layer", "99"],
      "--layer 99 is outside the model's blocks 0 … 2$"),
@@ -835,10 +833,8 @@ def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, monkeypatch, cap
     assert err.startswith("error: "), err
     assert err.count("\n") == 1, err
     assert re.search(message, err), err
-    assert "Traceback" not in err, err
-    assert "usage:" not in err, err
-    assert "weights_only" not in err, err
-    assert "Loading weights" not in err, err
+    for unwanted in ("Traceback", "usage:", "weights_only", "Loading weights"):
+        assert unwanted not in err, f"{unwanted!r} in {err}"
     assert (sorted(os.listdir(out)) if out.exists() else None) == before
 
 def test_offline_and_an_interrupted_start_are_one_line(tmp_path, monkeypatch, capsys):
@@ -938,8 +934,7 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
     assert cfg.out_dir == str(tmp_path / "bare"), cfg.out_dir
     assert abs(m["kl"]) < 1e-6, f"KL {m['kl']}"
     assert read_json(tmp_path / "bare" / "eval.json") == json.loads(json.dumps(m))
-    old = json.dumps({"model": "tiny", "layer": 3})  # written before `center` existed
-    write(tmp_path, "bare/config.json", old)
+    write(tmp_path, "bare/config.json", '{"model": "tiny", "layer": 3}')  # before `center` was
     assert not E.parse_config(["--eval-only", "--sae", str(tmp_path / "bare")]).center
 
 # --- Runs in subprocesses: `python e2e_sae.py` itself, a real SIGTERM, torchrun
@@ -1039,8 +1034,7 @@ def test_saved_sae_reproduces_the_module_and_is_what_saelens_reads(tmp_path):
     assert all(torch.equal(t[k], w[k]) for k in t)
     norms = t["W_dec"].norm(dim=1)
     assert torch.allclose(norms, torch.ones(48), atol=1e-6), f"W_dec's row norms {norms}"
-    sae_weights = tmp_path / "sae_weights.safetensors"
-    assert sae_weights.samefile(tmp_path / "sae.safetensors")  # a hard link: on disk once
+    assert (tmp_path / "sae_weights.safetensors").samefile(tmp_path / "sae.safetensors")  # a link
     cfg = read_json(tmp_path / "cfg.json")
     standard = {"architecture": "standard", "d_in": 16, "d_sae": 48, "dtype": "float32",
                 "apply_b_dec_to_input": False, "device": "cpu", "normalize_activations": "none",
@@ -1143,15 +1137,19 @@ def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alon
     assert_same_run(alone, out)
     assert not (out / "checkpoint.pt").exists()  # a finished run keeps only its SAE
 
-def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monkeypatch):
+def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monkeypatch, capsys):
+    """Stopped after step 5 of 16 (bf16): contradicting flags, a shorter --n-samples than done, a
+    checkpoint that does not fit are refused and lose nothing; --n-samples 192 says first where it
+    resumes, counts from there with an ETA, ends at step 24 on the schedule of 24 steps."""
     out = tmp_path / "run"
-    e = stopped(monkeypatch, run_args(out, "random", "--dtype", "bf16"), "train_step", 3)
+    e = stopped(monkeypatch, run_args(out, "random", "--dtype", "bf16"), "train_step", 5)
     assert isinstance(e, E.Interrupted), repr(e)
+    saved, _ = (out / "checkpoint.pt").read_bytes(), capsys.readouterr()
     ways = f"--overwrite to replace it, --resume {out} to continue it, or another --out-dir"
     with pytest.raises(E.UserError, match=f"holds an unfinished run .*: pass {re.escape(ways)}$"):
         E.train(E.parse_config(run_args(out)))
-    only = ("; only --n-samples, --eval-every, --log-every, --save-every, --device, --dtype and --compile may "
-            "change when resuming")
+    only = ("; only --n-samples, --eval-every, --log-every, --save-every, --device, --dtype and "
+            "--compile may change when resuming")
     layer_5 = re.escape(f"--layer 5 contradicts the run in {out} (--layer 6){only}")
     for flags, message in [
             (["--layer", "5"], layer_5),
@@ -1171,11 +1169,31 @@ def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monke
                           "--dtype", "fp32"])
     assert (cfg.eval_every, cfg.log_every, cfg.dtype) == (32, 1, "fp32")
     assert E.Config(resume=str(out), model="tiny").out_dir == str(out)  # in Python too
+    code, err = exits(["--resume", str(out), "--n-samples", "32"], capsys)
+    assert code == 2, code
+    assert err == "error: --n-samples 32 is less than the 40 sequences trained on\n", err
+    assert (out / "checkpoint.pt").read_bytes() == saved, "the checkpoint changed"
     state = checkpoint(out)  # a checkpoint whose SAE does not fit the model (width 32, not 64)
     state["sae"]["encoder.weight"] = torch.zeros(256, 32)
     torch.save(state, out / "checkpoint.pt")
     with pytest.raises(E.UserError, match="checkpoint.pt is not a valid checkpoint for this run"):
         E.train(E.parse_config(["--resume", str(out)]))
+    write(out, "checkpoint.pt", saved)
+    E.main(["--resume", str(out), "--n-samples", "192"])
+    printed = capsys.readouterr()
+    first = printed.out.splitlines()[0]
+    log = E.read_log(out / "log.jsonl")
+    lr_at_16 = next(r["train/lr"] for r in log if r["step"] == 16 and "train/lr" in r)
+    # the first line, the bar from step 5 with an ETA, no word of passes over random tokens
+    assert first == (f"resuming the run in {out} at step 5 of 24, on the learning-rate schedule "
+                     "of --n-samples 192"), first
+    assert "| 5/24 [" in printed.err, printed.err[-500:]
+    assert re.search(r"\| (6|7|8|9|1\d|2[0-3])/24 \[\d\d:\d\d<\d\d:\d\d", printed.err), printed.err
+    assert "passes" not in printed.out, printed.out
+    # the run's new length, and the schedule of 24 steps (warm-up 2) at step index 15
+    assert max(r["step"] for r in log) == 24, [r["step"] for r in log]
+    assert read_json(out / "config.json")["n_samples"] == 192
+    assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16
 
 def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     """SIGKILL a fork writing checkpoints in a loop: the file left loads, as a completed step's."""
@@ -1264,8 +1282,7 @@ def saelens_dir(folder: Path, d_in=64, layer=3, flat=False, scale=None, kwargs=N
             "model_from_pretrained_kwargs": kwargs}
     run = {"d_in": d_in, "d_sae": 32, "dtype": "float32", "apply_b_dec_to_input": True,
            "normalize_activations": "expected_average_only_in" if scale else "none"}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(t, str(folder / "sae_weights.safetensors"))
+    save_file(t, write(folder, "sae_weights.safetensors", b""))
     v6 = {**run, "architecture": "standard", "metadata": {**meta, "sae_lens_version": "6.5.0"}}
     write(folder, "cfg.json", json.dumps({**run, **meta, **cfg} if flat else {**v6, **cfg}))
     scale and write(folder, "activation_scaler.json", json.dumps({"scaling_factor": scale}))
@@ -1285,8 +1302,8 @@ def paper_checkpoint(path: Path, keys=("encoder.0.weight", "encoder.0.bias", "de
     randn = lambda *shape: torch.randn(*shape, generator=g)
     w = {"encoder.0.weight": 0.3 * randn(32, 64), "encoder.0.bias": 0.3 * randn(32),
          "decoder.weight": 2 * randn(64, 32), "decoder.bias": randn(64)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({f"blocks-3-hook_resid_pre.{k}": w.get(k, torch.ones(1)) for k in keys}, path)
+    keyed = {f"blocks-3-hook_resid_pre.{k}": w.get(k, torch.ones(1)) for k in keys}
+    torch.save(keyed, write(path.parent, path.name, b""))
     def by_hand(a):  # the library's SAE: c = ReLU(W_e a + b_e), â = D_n c + b_d, D_n unit columns
         c = torch.relu(a @ w["encoder.0.weight"].T + w["encoder.0.bias"])
         return c @ F.normalize(w["decoder.weight"], dim=0).T + w["decoder.bias"], c
@@ -1306,8 +1323,7 @@ def test_saes_of_other_tools_are_read_exactly_and_evaluated_where_they_say(tmp_p
     assert torch.allclose(a_hat, expected, atol=1e-5), f"off by {(a_hat - expected).abs().max()}"
     assert torch.equal(c > 0, f > 0), "other elements fire"
     assert 0 < (f > 0).sum() < f.numel(), f"{(f > 0).sum()} of {f.numel()} fire"
-    args = ["--eval-only", "--sae", path, "--model", "tiny", "--n-ctx", "16", "--eval-samples", "4",
-            "--device", "cpu"]
+    args = ev(path, *"--model tiny --n-ctx 16 --eval-samples 4 --device cpu".split())
     cfg = E.parse_config(args[:3] if kind != "paper" else args[:5])
     assert (cfg.model, cfg.layer, cfg.center) == ("tiny", 3, True)
     E.main(args)
@@ -1396,10 +1412,9 @@ def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processe
 
 @pytest.mark.parametrize("n", [2, 3, 7])
 def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny, monkeypatch, n):
-    """n processes simulated (with 7, some shares of the 5 sequences are empty): each evaluates its
-    share, and the sums its all_reduce adds up give one process's metrics. evaluate() reads no
-    process state: WORLD_SIZE=n, RANK=0 in the module (as torchrun's environment sets them) without
-    a process group give the plain result; splitting and adding up is its caller's work."""
+    """n simulated processes (with 7, some of the 5 sequences' shares are empty) each evaluate a
+    share; the sums all_reduce adds up give one process's metrics. evaluate() reads no process
+    state: torchrun's RANK=0, WORLD_SIZE=n without a process group give the plain result."""
     torch.manual_seed(0)
     sae, tokens, sums = E.SAE(64, 128), tokens_for(tiny[0], B=5, T=12), []
     one = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
@@ -1408,18 +1423,14 @@ def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny,
             m.setattr(E, name, value)
         under_torchrun = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
     assert under_torchrun == one, (under_torchrun, one)
-
     class Collected(Exception):
         pass
-
     def collect(process_sums):  # first pass: every process's own sums, then stop
         sums.append([t.clone() for t in process_sums])
         raise Collected
-
     def add_up(process_sums):  # what the collective gives every process: the sums of all
         for i, t in enumerate(process_sums):
             t.copy_(sum(s[i] for s in sums))
-
     for share in tokens.tensor_split(n):
         with pytest.raises(Collected):
             E.evaluate(*tiny, sae, share, layer=4, batch_size=2, all_reduce=collect)
@@ -1464,9 +1475,8 @@ def test_under_torchrun_nccl_is_told_the_process_gpu(monkeypatch):
 @pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
 def test_compiled_step_matches_eager(monkeypatch, loss):
     """--compile: compiled blocks and SAE, hooked, give the eager loss and gradient (dynamo and
-    AOTAutograd as in a real run, not inductor's C++ code generation; 2 blocks); a training step and
-    evaluations (which record every block's input) run without graph breaks, and an evaluation
-    whose last batch is smaller compiles no new graph."""
+    AOTAutograd, not inductor's C++; 2 blocks); a step and evaluations (recording every block's
+    input) run without graph breaks; an evaluation's smaller last batch compiles no new graph."""
     graphs, aot_eager = [], torch._dynamo.lookup_backend("aot_eager")
     backend = lambda g, x: graphs.append(g) or aot_eager(g, x)
     monkeypatch.setattr(torch, "compile", partial(torch.compile, backend=backend))
@@ -1515,9 +1525,8 @@ def test_benchmark_runs_on_cpu_and_writes_nothing(tmp_path, monkeypatch, capsys)
     E.main(["--benchmark", "--device", "cpu", "--bench-warmup", "0", "--bench-steps", "1",
             "--dict-ratio", "4", "--n-ctx", "32"])
     out = capsys.readouterr().out
-    assert "gpt2-random (D=768, F=3072)" in out, out
-    assert "MFU: n/a" in out, out
-    assert "peak GPU memory: n/a" in out, out
+    for said in ("gpt2-random (D=768, F=3072)", "MFU: n/a", "peak GPU memory: n/a"):
+        assert said in out, f"{said!r} not in {out}"
     for loss in ("local", "e2e_ds"):
         cfg = E.parse_config(["--benchmark", "--device", "cpu", "--model", "tiny", "--loss", loss])
         result = E.benchmark(cfg)
@@ -1571,9 +1580,8 @@ def test_inspect_finds_a_planted_feature(tmp_path, capsys):
     assert d["dead"] == 7, d
     assert sum(d["counts"]) == 1, d
     assert "7 dead" in printed, printed
-    edges = d["log10_freq_edges"]
-    bin_ = next(i for i, (lo, hi) in enumerate(zip(edges, edges[1:]))
-                if lo <= math.log10(planted["frequency"]) < hi)
+    bins = itertools.pairwise(d["log10_freq_edges"])
+    bin_ = next(i for i, (lo, hi) in enumerate(bins) if lo <= math.log10(planted["frequency"]) < hi)
     assert d["counts"][bin_] == 1, d
     # More sequences asked for than a dataset holds: what there is, and a note.
     E.main([*argv, "--dataset", write_sources(tmp_path, tokens[:5].tolist())[0], "--features", "0"])
@@ -1585,9 +1593,8 @@ def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
     """Each element's top contexts, batch by batch, against sorting all maxima at once."""
     torch.manual_seed(1)
     sae, _ = E.load_sae(sae_dir(tmp_path / "sae", 64, 16))
-    E.main(["--inspect", "--sae", str(tmp_path / "sae"), "--model", "tiny", "--layer", "3",
-            "--n-ctx", "24", "--inspect-samples", "10", "--batch-size", "3", "--top-features", "16",
-            "--device", "cpu"])
+    E.main(["--inspect", "--sae", str(tmp_path / "sae"), *"--model tiny --layer 3 --n-ctx 24 "
+            "--inspect-samples 10 --batch-size 3 --top-features 16 --device cpu".split()])
     result = read_json(tmp_path / "sae" / "inspect.json")
     tokens = E.load_data(cfg_for(n_ctx=24, eval_samples=10), None, 512)[0]
     with torch.no_grad():
@@ -1778,16 +1785,17 @@ def test_the_tutorials_cpu_commands_run(tmp_path, monkeypatch, capsys):
 # From a notebook, and on a GPU: the SAE's basis travels with it, evaluation reads no process
 # state, logits are read in chunks, GPT-2's GELU is fused, a GPU's checkpoint resumes on a CPU
 # =================================================================================================
-@pytest.mark.parametrize("basis", [[], ["--no-center"]], ids=["centred", "raw"])
-def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path, basis):
+@pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
+def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path, alone, center):
     """What a notebook does with a finished run: load_sae(), the tiny model, the run's held-out
     sequences, evaluate() with its defaults. The numbers are the run's metrics.json."""
-    out = tmp_path / "run"
-    E.main(["--model", "tiny", "--n-samples", "16", "--eval-samples", "8", "--eval-every", "0",
-            "--out-dir", str(out), *basis])
-    saved = json.loads((out / "metrics.json").read_text())
+    out = alone if center else tmp_path / "run"
+    if not center:
+        E.main(["--model", "tiny", "--n-samples", "16", "--eval-samples", "8", "--eval-every", "0",
+                "--out-dir", str(out), "--no-center"])
+    saved = read_json(out / "metrics.json")
     sae, cfg = E.load_sae(out)
-    assert sae.center == (basis == []), f"sae.center {sae.center}"
+    assert sae.center == center, f"sae.center {sae.center}"
     model = E.tiny_gpt2()
     eval_tokens = E.load_data(cfg, None, model.config.vocab_size)[0]
     m = E.evaluate(model, E.decoder_blocks(model), sae, eval_tokens, cfg.layer)
@@ -1801,33 +1809,15 @@ def test_evaluation_reads_logits_in_chunks_with_the_same_metrics(tiny, monkeypat
     sae, tokens = E.SAE(64, 128), tokens_for(tiny[0])
     one_chunk = E.evaluate(*tiny, sae, tokens, layer=4)
     sizes, chunks = [], E.log_softmax_chunks
-
     def seven_rows(head, hs, chunk_rows=None):
         for rows, log_ps in chunks(head, hs, 7):
             sizes.append(log_ps[0].shape)
             yield rows, log_ps
-
     monkeypatch.setattr(E, "log_softmax_chunks", seven_rows)
     chunked = E.evaluate(*tiny, sae, tokens, layer=4)
     assert max(rows for rows, _ in sizes) == 7, sizes
     assert chunked.pop("downstream_mse") == one_chunk.pop("downstream_mse")
     assert chunked == pytest.approx(one_chunk, rel=1e-6, abs=2e-6)  # fp32 sums per chunk
-
-def test_gpt2s_gelu_is_the_fused_tanh_gelu_with_gelu_news_logits(tmp_path):
-    """A GPT-2 saved with gelu_new (as the hub's is) loads with torch's fused tanh GELU, the same
-    formula: the logits agree to rounding."""
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512, initializer_range=0.2,
-                        activation_function="gelu_new")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    reference = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
-    model = E.load_model(str(tmp_path / "gpt2"), torch.device("cpu"))[0]
-    assert isinstance(model.transformer.h[0].mlp.act, torch.nn.GELU), model.transformer.h[0].mlp
-    assert model.transformer.h[0].mlp.act.approximate == "tanh"
-    tokens = tokens_for(model, T=64)
-    with torch.no_grad():
-        difference = (model(tokens).logits - reference(tokens).logits).abs().max().item()
-    assert difference < 1e-4, f"largest logit difference {difference}"
 
 # --- A GPU's peak memory, estimated on the CPU: fake tensors allocate nothing -------------------
 class PeakMemory(TorchDispatchMode):
@@ -1923,33 +1913,6 @@ def test_help_and_flag_errors_come_before_the_heavy_libraries_are_imported(tmp_p
     assert exits_said == ["exit 0", "exit 2", "exit 2"], said
     assert "invalid float value: 'fast'" in done.stderr, done.stderr
     assert "--layer 99 is outside the model's blocks 0 … 2" in done.stderr, done.stderr
-
-def test_a_resumed_run_says_so_first_and_may_take_a_new_length(tmp_path, monkeypatch, capsys):
-    """Stopped after step 5 of 16: a resume with an --n-samples shorter than done is refused, and
-    loses nothing; with --n-samples 192 it says first where it resumes, counts from there with an
-    ETA, and ends at step 24 with the learning-rate schedule of 24 steps."""
-    out = tmp_path / "run"
-    assert isinstance(stopped(monkeypatch, run_args(out), "train_step", 5), E.Interrupted)
-    saved, _ = (out / "checkpoint.pt").read_bytes(), capsys.readouterr()
-    code, err = exits(["--resume", str(out), "--n-samples", "32"], capsys)
-    assert code == 2, code
-    assert err == "error: --n-samples 32 is less than the 40 sequences trained on\n", err
-    assert (out / "checkpoint.pt").read_bytes() == saved, "the checkpoint changed"
-    E.main(["--resume", str(out), "--n-samples", "192"])
-    printed = capsys.readouterr()
-    first = printed.out.splitlines()[0]
-    log = E.read_log(out / "log.jsonl")
-    lr_at_16 = next(r["train/lr"] for r in log if r["step"] == 16 and "train/lr" in r)
-    # the first line, the bar from step 5 with an ETA, no word of passes over random tokens
-    assert first == (f"resuming the run in {out} at step 5 of 24, on the learning-rate schedule "
-                     "of --n-samples 192"), first
-    assert "| 5/24 [" in printed.err, printed.err[-500:]
-    assert re.search(r"\| (6|7|8|9|1\d|2[0-3])/24 \[\d\d:\d\d<\d\d:\d\d", printed.err), printed.err
-    assert "passes" not in printed.out, printed.out
-    # the run's new length, and the schedule of 24 steps (warm-up 2) at step index 15
-    assert max(r["step"] for r in log) == 24, [r["step"] for r in log]
-    assert json.loads((out / "config.json").read_text())["n_samples"] == 192
-    assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16
 
 if __name__ == "__main__":  # python test_e2e_sae.py: the estimates at GPT-2 small's shapes
     print("Peak GPU memory above the weights, the SAE and Adam's moments, GiB (estimated, bf16)")
