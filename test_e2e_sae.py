@@ -81,8 +81,8 @@ def l1_by_hand(c):
 @pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
 def test_identity_dictionary_gives_zero_kl(layer, center):
     """F = 2D, encoder [I; −I], decoder [I, −I], zero biases: c = (a⁺, a⁻), â = a⁺ − a⁻ = a
-    exactly, in either basis. Every loss is its sparsity term alone; evaluation sees KL 0, CE
-    increase 0, downstream MSE 0, and scores of 1."""
+    exactly, in either basis (tutorial exercise 1). Every loss is its sparsity term alone;
+    evaluation sees KL 0, CE increase 0, downstream MSE 0, and scores of 1."""
     model = E.tiny_gpt2().eval().requires_grad_(False)  # 12 blocks, width D = 64, vocabulary 512
     blocks, D = E.decoder_blocks(model), 64
     sae, eye = E.SAE(D, 2 * D, center=center), torch.eye(D)  # center: the basis it reads
