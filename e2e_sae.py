@@ -182,11 +182,10 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
         self.out_dir = self.resume or self.out_dir or f"out/{local.absolute().name}_{self.loss}_layer{self.layer}"
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
-        positive = {"n_samples", "batch_size", "grad_accum", "n_ctx", "lr", "dict_ratio",
-                    "log_every", "shuffle_buffer", "eval_samples", "bench_steps", "top_features",
-                    "inspect_samples"}
+        positive = ("n_samples batch_size grad_accum n_ctx lr dict_ratio log_every shuffle_buffer "
+                    "eval_samples bench_steps top_features inspect_samples").split()
         for name, value in asdict(self).items():
-            flag = "--" + name.replace("_", "-")
+            flag = f"--{name.replace('_', '-')}"
             if type(value) in (int, float):
                 need(math.isfinite(value) and value >= 0,
                      f"{flag} must be a finite number ≥ 0, not {value}")
@@ -626,34 +625,31 @@ def load_model(name, device):
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
-def open_rows(dataset):
+def read_rows(dataset):
     """An iterator over the dataset's rows (dicts), in their stored order; hub datasets stream."""
     path = Path(dataset).expanduser()
-    if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return iter(ds)
-    if path.is_dir():
-        files, builder = sorted(path.rglob("*.txt")), "text"
-        need(files, f"--dataset {dataset}: the folder holds no .txt files and no saved dataset")
-    elif path.is_file():
-        files, builder = [path], FILES.get(path.suffix)
-        need(path.stat().st_size, f"--dataset {dataset} is an empty file")
-        need(builder, f"--dataset {dataset}: unknown file type (use {', '.join(FILES)})")
-    else:
-        need(not looks_like_path(dataset), f"--dataset {dataset}: no such file or folder")
-        need(hub_reachable(), f"cannot stream dataset {dataset!r}: {OFFLINE}")
-        return iter(datasets.load_dataset(dataset, split="train", streaming=True))
-    # A .txt file is one document: the EOS token goes between files, not between lines.
-    documents = {"sample_by": "document"} if builder == "text" else {}
-    return iter(datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                      streaming=True, **documents))
-
-
-def read_rows(dataset):
     with explain(f"cannot read dataset {dataset!r}"):  # datasets and pyarrow raise many kinds
-        yield from open_rows(dataset)
+        if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            yield from ds
+            return
+        if path.is_dir():
+            files, builder = [str(f) for f in sorted(path.rglob("*.txt"))], "text"
+            need(files, f"--dataset {dataset}: the folder holds no .txt files and no saved dataset")
+        elif path.is_file():
+            files, builder = [str(path)], FILES.get(path.suffix)
+            need(path.stat().st_size, f"--dataset {dataset} is an empty file")
+            need(builder, f"--dataset {dataset}: unknown file type (use {', '.join(FILES)})")
+        else:
+            need(not looks_like_path(dataset), f"--dataset {dataset}: no such file or folder")
+            need(hub_reachable(), f"cannot stream dataset {dataset!r}: {OFFLINE}")
+            files, builder = None, dataset  # streamed from the hub
+        # A .txt file is one document: the EOS token goes between files, not between lines.
+        documents = {"sample_by": "document"} if builder == "text" else {}
+        yield from datasets.load_dataset(builder, data_files=files, split="train", streaming=True,
+                                         **documents)
 
 
 def sequences(cfg, tokenizer, vocab_size):
@@ -897,7 +893,7 @@ def atomic_write(path, data):
 
 
 def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write(path, f"{json.dumps(obj, indent=2)}\n")
 
 
 def read_config(folder):
@@ -938,7 +934,7 @@ def open_out_dir(cfg, run_info, step):
         (out / name).unlink(missing_ok=True)  # the last three describe the SAE being replaced
     write_json(out / "config.json", run_info)
     log = read_log(out / "log.jsonl")
-    atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log if r["step"] <= step))
+    atomic_write(out / "log.jsonl", "".join(f"{json.dumps(r)}\n" for r in log if r["step"] <= step))
     return open(out / "log.jsonl", "a")
 
 
@@ -983,11 +979,12 @@ def save_saelens(out, run_info):
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "metadata": meta,
         "normalize_activations": "none", "reshape_activations": "none",
         "sae_lens_version": "6.0.0"})  # some 6.x releases read it here, others in the metadata
-    (out / "sae_weights.safetensors").unlink(missing_ok=True)
+    weights = out / "sae_weights.safetensors"
+    weights.unlink(missing_ok=True)
     try:
-        os.link(out / "sae.safetensors", out / "sae_weights.safetensors")
+        os.link(out / "sae.safetensors", weights)
     except OSError:  # a filesystem without hard links
-        atomic_write(out / "sae_weights.safetensors", (out / "sae.safetensors").read_bytes())
+        atomic_write(weights, (out / "sae.safetensors").read_bytes())
 
 
 # -----------------------------------------------------------------------------
@@ -1078,8 +1075,8 @@ def read_window(run, window, signalled, last_saved):
     sums = [sum(terms[k] for terms in window) / len(window) for k in keys]
     values = all_reduce([torch.stack([*sums, torch.full((), float(signalled), device=run.device)])])
     *means, stop = (v / WORLD_SIZE for v in values[0].tolist())  # all processes' means
-    need(all(map(math.isfinite, means)), f"the loss or its gradient is not finite ("
-         + ", ".join(f"{k} {v:.4g}" for k, v in zip(keys, means)) + f"); nothing after step "
+    need(all(map(math.isfinite, means)), "the loss or its gradient is not finite "
+         f"({', '.join(f'{k} {v:.4g}' for k, v in zip(keys, means))}); nothing after step "
          f"{last_saved} was written, so any checkpoint in --out-dir is intact, but resuming would "
          "repeat the same steps: start again with a lower --lr (and --overwrite)")
     return dict(zip(keys, means)), stop > 0
@@ -1097,8 +1094,8 @@ class StopSignal:
 
     def handler(self, signum, frame):
         if self.signum is None:
-            name = signal.Signals(signum).name
-            print0(f"\n{name}: finishing the step, then writing a checkpoint", file=sys.stderr)
+            print0(f"\n{signal.Signals(signum).name}: finishing the step, then writing a "
+                   "checkpoint", file=sys.stderr)
         self.signum = signum
         if not TORCHRUN:
             self.__exit__()
@@ -1146,11 +1143,10 @@ def train(cfg):
     if state["eval_due"]:  # the run stopped just before this evaluation
         evaluate_and_log(cfg, run, eval_tokens, log_file, start)
     processes = f" | {WORLD_SIZE} processes of {run.batch_size} sequences per micro-batch"
-    beta, basis = f" β={cfg.downstream_coeff:g}" * (cfg.loss == "e2e_ds"), "un" * (not cfg.center)
-    print0(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model} ({basis}centred stream): D="
-           f"{run_info['d_model']} F={run_info['dict_size']} λ={cfg.sparsity_coeff:g}{beta} | "
-           f"{n_steps} steps of {S} × {cfg.n_ctx} tokens | {run.device} {cfg.dtype}"
-           f"{processes * TORCHRUN} → {out}")
+    print0(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model} ({'un' * (not cfg.center)}centred "
+           f"stream): D={run_info['d_model']} F={run_info['dict_size']} λ={cfg.sparsity_coeff:g}"
+           f"{f' β={cfg.downstream_coeff:g}' * (cfg.loss == 'e2e_ds')} | {n_steps} steps of {S} × "
+           f"{cfg.n_ctx} tokens | {run.device} {cfg.dtype}{processes * TORCHRUN} → {out}")
     def next_step():  # this process's share of the next step's sequences
         seqs = torch.stack([next(train_seqs) for _ in range(S)]).view(cfg.grad_accum, -1, cfg.n_ctx)
         seqs = seqs.tensor_split(WORLD_SIZE, 1)[RANK]  # (grad_accum, B / WORLD_SIZE, T)
@@ -1215,7 +1211,7 @@ def train_record(cfg, run, terms, n_steps, seconds):
 def log_line(log_file, cfg, step, record):
     if log_file:  # rank 0's
         record = {"step": step, "samples": step * cfg.samples_per_step, **record}
-        log_file.write(json.dumps(record) + "\n")
+        log_file.write(f"{json.dumps(record)}\n")
         log_file.flush()
 
 
@@ -1321,11 +1317,11 @@ def benchmark(cfg):
         torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - t0
     tokens_per_s = cfg.bench_steps * cfg.samples_per_step * cfg.n_ctx / seconds  # all processes'
-    memory = [f(run.device) / 2**30 if cuda else None
-              for f in (torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved)]
+    memory = torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved
+    allocated, reserved = (f(run.device) / 2**30 if cuda else None for f in memory)  # GiB
     result = {"tokens_per_s": tokens_per_s, "step_s": seconds / cfg.bench_steps,
               "flops_per_token": run.flops, "tflops_per_s": tokens_per_s * run.flops / 1e12,
-              "peak_memory_gib": memory[0], "peak_reserved_gib": memory[1],
+              "peak_memory_gib": allocated, "peak_reserved_gib": reserved,
               "mfu": run.peak and tokens_per_s * run.flops / run.peak}
     print0(f"tokens/s {tokens_per_s:,.0f} | {result['step_s'] * 1e3:.1f} ms per step | "
            f"{run.flops / 1e9:.3f} GFLOP per token (see flops_per_token) → "
@@ -1333,7 +1329,7 @@ def benchmark(cfg):
     print0(f"MFU {result['mfu']:.1%} of {run.peak / 1e12:.0f} TFLOP/s ({WORLD_SIZE} × the bf16 "
            f"peak of {torch.cuda.get_device_name(run.device)})" if run.peak else
            "MFU: n/a (needs a GPU of known bf16 peak, see PEAK_BF16_FLOPS, and --dtype bf16)")
-    print0(f"peak GPU memory {memory[0]:.2f} GiB allocated, {memory[1]:.2f} GiB reserved by "
+    print0(f"peak GPU memory {allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved by "
            f"PyTorch's allocator (timed steps{', rank 0' * TORCHRUN})" if cuda else
            "peak GPU memory: n/a on the CPU")
     return result
@@ -1463,7 +1459,7 @@ def compare(cfg):
         v = values.double().clamp(-1, 1).cpu()  # rounding can take a cosine of 1 just above it
         q = torch.quantile(v, torch.linspace(0, 1, 5, dtype=torch.float64)).tolist()
         counts = torch.histogram(v[v >= 0], torch.tensor(edges).double()).hist.long().tolist()
-        stats = dict(zip(("min", "q1", "median", "q3", "max"), q))
+        stats = dict(zip("min q1 median q3 max".split(), q))
         r = result[name] = {"mean": v.mean().item(), **stats, "below_0": int((v < 0).sum()),
                             "edges": edges, "counts": counts, "values": v.tolist()}  # below 0: apart
         print(f"{name}-SAE max cosine similarity of A's {len(A)} elements with "
@@ -1478,14 +1474,12 @@ def compare(cfg):
 # The command line
 
 # What a saved run's configuration does not pass on: what to do now, and where.
-NOT_INHERITED = {"eval_only", "sae", "benchmark", "resume", "overwrite", "out_dir", "device",
-                 "dtype", "compile", "inspect", "features", "top_features", "inspect_samples",
-                 "compare"}
+NOT_INHERITED = ("eval_only sae benchmark resume overwrite out_dir device dtype compile inspect "
+                 "features top_features inspect_samples compare").split()
 # What may differ from the run's own configuration when resuming (unless given, the run's own).
 # --eval-every, --log-every, --save-every change neither SAE nor data; device, dtype, --compile
 # change the arithmetic (no longer bitwise); --n-samples, the learning-rate schedule from then on.
-RESUMABLE = {"resume", "n_samples", "eval_every", "log_every", "save_every", "device", "dtype",
-             "compile"}
+RESUMABLE = "resume n_samples eval_every log_every save_every device dtype compile".split()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1506,7 +1500,7 @@ def build_parser():
         help = re.search(rf"\n    {f.name}: .*  # (.*)", source)[1]
         help += f" (default: {f.default})" * (f.default is not None)
         # No defaults here: then the flags given are known, and override saved configurations.
-        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=help,
+        parser.add_argument(f"--{f.name.replace('_', '-')}", default=argparse.SUPPRESS, help=help,
                             **how)
     return parser
 
@@ -1533,7 +1527,7 @@ def parse_config(argv=None):
         need((Path(folder) / "checkpoint.pt").exists() or (Path(folder) / "metrics.json").exists(),
              f"{folder} holds no checkpoint.pt to resume from")
         for key, value in given.items():
-            flag, own = "--" + key.replace("_", "-"), saved.get(key)
+            flag, own = f"--{key.replace('_', '-')}", saved.get(key)
             same = value == own or key == "out_dir" and os.path.normpath(value) == own
             need(key in RESUMABLE or same, f"{flag} {value} contradicts the run in {folder} "
                  f"({flag} {own}); only --n-samples, --eval-every, --log-every, --save-every, "
