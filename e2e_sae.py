@@ -227,8 +227,7 @@ class SAE(nn.Module):
     D_n is the decoder weight with every column (dictionary element) scaled to unit L2 norm. The
     normalisation happens inside forward(), so gradients flow through it, and the L1 penalty on c
     cannot be dodged by shrinking c while growing the dictionary. There is no pre-encoder bias.
-    The SAE knows the stream it reads (.center, see in_basis): splice_sae() and evaluate() use it.
-    """
+    The SAE knows the basis it reads (.center, see in_basis): splice_sae() and evaluate() use it."""
 
     def __init__(self, d_model: int, dict_size: int, center: bool = True):
         super().__init__()
@@ -281,14 +280,13 @@ def splice_hook(seen, sae, stop, block, args, kwargs):
 
 @contextmanager
 def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
-    """Within the block, the SAE's â replaces the input a of `block` (see splice_hook): this is how
-    training and evaluation alike put the SAE into the model. It yields the namespace where the
-    hook keeps a, â and c of the latest forward pass, and the SAE's basis. sae is an SAE, its DDP
-    wrapper, or any function a ↦ (â, c). With stop, the pass ends once the SAE has run."""
+    """Within the block, the SAE's â replaces the input a of `block` (splice_hook): so training and
+    evaluation alike put the SAE into the model. Yields the namespace where the hook keeps a, â, c
+    of the latest pass, and the SAE's basis. sae: an SAE, its DDP wrapper, or any function
+    a ↦ (â, c). With stop, the pass ends once the SAE has run."""
     sae_module = getattr(sae, "module", sae)  # DDP keeps the SAE as .module
     seen = SimpleNamespace(center=getattr(sae_module, "center", False))  # a plain function: raw
-    hook = partial(splice_hook, seen, sae, stop)
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = block.register_forward_pre_hook(partial(splice_hook, seen, sae, stop), with_kwargs=True)
     try:
         yield seen
     finally:
@@ -297,10 +295,10 @@ def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
 
 def run_model(model: nn.Module, tokens: torch.Tensor, hidden_states: bool = False):
     """The model on tokens (B, T) without its unembedding: .last_hidden_state (B, T, D), after the
-    final norm, and with hidden_states, .hidden_states[k] (B, T, D), the input of block k < n_layer
-    (in a spliced run, â's from block L on; the last entry is .last_hidden_state), taken by
-    pre-hooks outside the blocks' compiled forward() (HF's output_hidden_states hooks modules
-    inside it: a graph break in each block). None if the splice hook stopped the pass."""
+    final norm; with hidden_states, .hidden_states[k] (B, T, D), the input of block k < n_layer (â's
+    from block L on in a spliced run; the last is .last_hidden_state), by pre-hooks outside the
+    blocks' compiled forward() (HF's output_hidden_states: a graph break per block). None if the
+    splice hook stopped the pass."""
     inputs, blocks = [], decoder_blocks(model) if hidden_states else []  # (B, T, D) each
     record = lambda block, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"])
     handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
@@ -362,8 +360,7 @@ def e2e_loss(kl, c, phi, kappa=1.0):
 
 def e2e_ds_loss(kl, c, resid_orig, resid_sae, phi, beta, kappa=0.5):
     """L_e2e+ds = κ·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)  (κ = 0.5 in the
-    paper); resid_orig, resid_sae: the N residual streams (B, T, D) entering blocks L+1 … n_layer−1.
-    """
+    paper); resid_orig, resid_sae: the N streams (B, T, D) entering blocks L+1 … n_layer−1."""
     loss, terms = e2e_loss(kl, c, phi, kappa)
     terms["downstream"] = sum(mse(s, o) for s, o in zip(resid_sae, resid_orig)) / len(resid_orig)
     return loss + beta * terms["downstream"], terms
@@ -376,10 +373,9 @@ def e2e_ds_loss(kl, c, resid_orig, resid_sae, phi, beta, kappa=0.5):
 
 
 def log_softmax_chunks(head, hs, chunk_rows=None):
-    """log P over the vocabulary of each final hidden state in hs ((B·T, D) each) through the
-    unembedding, chunk_rows positions at a time (by default 2²⁵ logits, 128 MiB in fp32): yields
-    (the positions' slice, [log P (rows, V) of each h]). Training and evaluation both read logits
-    this way, and never make a (B·T, V) tensor."""
+    """log P over the vocabulary of each final hidden state in hs ((B·T, D) each), chunk_rows
+    positions at a time (by default 2²⁵ logits, 128 MiB in fp32): yields (the positions' slice,
+    [log P (rows, V) of each h]). Training and evaluation read logits so: no (B·T, V) tensor."""
     rows = chunk_rows or max(1, 2**25 // len(head.weight))
     for i in range(0, len(hs[0]), rows):
         yield slice(i, i + rows), [F.log_softmax(unembed(head, h[i:i + rows]), -1) for h in hs]
@@ -420,12 +416,11 @@ unembed_kl = UnembedKL.apply  # (h_orig, h_sae, head, chunk_rows or None) → KL
 
 
 def compute_loss(cfg, model, blocks, sae: nn.Module, tokens: torch.Tensor, kl_chunk_rows=None):
-    """One micro-batch of tokens (B, T) → (loss, its terms, c), for cfg's loss, layer and
-    coefficients; sae is the SAE (or its DDP wrapper). The SAE enters block L through splice_sae's
-    hook; for local the forward pass ends there. The e2e losses run the model twice, clean (without
-    gradients) and spliced, and take the KL from the two runs' final hidden states through
-    unembed_kl. Only the SAE gets gradients: the model is frozen, and nothing before block L depends
-    on the SAE."""
+    """One micro-batch of tokens (B, T) → (loss, its terms, c) for cfg's loss, layer, coefficients.
+    sae (the SAE or its DDP wrapper) enters block L through splice_sae; local stops there. The e2e
+    losses run the model clean (without gradients) and spliced, and take the KL of the two runs'
+    final hidden states (unembed_kl). Only the SAE gets gradients: the model is frozen, and nothing
+    before block L depends on the SAE."""
     L, ds = cfg.layer, cfg.loss == "e2e_ds"
     phi = cfg.sparsity_coeff / model.config.hidden_size  # φ = λ / D
     if cfg.loss == "local":
@@ -565,7 +560,7 @@ def random_gpt2(config):
 def tiny_gpt2():
     """GPT-2 small's 12 blocks at width 64, vocabulary 512, weights 10× wider than GPT-2's init: the
     next-token entropy is ≈ 5.0 nats, not ln 512 = 6.2, so the KL has something to preserve."""
-    return random_gpt2(GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=1024,
+    return random_gpt2(GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512,
                                   initializer_range=0.2, bos_token_id=511, eos_token_id=511))
 
 
@@ -1120,7 +1115,7 @@ def train(cfg):
     """Train an SAE as cfg says (or continue the run in cfg.resume), write the output folder, and
     return the final metrics. Under torchrun every process runs this; rank 0 alone writes."""
     out, S = Path(cfg.out_dir), cfg.samples_per_step  # S: sequences per optimiser step
-    n_steps, warmup_steps = cfg.n_samples // S, cfg.warmup_samples // S
+    n_steps = cfg.n_samples // S
     if cfg.resume and (out / "metrics.json").exists() and not (out / "checkpoint.pt").exists():
         print0(f"{out} holds a finished run: nothing to resume")
         return json.loads((out / "metrics.json").read_text())
@@ -1157,8 +1152,8 @@ def train(cfg):
     with StopSignal() as stop, ThreadPoolExecutor(1) as reader:
         batches = reader.submit(next_step)  # the next step's sequences, read while the GPU works
         for step in bar:
-            run.optimizer.param_groups[0]["lr"] = cfg.lr * lr_factor(step, warmup_steps, n_steps,
-                                                                     cfg.lr_min_ratio)
+            run.optimizer.param_groups[0]["lr"] = cfg.lr * lr_factor(
+                step, cfg.warmup_samples // S, n_steps, cfg.lr_min_ratio)
             tokens = batches.result().to(run.device, non_blocking=True)  # from pinned memory
             batches = reader.submit(next_step) if step + 1 < n_steps else None
             window.append(train_step(cfg, run, list(tokens)))
@@ -1202,9 +1197,9 @@ def train_record(cfg, run, terms, n_steps, seconds):
     the learning rate, tokens/s, and on a GPU of known peak the model FLOP utilisation."""
     record = {f"train/{k}": v for k, v in terms.items()}
     record["train/lr"] = run.optimizer.param_groups[0]["lr"]
-    record["tokens_per_s"] = n_steps * cfg.samples_per_step * cfg.n_ctx / seconds
+    record["tokens_per_s"] = tokens_per_s = n_steps * cfg.samples_per_step * cfg.n_ctx / seconds
     if run.peak:  # the FLOPs the method needs per second, over the GPUs' peak
-        record["mfu"] = record["tokens_per_s"] * run.flops / run.peak
+        record["mfu"] = tokens_per_s * run.flops / run.peak
     return record
 
 
@@ -1395,10 +1390,9 @@ def inspect(cfg):
     tokens = {s: seq.tolist() for s, seq in enumerate(first_n()) if s in needed}  # the second pass
     result = {"sae": str(cfg.sae), "n_sequences": n_seqs, "n_tokens": n_seqs * T, "features": [],
               "density": density(fires, n_seqs * T)}
-    short = f"; the dataset has no more than {n_seqs}" * (n_seqs < n)
-    trained = "; beyond --eval-samples they include training data" * (n_seqs > cfg.eval_samples)
     print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}, over the first {n_seqs} sequences "
-          f"({n_seqs * T:,} tokens){short}{trained}")
+          f"({n_seqs * T:,} tokens){f'; the dataset has no more than {n_seqs}' * (n_seqs < n)}"
+          f"{'; beyond --eval-samples they include training data' * (n_seqs > cfg.eval_samples)}")
     for f in chosen:
         contexts = []
         for activation, at in zip(top[:, f].tolist(), top_at[:, f].tolist()):
@@ -1457,7 +1451,7 @@ def compare(cfg):
     pairs += [("within", max_cosine(A, A, True))] if len(A) > 1 else []  # one element: no "within"
     for name, values in pairs:
         v = values.double().clamp(-1, 1).cpu()  # rounding can take a cosine of 1 just above it
-        q = torch.quantile(v, torch.linspace(0, 1, 5, dtype=torch.float64)).tolist()
+        q = torch.quantile(v, torch.linspace(0, 1, 5).double()).tolist()  # quartiles, ends
         counts = torch.histogram(v[v >= 0], torch.tensor(edges).double()).hist.long().tolist()
         stats = dict(zip("min q1 median q3 max".split(), q))
         r = result[name] = {"mean": v.mean().item(), **stats, "below_0": int((v < 0).sum()),
