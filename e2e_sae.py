@@ -494,7 +494,7 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
                                for log_p in (log_p_sae, log_p_zero)])  # sae, zero
             agree += (log_p_orig.argmax(-1) == log_p_sae.argmax(-1)).sum()
         a, a_hat = seen.a.double(), seen.a_hat.double()
-        fires += (seen.c > 0).flatten(0, 1).sum(0)  # (F,): on how many tokens each element fired
+        fires += (seen.c > 0).sum((0, 1))  # (F,): on how many tokens each element fired
         sse += (a - a_hat).pow(2).sum()
         sum_sq_a += a.pow(2).sum()
         sum_a += a.sum((0, 1))  # (D,)
@@ -603,8 +603,8 @@ def load_model(name, device):
     the compute dtype); attention is fused SDPA (no (T, T) matrix in memory); GELUs are fused."""
     model, tokenizer = RANDOM_MODELS[name]() if name in RANDOM_MODELS else None, None
     if model is None:
-        local = Path(name).expanduser().is_dir()  # (Config checked a local folder)
-        offline = not local and not hub_reachable()  # a copy in the HF cache still loads then
+        # Not a folder (Config checked those) and no hub: a copy in the HF cache still loads.
+        offline = not Path(name).expanduser().is_dir() and not hub_reachable()
         why = f"cannot download model {name!r}: {OFFLINE}" if offline else f"cannot load {name!r}"
         with explain(why):
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
@@ -1441,9 +1441,9 @@ def max_cosine(A, B, exclude_self=False, chunk_elements=2**25):
 def compare(cfg):
     """--compare DIR_A DIR_B: each element of A's largest cosine similarity with any of B (cross:
     is it in B too?) and with another of A (within-SAE: how spread out is A?), as the paper does."""
-    a, b = (load_sae(folder)[0] for folder in cfg.compare)
+    A, B = (load_sae(folder)[0].dictionary.T for folder in cfg.compare)  # (F_A, D), (F_B, D)
     device = process_device(cfg)
-    A, B = a.dictionary.T.to(device), b.dictionary.T.to(device)  # (F_A, D), (F_B, D): unit norm
+    A, B = A.to(device), B.to(device)  # rows of unit norm
     need(A.shape[1] == B.shape[1],
          f"the SAEs read different widths ({A.shape[1]} and {B.shape[1]}): they cannot be compared")
     result, edges = dict(zip("ab", cfg.compare)), [i / 20 for i in range(21)]
