@@ -286,7 +286,8 @@ def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
     a ↦ (â, c). With stop, the pass ends once the SAE has run."""
     sae_module = getattr(sae, "module", sae)  # DDP keeps the SAE as .module
     seen = SimpleNamespace(center=getattr(sae_module, "center", False))  # a plain function: raw
-    handle = block.register_forward_pre_hook(partial(splice_hook, seen, sae, stop), with_kwargs=True)
+    hook = partial(splice_hook, seen, sae, stop)
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield seen
     finally:
@@ -911,11 +912,11 @@ def check_out_dir(cfg):
     """Refuse to start a run over another one (finished or not), unless --overwrite says so."""
     out = Path(cfg.out_dir)
     found = [name for name in RUN_FILES if (out / name).exists()]
-    run = "a finished" if "metrics.json" in found else "an unfinished"
     resume = (f", --resume {out} to continue it, or another --out-dir" if "checkpoint.pt" in found
               else ", or another --out-dir (with no checkpoint.pt, there is nothing to --resume)")
-    need(not found or cfg.overwrite or cfg.resume, f"{out} already holds {run} run "
-         f"({', '.join(found)}): pass --overwrite to replace it{resume}")
+    need(not found or cfg.overwrite or cfg.resume, f"{out} already holds "
+         f"{'a finished' if 'metrics.json' in found else 'an unfinished'} run ({', '.join(found)})"
+         f": pass --overwrite to replace it{resume}")
     need(not cfg.init_from or out.resolve() != Path(cfg.init_from).resolve(), "--out-dir is the "
          "folder of the SAE in --init-from, which the run would overwrite: pass another --out-dir")
 
@@ -1059,7 +1060,7 @@ def train_step(cfg, run, micro_batches):
             terms[k] = terms.get(k, 0.0) + v.detach() / len(micro_batches)
     terms["grad_norm"] = nn.utils.clip_grad_norm_(run.sae.parameters(), cfg.grad_clip)
     run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad()  # gradients to None
     return terms
 
 
