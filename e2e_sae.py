@@ -224,10 +224,9 @@ class SAE(nn.Module):
     c = ReLU(W_e a + b_e)        W_e: (F, D), b_e: (F,)      the sparse code
     â = D_n c + b_d              D_n: (D, F), b_d: (D,)      the reconstruction
 
-    D_n is the decoder weight with every column (dictionary element) scaled to unit L2 norm. The
-    normalisation happens inside forward(), so gradients flow through it, and the L1 penalty on c
-    cannot be dodged by shrinking c while growing the dictionary. There is no pre-encoder bias.
-    The SAE knows the basis it reads (.center, see in_basis): splice_sae() and evaluate() use it."""
+    D_n is the decoder weight, each column (dictionary element) scaled to unit L2 norm inside
+    forward(): gradients flow through it, so the L1 penalty on c cannot be dodged by shrinking c
+    while growing the dictionary. No pre-encoder bias. It knows its basis (.center: in_basis)."""
 
     def __init__(self, d_model: int, dict_size: int, center: bool = True):
         super().__init__()
@@ -297,9 +296,8 @@ def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
 def run_model(model: nn.Module, tokens: torch.Tensor, hidden_states: bool = False):
     """The model on tokens (B, T) without its unembedding: .last_hidden_state (B, T, D), after the
     final norm; with hidden_states, .hidden_states[k] (B, T, D), the input of block k < n_layer (â's
-    from block L on in a spliced run; the last is .last_hidden_state), by pre-hooks outside the
-    blocks' compiled forward() (HF's output_hidden_states: a graph break per block). None if the
-    splice hook stopped the pass."""
+    from L on in a spliced run; the last is .last_hidden_state), by pre-hooks outside the blocks'
+    compiled forward() (HF's output_hidden_states: a graph break per block). None if stopped."""
     inputs, blocks = [], decoder_blocks(model) if hidden_states else []  # (B, T, D) each
     record = lambda block, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"])
     handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
@@ -385,12 +383,11 @@ def log_softmax_chunks(head, hs, chunk_rows=None):
 class UnembedKL(torch.autograd.Function):
     """kl_div of the logits of final hidden states h_orig and h_sae (B, T, D), a chunk of positions
     at a time (log_softmax_chunks); each chunk's gradient is computed on the spot, so nothing of
-    size V is kept for backward. With z = unembed(h) over the M = B·T positions:
+    size V is kept for backward. The unembedding is frozen and h_orig is a constant: neither gets a
+    gradient. With z = unembed(h) over the M = B·T positions:
 
         KL = (1/M) Σ_positions Σ_v P_orig(v) (log P_orig(v) − log P_sae(v))
-        ∂KL/∂z_sae = (P_sae − P_orig) / M        ∂KL/∂h_sae = (P_sae − P_orig) W_U / M
-
-    The unembedding is frozen and h_orig is a constant: neither gets a gradient."""
+        ∂KL/∂z_sae = (P_sae − P_orig) / M        ∂KL/∂h_sae = (P_sae − P_orig) W_U / M"""
 
     @staticmethod
     def forward(ctx, h_orig, h_sae, head, chunk_rows):
@@ -419,9 +416,8 @@ unembed_kl = UnembedKL.apply  # (h_orig, h_sae, head, chunk_rows or None) → KL
 def compute_loss(cfg, model, blocks, sae: nn.Module, tokens: torch.Tensor, kl_chunk_rows=None):
     """One micro-batch of tokens (B, T) → (loss, its terms, c) for cfg's loss, layer, coefficients.
     sae (the SAE or its DDP wrapper) enters block L through splice_sae; local stops there. The e2e
-    losses run the model clean (without gradients) and spliced, and take the KL of the two runs'
-    final hidden states (unembed_kl). Only the SAE gets gradients: the model is frozen, and nothing
-    before block L depends on the SAE."""
+    losses run the model clean (no gradients) and spliced, and take the KL of their final hidden
+    states (unembed_kl). Only the SAE learns: the model is frozen, and blocks < L don't see it."""
     L, ds = cfg.layer, cfg.loss == "e2e_ds"
     phi = cfg.sparsity_coeff / model.config.hidden_size  # φ = λ / D
     if cfg.loss == "local":
@@ -469,8 +465,7 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
       top1_agreement              fraction of positions where both models' argmax agree
       downstream_mse              {k: mean over elements of (a_k^sae − a_k^orig)²} for blocks k > L
       n_eval_tokens               E·T
-    With many processes, each passes its share of the sequences and an all_reduce that adds up
-    every process's sums (a list of tensors, in place)."""
+    With many processes: each one's share, and an all_reduce adding up all their sums in place."""
     head, after = model.get_output_embeddings(), range(layer + 1, len(blocks))
     device, (dict_size, D) = sae.decoder.bias.device, sae.encoder.weight.shape
     zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums on the device: no waits
@@ -695,9 +690,8 @@ def shuffled(items, buffer_size, rng):
 
 def load_data(cfg, tokenizer, vocab_size):
     """(eval_tokens (E, T), an endless iterator of training sequences (T,)). The first eval_samples
-    sequences are the evaluation set; training reads those after them, in an order set by --seed:
-    a local dataset is held and reshuffled every epoch; a streamed one goes through a shuffle buffer
-    and restarts when it runs out."""
+    sequences are the evaluation set; training reads the rest, in an order set by --seed: a local
+    dataset is held and reshuffled each epoch; a streamed one is shuffled in a buffer, restarted."""
     stream = sequences(cfg, tokenizer, vocab_size)
     eval_seqs = list(itertools.islice(stream, cfg.eval_samples))
     need(len(eval_seqs) == cfg.eval_samples, f"--dataset {cfg.dataset} holds only {len(eval_seqs)} "
@@ -789,8 +783,7 @@ def load_sae(folder):
 
 
 def read_sae(path):
-    """(state dict, stated Config fields) of the SAE in a folder of ours or SAELens's, or a .pt of
-    the paper's library."""
+    """(state dict, stated Config fields) of an SAE: our folder, SAELens's, or the paper's .pt."""
     path = Path(path)
     if path.name == "sae.safetensors":  # the file stands for its folder
         path = path.parent
