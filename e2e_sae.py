@@ -182,11 +182,10 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
         self.out_dir = self.resume or self.out_dir or f"out/{local.absolute().name}_{self.loss}_layer{self.layer}"
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = self.dtype or ("bf16" if self.device.startswith("cuda") else "fp32")
-        positive = {"n_samples", "batch_size", "grad_accum", "n_ctx", "lr", "dict_ratio",
-                    "log_every", "shuffle_buffer", "eval_samples", "bench_steps", "top_features",
-                    "inspect_samples"}
+        positive = ("n_samples batch_size grad_accum n_ctx lr dict_ratio log_every shuffle_buffer "
+                    "eval_samples bench_steps top_features inspect_samples").split()
         for name, value in asdict(self).items():
-            flag = "--" + name.replace("_", "-")
+            flag = f"--{name.replace('_', '-')}"
             if type(value) in (int, float):
                 need(math.isfinite(value) and value >= 0,
                      f"{flag} must be a finite number ≥ 0, not {value}")
@@ -225,11 +224,9 @@ class SAE(nn.Module):
     c = ReLU(W_e a + b_e)        W_e: (F, D), b_e: (F,)      the sparse code
     â = D_n c + b_d              D_n: (D, F), b_d: (D,)      the reconstruction
 
-    D_n is the decoder weight with every column (dictionary element) scaled to unit L2 norm. The
-    normalisation happens inside forward(), so gradients flow through it, and the L1 penalty on c
-    cannot be dodged by shrinking c while growing the dictionary. There is no pre-encoder bias.
-    The SAE knows the stream it reads (.center, see in_basis): splice_sae() and evaluate() use it.
-    """
+    D_n is the decoder weight, each column (dictionary element) scaled to unit L2 norm inside
+    forward(): gradients flow through it, so the L1 penalty on c cannot be dodged by shrinking c
+    while growing the dictionary. No pre-encoder bias. It knows its basis (.center: in_basis)."""
 
     def __init__(self, d_model: int, dict_size: int, center: bool = True):
         super().__init__()
@@ -282,10 +279,10 @@ def splice_hook(seen, sae, stop, block, args, kwargs):
 
 @contextmanager
 def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
-    """Within the block, the SAE's â replaces the input a of `block` (see splice_hook): this is how
-    training and evaluation alike put the SAE into the model. It yields the namespace where the
-    hook keeps a, â and c of the latest forward pass, and the SAE's basis. sae is an SAE, its DDP
-    wrapper, or any function a ↦ (â, c). With stop, the pass ends once the SAE has run."""
+    """Within the block, the SAE's â replaces the input a of `block` (splice_hook): so training and
+    evaluation alike put the SAE into the model. Yields the namespace where the hook keeps a, â, c
+    of the latest pass, and the SAE's basis. sae: an SAE, its DDP wrapper, or any function
+    a ↦ (â, c). With stop, the pass ends once the SAE has run."""
     sae_module = getattr(sae, "module", sae)  # DDP keeps the SAE as .module
     seen = SimpleNamespace(center=getattr(sae_module, "center", False))  # a plain function: raw
     hook = partial(splice_hook, seen, sae, stop)
@@ -298,10 +295,9 @@ def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
 
 def run_model(model: nn.Module, tokens: torch.Tensor, hidden_states: bool = False):
     """The model on tokens (B, T) without its unembedding: .last_hidden_state (B, T, D), after the
-    final norm, and with hidden_states, .hidden_states[k] (B, T, D), the input of block k < n_layer
-    (in a spliced run, â's from block L on; the last entry is .last_hidden_state), taken by
-    pre-hooks outside the blocks' compiled forward() (HF's output_hidden_states hooks modules
-    inside it: a graph break in each block). None if the splice hook stopped the pass."""
+    final norm; with hidden_states, .hidden_states[k] (B, T, D), the input of block k < n_layer (â's
+    from L on in a spliced run; the last is .last_hidden_state), by pre-hooks outside the blocks'
+    compiled forward() (HF's output_hidden_states: a graph break per block). None if stopped."""
     inputs, blocks = [], decoder_blocks(model) if hidden_states else []  # (B, T, D) each
     record = lambda block, args, kwargs: inputs.append(args[0] if args else kwargs["hidden_states"])
     handles = [block.register_forward_pre_hook(record, with_kwargs=True) for block in blocks]
@@ -363,8 +359,7 @@ def e2e_loss(kl, c, phi, kappa=1.0):
 
 def e2e_ds_loss(kl, c, resid_orig, resid_sae, phi, beta, kappa=0.5):
     """L_e2e+ds = κ·KL(P_orig ‖ P_sae) + φ‖c‖₁ + (β/N) Σ_k MSE(a_k^sae, a_k^orig)  (κ = 0.5 in the
-    paper); resid_orig, resid_sae: the N residual streams (B, T, D) entering blocks L+1 … n_layer−1.
-    """
+    paper); resid_orig, resid_sae: the N streams (B, T, D) entering blocks L+1 … n_layer−1."""
     loss, terms = e2e_loss(kl, c, phi, kappa)
     terms["downstream"] = sum(mse(s, o) for s, o in zip(resid_sae, resid_orig)) / len(resid_orig)
     return loss + beta * terms["downstream"], terms
@@ -377,10 +372,9 @@ def e2e_ds_loss(kl, c, resid_orig, resid_sae, phi, beta, kappa=0.5):
 
 
 def log_softmax_chunks(head, hs, chunk_rows=None):
-    """log P over the vocabulary of each final hidden state in hs ((B·T, D) each) through the
-    unembedding, chunk_rows positions at a time (by default 2²⁵ logits, 128 MiB in fp32): yields
-    (the positions' slice, [log P (rows, V) of each h]). Training and evaluation both read logits
-    this way, and never make a (B·T, V) tensor."""
+    """log P over the vocabulary of each final hidden state in hs ((B·T, D) each), chunk_rows
+    positions at a time (by default 2²⁵ logits, 128 MiB in fp32): yields (the positions' slice,
+    [log P (rows, V) of each h]). Training and evaluation read logits so: no (B·T, V) tensor."""
     rows = chunk_rows or max(1, 2**25 // len(head.weight))
     for i in range(0, len(hs[0]), rows):
         yield slice(i, i + rows), [F.log_softmax(unembed(head, h[i:i + rows]), -1) for h in hs]
@@ -389,12 +383,11 @@ def log_softmax_chunks(head, hs, chunk_rows=None):
 class UnembedKL(torch.autograd.Function):
     """kl_div of the logits of final hidden states h_orig and h_sae (B, T, D), a chunk of positions
     at a time (log_softmax_chunks); each chunk's gradient is computed on the spot, so nothing of
-    size V is kept for backward. With z = unembed(h) over the M = B·T positions:
+    size V is kept for backward. The unembedding is frozen and h_orig is a constant: neither gets a
+    gradient. With z = unembed(h) over the M = B·T positions:
 
         KL = (1/M) Σ_positions Σ_v P_orig(v) (log P_orig(v) − log P_sae(v))
-        ∂KL/∂z_sae = (P_sae − P_orig) / M        ∂KL/∂h_sae = (P_sae − P_orig) W_U / M
-
-    The unembedding is frozen and h_orig is a constant: neither gets a gradient."""
+        ∂KL/∂z_sae = (P_sae − P_orig) / M        ∂KL/∂h_sae = (P_sae − P_orig) W_U / M"""
 
     @staticmethod
     def forward(ctx, h_orig, h_sae, head, chunk_rows):
@@ -421,12 +414,10 @@ unembed_kl = UnembedKL.apply  # (h_orig, h_sae, head, chunk_rows or None) → KL
 
 
 def compute_loss(cfg, model, blocks, sae: nn.Module, tokens: torch.Tensor, kl_chunk_rows=None):
-    """One micro-batch of tokens (B, T) → (loss, its terms, c), for cfg's loss, layer and
-    coefficients; sae is the SAE (or its DDP wrapper). The SAE enters block L through splice_sae's
-    hook; for local the forward pass ends there. The e2e losses run the model twice, clean (without
-    gradients) and spliced, and take the KL from the two runs' final hidden states through
-    unembed_kl. Only the SAE gets gradients: the model is frozen, and nothing before block L depends
-    on the SAE."""
+    """One micro-batch of tokens (B, T) → (loss, its terms, c) for cfg's loss, layer, coefficients.
+    sae (the SAE or its DDP wrapper) enters block L through splice_sae; local stops there. The e2e
+    losses run the model clean (no gradients) and spliced, and take the KL of their final hidden
+    states (unembed_kl). Only the SAE learns: the model is frozen, and blocks < L don't see it."""
     L, ds = cfg.layer, cfg.loss == "e2e_ds"
     phi = cfg.sparsity_coeff / model.config.hidden_size  # φ = λ / D
     if cfg.loss == "local":
@@ -474,8 +465,7 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
       top1_agreement              fraction of positions where both models' argmax agree
       downstream_mse              {k: mean over elements of (a_k^sae − a_k^orig)²} for blocks k > L
       n_eval_tokens               E·T
-    With many processes, each passes its share of the sequences and an all_reduce that adds up
-    every process's sums (a list of tensors, in place)."""
+    With many processes: each one's share, and an all_reduce adding up all their sums in place."""
     head, after = model.get_output_embeddings(), range(layer + 1, len(blocks))
     device, (dict_size, D) = sae.decoder.bias.device, sae.encoder.weight.shape
     zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums on the device: no waits
@@ -500,7 +490,7 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
                                for log_p in (log_p_sae, log_p_zero)])  # sae, zero
             agree += (log_p_orig.argmax(-1) == log_p_sae.argmax(-1)).sum()
         a, a_hat = seen.a.double(), seen.a_hat.double()
-        fires += (seen.c > 0).flatten(0, 1).sum(0)  # (F,): on how many tokens each element fired
+        fires += (seen.c > 0).sum((0, 1))  # (F,): on how many tokens each element fired
         sse += (a - a_hat).pow(2).sum()
         sum_sq_a += a.pow(2).sum()
         sum_a += a.sum((0, 1))  # (D,)
@@ -566,7 +556,7 @@ def random_gpt2(config):
 def tiny_gpt2():
     """GPT-2 small's 12 blocks at width 64, vocabulary 512, weights 10× wider than GPT-2's init: the
     next-token entropy is ≈ 5.0 nats, not ln 512 = 6.2, so the KL has something to preserve."""
-    return random_gpt2(GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=1024,
+    return random_gpt2(GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512,
                                   initializer_range=0.2, bos_token_id=511, eos_token_id=511))
 
 
@@ -609,8 +599,8 @@ def load_model(name, device):
     the compute dtype); attention is fused SDPA (no (T, T) matrix in memory); GELUs are fused."""
     model, tokenizer = RANDOM_MODELS[name]() if name in RANDOM_MODELS else None, None
     if model is None:
-        local = Path(name).expanduser().is_dir()  # (Config checked a local folder)
-        offline = not local and not hub_reachable()  # a copy in the HF cache still loads then
+        # Not a folder (Config checked those) and no hub: a copy in the HF cache still loads.
+        offline = not Path(name).expanduser().is_dir() and not hub_reachable()
         why = f"cannot download model {name!r}: {OFFLINE}" if offline else f"cannot load {name!r}"
         with explain(why):
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
@@ -626,34 +616,31 @@ def load_model(name, device):
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
-def open_rows(dataset):
+def read_rows(dataset):
     """An iterator over the dataset's rows (dicts), in their stored order; hub datasets stream."""
     path = Path(dataset).expanduser()
-    if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return iter(ds)
-    if path.is_dir():
-        files, builder = sorted(path.rglob("*.txt")), "text"
-        need(files, f"--dataset {dataset}: the folder holds no .txt files and no saved dataset")
-    elif path.is_file():
-        files, builder = [path], FILES.get(path.suffix)
-        need(path.stat().st_size, f"--dataset {dataset} is an empty file")
-        need(builder, f"--dataset {dataset}: unknown file type (use {', '.join(FILES)})")
-    else:
-        need(not looks_like_path(dataset), f"--dataset {dataset}: no such file or folder")
-        need(hub_reachable(), f"cannot stream dataset {dataset!r}: {OFFLINE}")
-        return iter(datasets.load_dataset(dataset, split="train", streaming=True))
-    # A .txt file is one document: the EOS token goes between files, not between lines.
-    documents = {"sample_by": "document"} if builder == "text" else {}
-    return iter(datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                      streaming=True, **documents))
-
-
-def read_rows(dataset):
     with explain(f"cannot read dataset {dataset!r}"):  # datasets and pyarrow raise many kinds
-        yield from open_rows(dataset)
+        if path.is_dir() and any((path / f).exists() for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(str(path))  # written by Dataset.save_to_disk
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            yield from ds
+            return
+        if path.is_dir():
+            files, builder = [str(f) for f in sorted(path.rglob("*.txt"))], "text"
+            need(files, f"--dataset {dataset}: the folder holds no .txt files and no saved dataset")
+        elif path.is_file():
+            files, builder = [str(path)], FILES.get(path.suffix)
+            need(path.stat().st_size, f"--dataset {dataset} is an empty file")
+            need(builder, f"--dataset {dataset}: unknown file type (use {', '.join(FILES)})")
+        else:
+            need(not looks_like_path(dataset), f"--dataset {dataset}: no such file or folder")
+            need(hub_reachable(), f"cannot stream dataset {dataset!r}: {OFFLINE}")
+            files, builder = None, dataset  # streamed from the hub
+        # A .txt file is one document: the EOS token goes between files, not between lines.
+        documents = {"sample_by": "document"} if builder == "text" else {}
+        yield from datasets.load_dataset(builder, data_files=files, split="train", streaming=True,
+                                         **documents)
 
 
 def sequences(cfg, tokenizer, vocab_size):
@@ -703,9 +690,8 @@ def shuffled(items, buffer_size, rng):
 
 def load_data(cfg, tokenizer, vocab_size):
     """(eval_tokens (E, T), an endless iterator of training sequences (T,)). The first eval_samples
-    sequences are the evaluation set; training reads those after them, in an order set by --seed:
-    a local dataset is held and reshuffled every epoch; a streamed one goes through a shuffle buffer
-    and restarts when it runs out."""
+    sequences are the evaluation set; training reads the rest, in an order set by --seed: a local
+    dataset is held and reshuffled each epoch; a streamed one is shuffled in a buffer, restarted."""
     stream = sequences(cfg, tokenizer, vocab_size)
     eval_seqs = list(itertools.islice(stream, cfg.eval_samples))
     need(len(eval_seqs) == cfg.eval_samples, f"--dataset {cfg.dataset} holds only {len(eval_seqs)} "
@@ -797,8 +783,7 @@ def load_sae(folder):
 
 
 def read_sae(path):
-    """(state dict, stated Config fields) of the SAE in a folder of ours or SAELens's, or a .pt of
-    the paper's library."""
+    """(state dict, stated Config fields) of an SAE: our folder, SAELens's, or the paper's .pt."""
     path = Path(path)
     if path.name == "sae.safetensors":  # the file stands for its folder
         path = path.parent
@@ -897,7 +882,7 @@ def atomic_write(path, data):
 
 
 def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+    atomic_write(path, f"{json.dumps(obj, indent=2)}\n")
 
 
 def read_config(folder):
@@ -920,11 +905,11 @@ def check_out_dir(cfg):
     """Refuse to start a run over another one (finished or not), unless --overwrite says so."""
     out = Path(cfg.out_dir)
     found = [name for name in RUN_FILES if (out / name).exists()]
-    run = "a finished" if "metrics.json" in found else "an unfinished"
     resume = (f", --resume {out} to continue it, or another --out-dir" if "checkpoint.pt" in found
               else ", or another --out-dir (with no checkpoint.pt, there is nothing to --resume)")
-    need(not found or cfg.overwrite or cfg.resume, f"{out} already holds {run} run "
-         f"({', '.join(found)}): pass --overwrite to replace it{resume}")
+    need(not found or cfg.overwrite or cfg.resume, f"{out} already holds "
+         f"{'a finished' if 'metrics.json' in found else 'an unfinished'} run ({', '.join(found)})"
+         f": pass --overwrite to replace it{resume}")
     need(not cfg.init_from or out.resolve() != Path(cfg.init_from).resolve(), "--out-dir is the "
          "folder of the SAE in --init-from, which the run would overwrite: pass another --out-dir")
 
@@ -938,7 +923,7 @@ def open_out_dir(cfg, run_info, step):
         (out / name).unlink(missing_ok=True)  # the last three describe the SAE being replaced
     write_json(out / "config.json", run_info)
     log = read_log(out / "log.jsonl")
-    atomic_write(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log if r["step"] <= step))
+    atomic_write(out / "log.jsonl", "".join(f"{json.dumps(r)}\n" for r in log if r["step"] <= step))
     return open(out / "log.jsonl", "a")
 
 
@@ -983,11 +968,12 @@ def save_saelens(out, run_info):
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False, "metadata": meta,
         "normalize_activations": "none", "reshape_activations": "none",
         "sae_lens_version": "6.0.0"})  # some 6.x releases read it here, others in the metadata
-    (out / "sae_weights.safetensors").unlink(missing_ok=True)
+    weights = out / "sae_weights.safetensors"
+    weights.unlink(missing_ok=True)
     try:
-        os.link(out / "sae.safetensors", out / "sae_weights.safetensors")
+        os.link(out / "sae.safetensors", weights)
     except OSError:  # a filesystem without hard links
-        atomic_write(out / "sae_weights.safetensors", (out / "sae.safetensors").read_bytes())
+        atomic_write(weights, (out / "sae.safetensors").read_bytes())
 
 
 # -----------------------------------------------------------------------------
@@ -1067,7 +1053,7 @@ def train_step(cfg, run, micro_batches):
             terms[k] = terms.get(k, 0.0) + v.detach() / len(micro_batches)
     terms["grad_norm"] = nn.utils.clip_grad_norm_(run.sae.parameters(), cfg.grad_clip)
     run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad()  # gradients to None
     return terms
 
 
@@ -1078,8 +1064,8 @@ def read_window(run, window, signalled, last_saved):
     sums = [sum(terms[k] for terms in window) / len(window) for k in keys]
     values = all_reduce([torch.stack([*sums, torch.full((), float(signalled), device=run.device)])])
     *means, stop = (v / WORLD_SIZE for v in values[0].tolist())  # all processes' means
-    need(all(map(math.isfinite, means)), f"the loss or its gradient is not finite ("
-         + ", ".join(f"{k} {v:.4g}" for k, v in zip(keys, means)) + f"); nothing after step "
+    need(all(map(math.isfinite, means)), "the loss or its gradient is not finite "
+         f"({', '.join(f'{k} {v:.4g}' for k, v in zip(keys, means))}); nothing after step "
          f"{last_saved} was written, so any checkpoint in --out-dir is intact, but resuming would "
          "repeat the same steps: start again with a lower --lr (and --overwrite)")
     return dict(zip(keys, means)), stop > 0
@@ -1097,8 +1083,8 @@ class StopSignal:
 
     def handler(self, signum, frame):
         if self.signum is None:
-            name = signal.Signals(signum).name
-            print0(f"\n{name}: finishing the step, then writing a checkpoint", file=sys.stderr)
+            print0(f"\n{signal.Signals(signum).name}: finishing the step, then writing a "
+                   "checkpoint", file=sys.stderr)
         self.signum = signum
         if not TORCHRUN:
             self.__exit__()
@@ -1123,7 +1109,7 @@ def train(cfg):
     """Train an SAE as cfg says (or continue the run in cfg.resume), write the output folder, and
     return the final metrics. Under torchrun every process runs this; rank 0 alone writes."""
     out, S = Path(cfg.out_dir), cfg.samples_per_step  # S: sequences per optimiser step
-    n_steps, warmup_steps = cfg.n_samples // S, cfg.warmup_samples // S
+    n_steps = cfg.n_samples // S
     if cfg.resume and (out / "metrics.json").exists() and not (out / "checkpoint.pt").exists():
         print0(f"{out} holds a finished run: nothing to resume")
         return json.loads((out / "metrics.json").read_text())
@@ -1146,11 +1132,10 @@ def train(cfg):
     if state["eval_due"]:  # the run stopped just before this evaluation
         evaluate_and_log(cfg, run, eval_tokens, log_file, start)
     processes = f" | {WORLD_SIZE} processes of {run.batch_size} sequences per micro-batch"
-    beta, basis = f" β={cfg.downstream_coeff:g}" * (cfg.loss == "e2e_ds"), "un" * (not cfg.center)
-    print0(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model} ({basis}centred stream): D="
-           f"{run_info['d_model']} F={run_info['dict_size']} λ={cfg.sparsity_coeff:g}{beta} | "
-           f"{n_steps} steps of {S} × {cfg.n_ctx} tokens | {run.device} {cfg.dtype}"
-           f"{processes * TORCHRUN} → {out}")
+    print0(f"{cfg.loss} SAE at layer {cfg.layer} of {cfg.model} ({'un' * (not cfg.center)}centred "
+           f"stream): D={run_info['d_model']} F={run_info['dict_size']} λ={cfg.sparsity_coeff:g}"
+           f"{f' β={cfg.downstream_coeff:g}' * (cfg.loss == 'e2e_ds')} | {n_steps} steps of {S} × "
+           f"{cfg.n_ctx} tokens | {run.device} {cfg.dtype}{processes * TORCHRUN} → {out}")
     def next_step():  # this process's share of the next step's sequences
         seqs = torch.stack([next(train_seqs) for _ in range(S)]).view(cfg.grad_accum, -1, cfg.n_ctx)
         seqs = seqs.tensor_split(WORLD_SIZE, 1)[RANK]  # (grad_accum, B / WORLD_SIZE, T)
@@ -1161,8 +1146,8 @@ def train(cfg):
     with StopSignal() as stop, ThreadPoolExecutor(1) as reader:
         batches = reader.submit(next_step)  # the next step's sequences, read while the GPU works
         for step in bar:
-            run.optimizer.param_groups[0]["lr"] = cfg.lr * lr_factor(step, warmup_steps, n_steps,
-                                                                     cfg.lr_min_ratio)
+            run.optimizer.param_groups[0]["lr"] = cfg.lr * lr_factor(
+                step, cfg.warmup_samples // S, n_steps, cfg.lr_min_ratio)
             tokens = batches.result().to(run.device, non_blocking=True)  # from pinned memory
             batches = reader.submit(next_step) if step + 1 < n_steps else None
             window.append(train_step(cfg, run, list(tokens)))
@@ -1206,16 +1191,16 @@ def train_record(cfg, run, terms, n_steps, seconds):
     the learning rate, tokens/s, and on a GPU of known peak the model FLOP utilisation."""
     record = {f"train/{k}": v for k, v in terms.items()}
     record["train/lr"] = run.optimizer.param_groups[0]["lr"]
-    record["tokens_per_s"] = n_steps * cfg.samples_per_step * cfg.n_ctx / seconds
+    record["tokens_per_s"] = tokens_per_s = n_steps * cfg.samples_per_step * cfg.n_ctx / seconds
     if run.peak:  # the FLOPs the method needs per second, over the GPUs' peak
-        record["mfu"] = record["tokens_per_s"] * run.flops / run.peak
+        record["mfu"] = tokens_per_s * run.flops / run.peak
     return record
 
 
 def log_line(log_file, cfg, step, record):
     if log_file:  # rank 0's
         record = {"step": step, "samples": step * cfg.samples_per_step, **record}
-        log_file.write(json.dumps(record) + "\n")
+        log_file.write(f"{json.dumps(record)}\n")
         log_file.flush()
 
 
@@ -1321,11 +1306,11 @@ def benchmark(cfg):
         torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - t0
     tokens_per_s = cfg.bench_steps * cfg.samples_per_step * cfg.n_ctx / seconds  # all processes'
-    memory = [f(run.device) / 2**30 if cuda else None
-              for f in (torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved)]
+    memory = torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved
+    allocated, reserved = (f(run.device) / 2**30 if cuda else None for f in memory)  # GiB
     result = {"tokens_per_s": tokens_per_s, "step_s": seconds / cfg.bench_steps,
               "flops_per_token": run.flops, "tflops_per_s": tokens_per_s * run.flops / 1e12,
-              "peak_memory_gib": memory[0], "peak_reserved_gib": memory[1],
+              "peak_memory_gib": allocated, "peak_reserved_gib": reserved,
               "mfu": run.peak and tokens_per_s * run.flops / run.peak}
     print0(f"tokens/s {tokens_per_s:,.0f} | {result['step_s'] * 1e3:.1f} ms per step | "
            f"{run.flops / 1e9:.3f} GFLOP per token (see flops_per_token) → "
@@ -1333,7 +1318,7 @@ def benchmark(cfg):
     print0(f"MFU {result['mfu']:.1%} of {run.peak / 1e12:.0f} TFLOP/s ({WORLD_SIZE} × the bf16 "
            f"peak of {torch.cuda.get_device_name(run.device)})" if run.peak else
            "MFU: n/a (needs a GPU of known bf16 peak, see PEAK_BF16_FLOPS, and --dtype bf16)")
-    print0(f"peak GPU memory {memory[0]:.2f} GiB allocated, {memory[1]:.2f} GiB reserved by "
+    print0(f"peak GPU memory {allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved by "
            f"PyTorch's allocator (timed steps{', rank 0' * TORCHRUN})" if cuda else
            "peak GPU memory: n/a on the CPU")
     return result
@@ -1399,10 +1384,9 @@ def inspect(cfg):
     tokens = {s: seq.tolist() for s, seq in enumerate(first_n()) if s in needed}  # the second pass
     result = {"sae": str(cfg.sae), "n_sequences": n_seqs, "n_tokens": n_seqs * T, "features": [],
               "density": density(fires, n_seqs * T)}
-    short = f"; the dataset has no more than {n_seqs}" * (n_seqs < n)
-    trained = "; beyond --eval-samples they include training data" * (n_seqs > cfg.eval_samples)
     print(f"{cfg.sae} at layer {cfg.layer} of {cfg.model}, over the first {n_seqs} sequences "
-          f"({n_seqs * T:,} tokens){short}{trained}")
+          f"({n_seqs * T:,} tokens){f'; the dataset has no more than {n_seqs}' * (n_seqs < n)}"
+          f"{'; beyond --eval-samples they include training data' * (n_seqs > cfg.eval_samples)}")
     for f in chosen:
         contexts = []
         for activation, at in zip(top[:, f].tolist(), top_at[:, f].tolist()):
@@ -1451,9 +1435,9 @@ def max_cosine(A, B, exclude_self=False, chunk_elements=2**25):
 def compare(cfg):
     """--compare DIR_A DIR_B: each element of A's largest cosine similarity with any of B (cross:
     is it in B too?) and with another of A (within-SAE: how spread out is A?), as the paper does."""
-    a, b = (load_sae(folder)[0] for folder in cfg.compare)
+    A, B = (load_sae(folder)[0].dictionary.T for folder in cfg.compare)  # (F_A, D), (F_B, D)
     device = process_device(cfg)
-    A, B = a.dictionary.T.to(device), b.dictionary.T.to(device)  # (F_A, D), (F_B, D): unit norm
+    A, B = A.to(device), B.to(device)  # rows of unit norm
     need(A.shape[1] == B.shape[1],
          f"the SAEs read different widths ({A.shape[1]} and {B.shape[1]}): they cannot be compared")
     result, edges = dict(zip("ab", cfg.compare)), [i / 20 for i in range(21)]
@@ -1461,9 +1445,9 @@ def compare(cfg):
     pairs += [("within", max_cosine(A, A, True))] if len(A) > 1 else []  # one element: no "within"
     for name, values in pairs:
         v = values.double().clamp(-1, 1).cpu()  # rounding can take a cosine of 1 just above it
-        q = torch.quantile(v, torch.linspace(0, 1, 5, dtype=torch.float64)).tolist()
+        q = torch.quantile(v, torch.linspace(0, 1, 5).double()).tolist()  # quartiles, ends
         counts = torch.histogram(v[v >= 0], torch.tensor(edges).double()).hist.long().tolist()
-        stats = dict(zip(("min", "q1", "median", "q3", "max"), q))
+        stats = dict(zip("min q1 median q3 max".split(), q))
         r = result[name] = {"mean": v.mean().item(), **stats, "below_0": int((v < 0).sum()),
                             "edges": edges, "counts": counts, "values": v.tolist()}  # below 0: apart
         print(f"{name}-SAE max cosine similarity of A's {len(A)} elements with "
@@ -1478,14 +1462,12 @@ def compare(cfg):
 # The command line
 
 # What a saved run's configuration does not pass on: what to do now, and where.
-NOT_INHERITED = {"eval_only", "sae", "benchmark", "resume", "overwrite", "out_dir", "device",
-                 "dtype", "compile", "inspect", "features", "top_features", "inspect_samples",
-                 "compare"}
+NOT_INHERITED = ("eval_only sae benchmark resume overwrite out_dir device dtype compile inspect "
+                 "features top_features inspect_samples compare").split()
 # What may differ from the run's own configuration when resuming (unless given, the run's own).
 # --eval-every, --log-every, --save-every change neither SAE nor data; device, dtype, --compile
 # change the arithmetic (no longer bitwise); --n-samples, the learning-rate schedule from then on.
-RESUMABLE = {"resume", "n_samples", "eval_every", "log_every", "save_every", "device", "dtype",
-             "compile"}
+RESUMABLE = "resume n_samples eval_every log_every save_every device dtype compile".split()
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1506,7 +1488,7 @@ def build_parser():
         help = re.search(rf"\n    {f.name}: .*  # (.*)", source)[1]
         help += f" (default: {f.default})" * (f.default is not None)
         # No defaults here: then the flags given are known, and override saved configurations.
-        parser.add_argument("--" + f.name.replace("_", "-"), default=argparse.SUPPRESS, help=help,
+        parser.add_argument(f"--{f.name.replace('_', '-')}", default=argparse.SUPPRESS, help=help,
                             **how)
     return parser
 
@@ -1533,7 +1515,7 @@ def parse_config(argv=None):
         need((Path(folder) / "checkpoint.pt").exists() or (Path(folder) / "metrics.json").exists(),
              f"{folder} holds no checkpoint.pt to resume from")
         for key, value in given.items():
-            flag, own = "--" + key.replace("_", "-"), saved.get(key)
+            flag, own = f"--{key.replace('_', '-')}", saved.get(key)
             same = value == own or key == "out_dir" and os.path.normpath(value) == own
             need(key in RESUMABLE or same, f"{flag} {value} contradicts the run in {folder} "
                  f"({flag} {own}); only --n-samples, --eval-every, --log-every, --save-every, "
