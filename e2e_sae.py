@@ -42,8 +42,7 @@ tutorial.md walks through it. One symbol per quantity, in the paper's letters wh
 In code, F is torch.nn.functional, as everywhere in PyTorch; the dictionary size is dict_size.
 """
 
-import argparse, io, itertools, json, math, os, random, re, signal, socket, sys, time, typing
-import urllib.parse
+import argparse, io, itertools, json, math, os, random, re, signal, sys, time, typing
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, fields
@@ -81,8 +80,7 @@ PAPER_DATASET = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"
 # the nearest end's value beyond. The weight of the KL term: e2e_ds halves it, since the downstream
 # MSE also pulls towards the original model.
 PAPER_LAYERS = (2, 6, 10)
-PAPER_SPARSITY_COEFF = {"local": (0.8, 4.0, 6.0), "e2e": (0.5, 3.0, 1.5),
-                        "e2e_ds": (10.0, 50.0, 1.75)}
+PAPER_SPARSITY_COEFF = {"local": (0.8, 4, 6), "e2e": (0.5, 3, 1.5), "e2e_ds": (10, 50, 1.75)}
 PAPER_DOWNSTREAM_COEFF = (2.5, 2.5, 0.05)
 PAPER_KL_COEFF = {"local": 0.0, "e2e": 1.0, "e2e_ds": 0.5}
 # Presets: defaults that a flag changes (the flags given still win). `--model tiny` makes a run of
@@ -223,7 +221,6 @@ class SAE(nn.Module):
     """
     c = ReLU(W_e a + b_e)        W_e: (F, D), b_e: (F,)      the sparse code
     â = D_n c + b_d              D_n: (D, F), b_d: (D,)      the reconstruction
-
     D_n is the decoder weight, each column (dictionary element) scaled to unit L2 norm inside
     forward(): gradients flow through it, so the L1 penalty on c cannot be dodged by shrinking c
     while growing the dictionary. No pre-encoder bias. It knows its basis (.center: in_basis)."""
@@ -498,11 +495,11 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
             h_sae, h_orig = spliced.hidden_states[k].double(), orig.hidden_states[k].double()
             sse_ds[i] += (in_basis(h_sae, seen.center, a_hat) -
                           in_basis(h_orig, seen.center)).pow(2).sum()
-    counts = torch.tensor([eval_tokens.numel(), len(eval_tokens)], device=device)  # E·T, E
+    n_sequences = torch.tensor(len(eval_tokens), device=device)  # E
     if all_reduce:  # under torchrun: every process's sums
-        all_reduce([ce, kl, agree, sse, sum_sq_a, sum_a, fires, sse_ds, counts])
-    n, n_sequences = (int(x) for x in counts.tolist())  # E·T positions, E sequences
-    n_predictions, n_elements = n - n_sequences, n * D  # E·(T−1), E·T·D
+        all_reduce([ce, kl, agree, sse, sum_sq_a, sum_a, fires, sse_ds, n_sequences])
+    n = int(n_sequences) * eval_tokens.shape[1]  # E·T positions
+    n_predictions, n_elements = n - int(n_sequences), n * D  # E·(T−1), E·T·D
     (ce_orig, ce_sae, ce_zero), (kl_sae, kl_zero) = ce.tolist(), kl.tolist()
     return {
         "ce_loss_orig": ce_orig / n_predictions,
@@ -577,15 +574,9 @@ def decoder_blocks(model):
 
 
 def hub_reachable(timeout=5.0):
-    """Can we open a connection to the Hugging Face hub? (Its own client retries for about 25 s.)"""
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return False
-    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
-        return True  # only the proxy can tell; let the hub client try
-    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
-    with suppress(OSError):
-        port = url.port or (80 if url.scheme == "http" else 443)
-        socket.create_connection((url.hostname, port), timeout).close()
+    """Does the Hugging Face hub answer (through any proxy; never under HF_HUB_OFFLINE)?"""
+    with suppress(Exception):  # any answer, an error too (the hub's client would retry for 25 s)
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=timeout)
         return True
     return False
 
@@ -721,7 +712,7 @@ def load_data(cfg, tokenizer, vocab_size):
 # DDP averages the SAE's gradients, all_reduce adds up the logged terms and the evaluation sums, and
 # rank 0 alone prints and writes. A plain `python e2e_sae.py` is rank 0 of 1.
 
-TORCHRUN = all(v in os.environ for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+TORCHRUN = all(v in os.environ for v in "RANK LOCAL_RANK WORLD_SIZE".split())
 RANK, WORLD_SIZE = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if TORCHRUN else (0, 1)
 MAIN_PROCESS = RANK == 0
 
@@ -754,7 +745,7 @@ def all_reduce(tensors):
         flat = torch.cat([t.double().flatten() for t in tensors])
         dist.all_reduce(flat)
         for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-            t.copy_(part.view(t.shape))
+            t.copy_(part.view_as(t))
     return tensors
 
 
@@ -764,13 +755,12 @@ def all_reduce(tensors):
 
 def save_sae(sae, path):
     """sae.safetensors, laid out so that â = relu(a @ W_enc + b_enc) @ W_dec + b_dec."""
-    with torch.no_grad():
-        tensors = {"W_enc": sae.encoder.weight.T,  # (D, F)
-                   "b_enc": sae.encoder.bias,  # (F,)
-                   "W_dec": sae.dictionary.T,  # (F, D): one unit-norm row per dictionary element
-                   "b_dec": sae.decoder.bias}  # (D,)
-        atomic_write(path, safetensors.torch.save({k: v.float().cpu().contiguous()
-                                                   for k, v in tensors.items()}))
+    tensors = {"W_enc": sae.encoder.weight.T,  # (D, F)
+               "b_enc": sae.encoder.bias,  # (F,)
+               "W_dec": sae.dictionary.T,  # (F, D): one unit-norm row per dictionary element
+               "b_dec": sae.decoder.bias}  # (D,)
+    atomic_write(path, safetensors.torch.save({k: v.detach().float().cpu().contiguous()
+                                               for k, v in tensors.items()}))
 
 
 def load_sae(folder):
@@ -779,14 +769,13 @@ def load_sae(folder):
     with explain(f"{folder} does not hold a valid SAE"):
         sae = SAE(*state["encoder.weight"].T.shape, center=stated.get("center", True))
         sae.load_state_dict(state)
-    return sae, Config(**read_config(folder)) if (Path(folder) / "config.json").exists() else None
+    return sae, Config(**config) if (config := read_config(folder)) else None
 
 
 def read_sae(path):
     """(state dict, stated Config fields) of an SAE: our folder, SAELens's, or the paper's .pt."""
     path = Path(path)
-    if path.name == "sae.safetensors":  # the file stands for its folder
-        path = path.parent
+    path = path.parent if path.name == "sae.safetensors" else path  # the file stands for its folder
     file = path / "sae.safetensors"
     if path.suffix == ".pt":
         return read_paper_checkpoint(path)
@@ -802,7 +791,7 @@ def read_sae(path):
              f"expected {[(F_,), (F_, D), (D,)]} (W_enc's is {(D, F_)})")
         state = {"encoder.weight": t["W_enc"].T, "encoder.bias": t["b_enc"],
                  "decoder.weight": t["W_dec"].T, "decoder.bias": t["b_dec"]}
-    return state, read_config(path) if (path / "config.json").exists() else {}
+    return state, read_config(path)
 
 
 def fold(W_enc, b_enc, W_dec, b_dec, scale=1.0, pre_bias=False):
@@ -857,28 +846,29 @@ def read_paper_checkpoint(path):
         hooks = {k.split(".")[0] for k in saved}  # e.g. blocks-6-hook_resid_pre
         state = {k.partition(".")[2].replace(".0.", "."): v.float() for k, v in saved.items()}
     layer = re.fullmatch(r"blocks-(\d+)-hook_resid_pre", hooks.pop() if len(hooks) == 1 else "")
-    keys = {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}  # this file's SAE's
+    keys = set("encoder.weight encoder.bias decoder.weight decoder.bias".split())  # as SAE's
     need(layer and state.keys() == keys,
          f"{path} holds {', '.join(sorted(saved)[:4])}…, not one SAE of the paper's library")
     return state, {"layer": int(layer[1]), "center": True}
 
 
-RUN_FILES = ("config.json", "log.jsonl", "sae.safetensors", "metrics.json", "checkpoint.pt",
-             "cfg.json", "sae_weights.safetensors")
+RUN_FILES = ("config.json log.jsonl sae.safetensors metrics.json checkpoint.pt cfg.json "
+             "sae_weights.safetensors").split()
 
 
 def atomic_write(path, data):
-    """data (bytes or str) into a file beside path, renamed over it: a crash leaves no half file."""
+    """data (bytes or str) into a new file beside path, then renamed over it: never half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with explain(f"cannot write {path}; the previous version, if any, is intact"):
+    with explain(f"cannot write {path}; the previous version, if any, is intact"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
             with open(tmp, "wb") as f:
                 f.write(data.encode() if isinstance(data, str) else data)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename: a power cut leaves no empty file
             os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path, obj):
@@ -886,9 +876,10 @@ def write_json(path, obj):
 
 
 def read_config(folder):
-    """The Config fields of folder/config.json (one from before `center` existed read uncentred)."""
-    with explain(f"{Path(folder) / 'config.json'} is not a readable run configuration"):
-        saved = {"center": False, **json.loads((Path(folder) / "config.json").read_text())}
+    """The Config fields of folder/config.json, or {} (uncentred if it predates `center`)."""
+    path = Path(folder) / "config.json"
+    with explain(f"{path} is not a readable run configuration"):
+        saved = {"center": False, **json.loads(path.read_text())} if path.exists() else {}
         return {k: v for k, v in saved.items() if k in {f.name for f in fields(Config)}}
 
 
@@ -917,10 +908,9 @@ def check_out_dir(cfg):
 def open_out_dir(cfg, run_info, step):
     """The output folder with config.json, and log.jsonl up to `step`, open for appending."""
     out = Path(cfg.out_dir)
-    with explain(f"cannot create --out-dir {out}"):
-        out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES + ("eval.json", "inspect.json", "compare.json") if cfg.overwrite else ():
-        (out / name).unlink(missing_ok=True)  # the last three describe the SAE being replaced
+    if cfg.overwrite and out.is_dir():  # the last three describe the SAE being replaced:
+        for name in RUN_FILES + "eval.json inspect.json compare.json".split():
+            (out / name).unlink(missing_ok=True)
     write_json(out / "config.json", run_info)
     log = read_log(out / "log.jsonl")
     atomic_write(out / "log.jsonl", "".join(f"{json.dumps(r)}\n" for r in log if r["step"] <= step))
@@ -941,10 +931,9 @@ def save_checkpoint(out, run, step, train_seconds, eval_due=False):
 
 
 def load_checkpoint(out, run):
-    """Restores the SAE, Adam and the RNG from out/checkpoint.pt, and returns the rest (loading runs
-    no code from the file: weights_only)."""
+    """Restores the SAE, Adam and the RNG from out/checkpoint.pt (parse_config checked that it is
+    there), and returns the rest. Loading runs no code from the file: weights_only."""
     path = out / "checkpoint.pt"
-    need(path.is_file(), f"{out} holds no checkpoint.pt to resume from")
     with explain(f"{path} is not a valid checkpoint for this run"):
         state = torch.load(path, map_location="cpu", weights_only=True)  # then to the run's device
         run.sae.load_state_dict(state.pop("sae"))
@@ -1363,7 +1352,7 @@ def inspect(cfg):
     run = setup(cfg, sae)
     vocab_size = run.model.config.vocab_size
     first_n = lambda: itertools.islice(sequences(cfg, run.tokenizer, vocab_size), n)  # (T,) each
-    fires, act_sum = torch.zeros(F_, dtype=torch.long), torch.zeros(F_, dtype=torch.float64)  # (F,)
+    fires, act_sum = torch.zeros(F_).long(), torch.zeros(F_).double()  # (F,) each
     top = torch.full((k, F_), -1.0)  # (k, F): each element's best activations so far, and where:
     top_at = torch.zeros_like(top).long()  # sequence × T + position
     stream, n_seqs = first_n(), 0
@@ -1417,8 +1406,6 @@ def inspect(cfg):
 
 def write_output(cfg, name, result):
     """A result into --out-dir (by default the folder of the SAE looked at)."""
-    with explain(f"cannot create --out-dir {cfg.out_dir}"):
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.out_dir) / name, result)
     print(f"wrote {cfg.out_dir}/{name}")
 
@@ -1500,12 +1487,12 @@ def parse_config(argv=None):
     given, saved = vars(build_parser().parse_args(argv)), {}
     resume, looking = given.get("resume"), given.get("eval_only") or given.get("inspect")
     folder = not resume and (looking and given.get("sae") or given.get("init_from"))
-    if resume and (Path(resume) / "config.json").exists():
+    if resume:
         saved = {k: v for k, v in read_config(resume).items()
                  if k not in NOT_INHERITED or k in RESUMABLE}
     elif folder:  # the SAE looked at, or started from, and what its files state
         stated = read_sae(folder)[1]
-        keep = lambda k: k not in NOT_INHERITED if looking else k in ("model", "layer", "center")
+        keep = lambda k: k not in NOT_INHERITED if looking else k in "model layer center".split()
         saved = {k: v for k, v in stated.items() if keep(k)}
         for k in {"layer", "center"} & set(stated):
             need(given.get(k, stated[k]) == stated[k], f"--{k} {given.get(k)} does not fit the SAE "

@@ -3,8 +3,8 @@ the method first (each test read on its own), then the engineering. Run: python 
 test_e2e_sae.py. One thread per process, so that results here and in subprocesses stay bitwise
 comparable."""
 
-import bdb, copy, dataclasses, io, itertools, json, logging, math, os, pdb, re, shlex, signal, socket
-import subprocess, sys, textwrap, time, weakref
+import bdb, copy, dataclasses, http.server, io, itertools, json, logging, math, os, pdb, re, shlex
+import signal, subprocess, sys, textwrap, threading, time, weakref
 from contextlib import contextmanager, nullcontext, suppress
 from functools import partial
 from pathlib import Path
@@ -727,7 +727,7 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
     (["--device", "cdua"], "--device must be a device such as cpu, cuda or cuda:1, not 'cdua'"),
     (["--device", "cuda:99"], "--device cuda:99 is not usable here"),
     (lambda p: ["--model", str(p / "nothing_here")], "nothing_here: no such folder"),
-    (lambda p: ["--out-dir", write(p, "afile", "") + "/run"], "cannot create --out-dir"),
+    (lambda p: ["--out-dir", write(p, "afile", "") + "/run"], "cannot write .*/run/config.json"),
     # a run already in --out-dir: both ways on, --overwrite and --resume (or why there is none)
     (lambda p: write(p, "out/metrics.json", "{}") and [], "out already holds a finished run "
      "\\(metrics.json\\): pass --overwrite to replace it, or another --out-dir \\(with no "
@@ -841,13 +841,13 @@ def test_offline_and_an_interrupted_start_are_one_line(tmp_path, monkeypatch, ca
     """hub_reachable probes; offline runs fail at once, in a line; early Ctrl-C: a line, 130."""
     hub = huggingface_hub.constants
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
-    for var in ("HTTPS_PROXY", "https_proxy"):
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        monkeypatch.setattr(hub, "ENDPOINT", f"https://127.0.0.1:{server.getsockname()[1]}")
+    with http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler) as server:
+        threading.Thread(target=server.handle_request).start()  # one answer (an error: it will do)
+        monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
         assert E.hub_reachable()
+    capsys.readouterr()  # the server's log of its answer
     monkeypatch.setattr(hub, "ENDPOINT", "https://hub.invalid")  # never resolves
     assert not E.hub_reachable()
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
