@@ -63,9 +63,8 @@ from tqdm import tqdm
 
 def import_libraries():
     """transformers and datasets: seconds to import, so main() imports them after the flags."""
-    global datasets, transformers, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    global datasets, transformers
     import datasets, transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 
 if __name__ != "__main__":  # imported (tests, a notebook), not run: at once
@@ -168,14 +167,12 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
         need(self.loss in PAPER_KL_COEFF,
              f"--loss must be one of local, e2e, e2e_ds, not {self.loss!r}")
         paper = lambda v: float(f"{np.exp(np.interp(self.layer, PAPER_LAYERS, np.log(v))):.4g}")
-        if self.sparsity_coeff is None:
-            self.sparsity_coeff = paper(PAPER_SPARSITY_COEFF[self.loss])
-        if self.downstream_coeff is None:
-            self.downstream_coeff = paper(PAPER_DOWNSTREAM_COEFF)
-        if self.kl_coeff is None:
-            self.kl_coeff = PAPER_KL_COEFF[self.loss]
-        if self.mse_coeff is None:
-            self.mse_coeff = float(self.loss == "local")
+        defaults = dict(sparsity_coeff=paper(PAPER_SPARSITY_COEFF[self.loss]),
+                        downstream_coeff=paper(PAPER_DOWNSTREAM_COEFF),
+                        kl_coeff=PAPER_KL_COEFF[self.loss], mse_coeff=float(self.loss == "local"))
+        for name, value in defaults.items():  # a coefficient not given is the paper's
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         local = Path(self.model).expanduser()  # a model's folder (or a hub id, or tiny): its name
         self.out_dir = self.resume or self.out_dir or f"out/{local.absolute().name}_{self.loss}_layer{self.layer}"
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -193,7 +190,7 @@ class Config:  # every field is a flag (n_samples: --n-samples); its comment is 
         need(self.eval_only or self.inspect or self.n_samples >= self.samples_per_step,
              f"--n-samples {self.n_samples} is less than one optimiser step "
              "(--batch-size × --grad-accum)")
-        need(self.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, not {self.dtype!r}")
+        need(self.dtype in "bf16 fp32".split(), f"--dtype must be bf16 or fp32, not {self.dtype!r}")
         with explain(f"--device must be a device such as cpu, cuda or cuda:1, not {self.device!r}"):
             torch.device(self.device)
         need(self.sae or not (self.eval_only or self.inspect),
@@ -275,13 +272,12 @@ def splice_hook(seen, sae, stop, block, args, kwargs):
 
 
 @contextmanager
-def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
+def splice_sae(block, sae, stop=False):
     """Within the block, the SAE's â replaces the input a of `block` (splice_hook): so training and
     evaluation alike put the SAE into the model. Yields the namespace where the hook keeps a, â, c
-    of the latest pass, and the SAE's basis. sae: an SAE, its DDP wrapper, or any function
-    a ↦ (â, c). With stop, the pass ends once the SAE has run."""
-    sae_module = getattr(sae, "module", sae)  # DDP keeps the SAE as .module
-    seen = SimpleNamespace(center=getattr(sae_module, "center", False))  # a plain function: raw
+    of the latest pass, and the SAE's basis (raw for a function). sae: an SAE, its DDP wrapper, or
+    any function a ↦ (â, c). With stop, the pass ends once the SAE has run."""
+    seen = SimpleNamespace(center=getattr(getattr(sae, "module", sae), "center", False))  # (DDP's)
     hook = partial(splice_hook, seen, sae, stop)
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -290,7 +286,7 @@ def splice_sae(block: nn.Module, sae: nn.Module, stop: bool = False):
         handle.remove()
 
 
-def run_model(model: nn.Module, tokens: torch.Tensor, hidden_states: bool = False):
+def run_model(model, tokens, hidden_states=False):
     """The model on tokens (B, T) without its unembedding: .last_hidden_state (B, T, D), after the
     final norm; with hidden_states, .hidden_states[k] (B, T, D), the input of block k < n_layer (â's
     from L on in a spliced run; the last is .last_hidden_state), by pre-hooks outside the blocks'
@@ -410,7 +406,7 @@ class UnembedKL(torch.autograd.Function):
 unembed_kl = UnembedKL.apply  # (h_orig, h_sae, head, chunk_rows or None) → KL(P_orig ‖ P_sae)
 
 
-def compute_loss(cfg, model, blocks, sae: nn.Module, tokens: torch.Tensor, kl_chunk_rows=None):
+def compute_loss(cfg, model, blocks, sae, tokens, kl_chunk_rows=None):
     """One micro-batch of tokens (B, T) → (loss, its terms, c) for cfg's loss, layer, coefficients.
     sae (the SAE or its DDP wrapper) enters block L through splice_sae; local stops there. The e2e
     losses run the model clean (no gradients) and spliced, and take the KL of their final hidden
@@ -466,7 +462,7 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
     head, after = model.get_output_embeddings(), range(layer + 1, len(blocks))
     device, (dict_size, D) = sae.decoder.bias.device, sae.encoder.weight.shape
     zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums on the device: no waits
-    ce, kl, agree, sse, sum_sq_a = zeros(3), zeros(2), zeros(()), zeros(()), zeros(())
+    ce, kl, agree, sse, sum_sq_a = zeros(3), zeros(2), zeros(1), zeros(1), zeros(1)
     sum_a, fires, sse_ds = zeros(D), zeros(dict_size), zeros(len(after))  # (D,), (F,), (N,)
     for tokens in eval_tokens.split(batch_size) if len(eval_tokens) else []:
         tokens = tokens.to(device)  # (B, T)
@@ -500,14 +496,14 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
         all_reduce([ce, kl, agree, sse, sum_sq_a, sum_a, fires, sse_ds, n_sequences])
     n = int(n_sequences) * eval_tokens.shape[1]  # E·T positions
     n_predictions, n_elements = n - int(n_sequences), n * D  # E·(T−1), E·T·D
-    (ce_orig, ce_sae, ce_zero), (kl_sae, kl_zero) = ce.tolist(), kl.tolist()
+    (ce_orig, ce_sae, ce_zero), (kl_sae, kl_zero) = (ce / n_predictions).tolist(), (kl / n).tolist()
     return {
-        "ce_loss_orig": ce_orig / n_predictions,
-        "ce_loss_sae": ce_sae / n_predictions,
-        "ce_loss_increase": (ce_sae - ce_orig) / n_predictions,
-        "kl": kl_sae / n,
-        "ce_loss_zero": ce_zero / n_predictions,
-        "kl_zero": kl_zero / n,
+        "ce_loss_orig": ce_orig,
+        "ce_loss_sae": ce_sae,
+        "ce_loss_increase": ce_sae - ce_orig,
+        "kl": kl_sae,
+        "ce_loss_zero": ce_zero,
+        "kl_zero": kl_zero,
         "ce_loss_score": ((ce[2] - ce[1]) / (ce[2] - ce[0])).item(),  # zero, sae, orig; 0/0: NaN
         "kl_score": ((kl[1] - kl[0]) / kl[1]).item(),  # (kl_zero − kl) / kl_zero
         "l0": fires.sum().item() / n,
@@ -543,7 +539,7 @@ def random_gpt2(config):
     config.activation_function = "gelu_pytorch_tanh"  # GPT-2's gelu_new, fused (see load_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(config).eval()  # as from_pretrained gives it: no dropout
+        model = transformers.GPT2LMHeadModel(config).eval()  # as from_pretrained: no dropout
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, config.initializer_range)
@@ -553,11 +549,13 @@ def random_gpt2(config):
 def tiny_gpt2():
     """GPT-2 small's 12 blocks at width 64, vocabulary 512, weights 10× wider than GPT-2's init: the
     next-token entropy is ≈ 5.0 nats, not ln 512 = 6.2, so the KL has something to preserve."""
-    return random_gpt2(GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512,
-                                  initializer_range=0.2, bos_token_id=511, eos_token_id=511))
+    return random_gpt2(transformers.GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512,
+                                               initializer_range=0.2, bos_token_id=511,
+                                               eos_token_id=511))
 
 
-RANDOM_MODELS = {"tiny": tiny_gpt2, "gpt2-random": lambda: random_gpt2(GPT2Config())}  # GPT-2 small
+RANDOM_MODELS = {"tiny": tiny_gpt2,  # and GPT-2 small with random weights:
+                 "gpt2-random": lambda: random_gpt2(transformers.GPT2Config())}
 OFFLINE = ("the Hugging Face hub is unreachable; offline, use --model tiny --dataset random, or a "
            "local model folder and dataset file")
 FILES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -573,10 +571,10 @@ def decoder_blocks(model):
     return blocks
 
 
-def hub_reachable(timeout=5.0):
+def hub_reachable():
     """Does the Hugging Face hub answer (through any proxy; never under HF_HUB_OFFLINE)?"""
     with suppress(Exception):  # any answer, an error too (the hub's client would retry for 25 s)
-        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=timeout)
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=5)
         return True
     return False
 
@@ -594,13 +592,13 @@ def load_model(name, device):
         offline = not Path(name).expanduser().is_dir() and not hub_reachable()
         why = f"cannot download model {name!r}: {OFFLINE}" if offline else f"cannot load {name!r}"
         with explain(why):
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
+            model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
                                                          local_files_only=offline,
                                                          attn_implementation="sdpa")
         with suppress(OSError, ValueError, TypeError):  # no tokenizer: fine for pre-tokenised data
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=offline)
     tokenizer = tokenizer if tokenizer and len(tokenizer) > 1 else None  # (or an empty one)
-    for module in list(model.modules()):  # GPT-2's gelu_new: the tanh GELU in 8 kernels, and in
+    for module in model.modules():  # GPT-2's gelu_new: the tanh GELU in 8 kernels, and in
         for name, child in module.named_children():  # fp32 under CUDA autocast. The same formula,
             if isinstance(child, transformers.activations.NewGELUActivation):  # fused, in bf16:
                 setattr(module, name, nn.GELU(approximate="tanh"))
@@ -713,7 +711,7 @@ def load_data(cfg, tokenizer, vocab_size):
 # rank 0 alone prints and writes. A plain `python e2e_sae.py` is rank 0 of 1.
 
 TORCHRUN = all(v in os.environ for v in "RANK LOCAL_RANK WORLD_SIZE".split())
-RANK, WORLD_SIZE = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if TORCHRUN else (0, 1)
+RANK, WORLD_SIZE = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE")) if TORCHRUN else (0, 1)
 MAIN_PROCESS = RANK == 0
 
 
@@ -1051,7 +1049,7 @@ def read_window(run, window, signalled, last_saved):
     the one wait for the GPU. A non-finite term stops the run before anything of it is written."""
     keys = list(window[0])
     sums = [sum(terms[k] for terms in window) / len(window) for k in keys]
-    values = all_reduce([torch.stack([*sums, torch.full((), float(signalled), device=run.device)])])
+    values = all_reduce([torch.stack([*sums, torch.tensor(float(signalled), device=run.device)])])
     *means, stop = (v / WORLD_SIZE for v in values[0].tolist())  # all processes' means
     need(all(map(math.isfinite, means)), "the loss or its gradient is not finite "
          f"({', '.join(f'{k} {v:.4g}' for k, v in zip(keys, means))}); nothing after step "
@@ -1320,10 +1318,10 @@ TOP_CONTEXTS, CONTEXT_TOKENS = 5, 8  # --inspect: contexts per element; tokens e
 
 
 def text_histogram(edges, counts, label):
-    """A line per bin, from the first non-empty one to the last, a bar scaled to the largest."""
+    """A line per bin (label: the format of its edges), from the first non-empty one to the last."""
     full = [i for i, n in enumerate(counts) if n] or [0]
-    bar = lambda n: "█" * round(40 * n / max(counts + [1]))
-    return "\n".join(f"  {label(edges[i], edges[i + 1]):>18} {bar(counts[i]):<40} {counts[i]}"
+    bar = lambda n: "█" * round(40 * n / max(counts + [1]))  # scaled to the largest
+    return "\n".join(f"  {label.format(*edges[i:i + 2]):>18} {bar(counts[i]):<40} {counts[i]}"
                      for i in range(full[0], full[-1] + 1))
 
 
@@ -1396,10 +1394,10 @@ def inspect(cfg):
               f"when active {r['mean_activation']:.3g}")
         for context in contexts:
             print(f"  {context['activation']:8.3f}  {context['text']}")
-    d, label = result["density"], lambda lo, hi: f"10^{lo:.1f} … 10^{hi:.1f}"
+    d = result["density"]
     print(f"\nfiring frequency of the {d['dead'] + sum(d['counts'])} dictionary elements "
           f"({d['dead']} dead, never firing):")
-    print(text_histogram(d["log10_freq_edges"], d["counts"], label))
+    print(text_histogram(d["log10_freq_edges"], d["counts"], "10^{:.1f} … 10^{:.1f}"))
     write_output(cfg, "inspect.json", result)
     return result
 
@@ -1422,9 +1420,8 @@ def max_cosine(A, B, exclude_self=False, chunk_elements=2**25):
 def compare(cfg):
     """--compare DIR_A DIR_B: each element of A's largest cosine similarity with any of B (cross:
     is it in B too?) and with another of A (within-SAE: how spread out is A?), as the paper does."""
-    A, B = (load_sae(folder)[0].dictionary.T for folder in cfg.compare)  # (F_A, D), (F_B, D)
-    device = process_device(cfg)
-    A, B = A.to(device), B.to(device)  # rows of unit norm
+    device = process_device(cfg)  # rows of unit norm, (F_A, D) and (F_B, D):
+    A, B = (load_sae(folder)[0].dictionary.T.to(device) for folder in cfg.compare)
     need(A.shape[1] == B.shape[1],
          f"the SAEs read different widths ({A.shape[1]} and {B.shape[1]}): they cannot be compared")
     result, edges = dict(zip("ab", cfg.compare)), [i / 20 for i in range(21)]
@@ -1440,7 +1437,7 @@ def compare(cfg):
         print(f"{name}-SAE max cosine similarity of A's {len(A)} elements with "
               f"{'any of B' if name == 'cross' else 'another of A'}'s: mean {r['mean']:.3f} | "
               f"quartiles {q[1]:.3f} {q[2]:.3f} {q[3]:.3f} | min {q[0]:.3f} max {q[4]:.3f}")
-        print(text_histogram(edges, counts, lambda lo, hi: f"{lo:.2f} … {hi:.2f}"))
+        print(text_histogram(edges, counts, "{:.2f} … {:.2f}"))
     write_output(cfg, "compare.json", result)
     return result
 
@@ -1539,9 +1536,8 @@ def main(argv=None):
             print(f"error{'' if MAIN_PROCESS else f' (rank {RANK})'}: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:  # all processes stopped after the same step; rank 0 checkpointed
-        signum, message = e.args
-        print0(f"stopped: {message}", file=sys.stderr)
-        sys.exit(128 + signum)
+        print0(f"stopped: {e.args[1]}", file=sys.stderr)
+        sys.exit(128 + e.args[0])  # the signal's number
     except KeyboardInterrupt:  # outside the training loop, or a second Ctrl-C
         print0("stopped: interrupted (any checkpoint already written is intact)", file=sys.stderr)
         sys.exit(130)
