@@ -462,6 +462,7 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
     head, after = model.get_output_embeddings(), range(layer + 1, len(blocks))
     device, (dict_size, D) = sae.decoder.bias.device, sae.encoder.weight.shape
     zeros = partial(torch.zeros, dtype=torch.float64, device=device)  # sums on the device: no waits
+    sum_rows = partial(torch.sum, dtype=torch.float64)  # per position in fp32, then exact
     ce, kl, agree, sse, sum_sq_a = zeros(3), zeros(2), zeros(1), zeros(1), zeros(1)
     sum_a, fires, sse_ds = zeros(D), zeros(dict_size), zeros(len(after))  # (D,), (F,), (N,)
     for tokens in eval_tokens.split(batch_size) if len(eval_tokens) else []:
@@ -475,7 +476,6 @@ def evaluate(model, blocks, sae, eval_tokens, layer, batch_size=8, autocast=null
         hs = [run.last_hidden_state.flatten(0, 1) for run in (orig, spliced, zero)]  # (B·T, D)
         targets = F.pad(tokens[:, 1:], (0, 1), value=-100).flatten()  # (B·T,): −100 at t = T−1
         for rows, (log_p_orig, log_p_sae, log_p_zero) in log_softmax_chunks(head, hs):
-            sum_rows = partial(torch.sum, dtype=torch.float64)  # per position in fp32, then exact
             ce += torch.stack([sum_rows(F.nll_loss(log_p, targets[rows], reduction="none"))
                                for log_p in (log_p_orig, log_p_sae, log_p_zero)])  # −100: none
             kl += torch.stack([sum_rows(F.kl_div(log_p, log_p_orig, log_target=True,
