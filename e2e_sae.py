@@ -554,8 +554,8 @@ def tiny_gpt2():
                                                eos_token_id=511))
 
 
-RANDOM_MODELS = {"tiny": tiny_gpt2,  # and GPT-2 small with random weights:
-                 "gpt2-random": lambda: random_gpt2(transformers.GPT2Config())}
+RANDOM_MODELS = {"tiny": tiny_gpt2,
+                 "gpt2-random": lambda: random_gpt2(transformers.GPT2Config())}  # GPT-2 small
 OFFLINE = ("the Hugging Face hub is unreachable; offline, use --model tiny --dataset random, or a "
            "local model folder and dataset file")
 FILES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -592,9 +592,8 @@ def load_model(name, device):
         offline = not Path(name).expanduser().is_dir() and not hub_reachable()
         why = f"cannot download model {name!r}: {OFFLINE}" if offline else f"cannot load {name!r}"
         with explain(why):
-            model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32,
-                                                         local_files_only=offline,
-                                                         attn_implementation="sdpa")
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                name, dtype=torch.float32, local_files_only=offline, attn_implementation="sdpa")
         with suppress(OSError, ValueError, TypeError):  # no tokenizer: fine for pre-tokenised data
             tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=offline)
     tokenizer = tokenizer if tokenizer and len(tokenizer) > 1 else None  # (or an empty one)
