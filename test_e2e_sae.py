@@ -221,7 +221,7 @@ def test_a_few_dozen_steps_reduce_the_loss_and_mse_coeff_adds_alpha_mse(tiny, lo
         h = model(tokens, output_hidden_states=True).hidden_states[5]
         a_c = h - h.mean(-1, keepdim=True)  # centred: the SAE's basis by default
         mse, l1 = mse_by_hand(sae(a_c)[0], a_c), 0.1 * l1_by_hand(sae(a_c)[1])
-        by_hand = 0.7 * mse + base.item() - default * base_terms.get("mse", 0.0)
+        by_hand = 0.7 * mse + base.item() - default * mse  # base: α = default, its MSE by hand
     sparsity = base_terms["sparsity"].item()
     assert sparsity == pytest.approx(l1, rel=1e-5), f"φ‖c‖₁ {sparsity}, not 0.1 · {l1 / 0.1}"
     assert terms["mse"].item() == pytest.approx(mse, rel=1e-5), f"MSE {terms['mse']}, not {mse}"
