@@ -1,7 +1,6 @@
-"""Tests for e2e_sae.py, offline, on tiny random models, each against an independent computation:
-the method first (each test read on its own), then the engineering. Run: python -m pytest -q
-test_e2e_sae.py. One thread per process, so that results here and in subprocesses stay bitwise
-comparable."""
+"""Tests for e2e_sae.py (python -m pytest -q test_e2e_sae.py), offline, on tiny random models,
+each against an independent computation: the method first (each test read on its own), then the
+engineering. One thread per process: results here and in subprocesses stay bitwise comparable."""
 
 import bdb, copy, dataclasses, http.server, io, itertools, json, logging, math, os, pdb, re, shlex
 import signal, subprocess, sys, textwrap, threading, time, weakref
@@ -58,11 +57,9 @@ def cfg_for(loss="e2e", layer=6, **kw):
 def kl_by_hand(logits_p, logits_q):
     """KL(P ‖ Q) averaged over positions, P and Q the softmax of each row of logits."""
     softmax = lambda z: [math.exp(x) / sum(map(math.exp, z)) for x in z]
-    rows, total = list(zip(logits_p.flatten(0, -2).tolist(), logits_q.flatten(0, -2).tolist())), 0.0
-    for zp, zq in rows:
-        p, q = softmax(zp), softmax(zq)
-        total += sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p, q))
-    return total / len(rows)
+    kl = lambda p, q: sum(pv * (math.log(pv) - math.log(qv)) for pv, qv in zip(p, q))
+    rows = list(zip(logits_p.flatten(0, -2).tolist(), logits_q.flatten(0, -2).tolist()))
+    return sum(kl(softmax(zp), softmax(zq)) for zp, zq in rows) / len(rows)
 
 def mse_by_hand(x, y):
     """The mean over all elements of (x − y)²."""
@@ -80,9 +77,7 @@ def l1_by_hand(c):
 @pytest.mark.parametrize("layer", [0, 6, 11])
 @pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
 def test_identity_dictionary_gives_zero_kl(layer, center):
-    """F = 2D, encoder [I; −I], decoder [I, −I], zero biases: c = (a⁺, a⁻), â = a⁺ − a⁻ = a
-    exactly, in either basis (tutorial exercise 1). Every loss is its sparsity term alone;
-    evaluation sees KL 0, CE increase 0, downstream MSE 0, and scores of 1."""
+    """â = a exactly (tutorial exercise 1): every loss is its sparsity term; KL 0, scores 1."""
     model = E.tiny_gpt2().eval().requires_grad_(False)  # 12 blocks, width D = 64, vocabulary 512
     blocks, D = E.decoder_blocks(model), 64
     sae, eye = E.SAE(D, 2 * D, center=center), torch.eye(D)  # center: the basis it reads
@@ -103,56 +98,22 @@ def test_identity_dictionary_gives_zero_kl(layer, center):
             assert abs(terms[name].item()) < 1e-6, f"{loss}: {name} {terms[name].item()}"
     eval_tokens = torch.randint(512, (3, 16), generator=torch.Generator().manual_seed(1))
     m = E.evaluate(model, blocks, sae, eval_tokens, layer, batch_size=2)
-    assert abs(m["kl"]) < 1e-6, f"KL {m['kl']}"
-    assert abs(m["ce_loss_increase"]) < 1e-6, f"CE increase {m['ce_loss_increase']}"
-    assert m["mse"] == 0.0, f"MSE {m['mse']}"
-    assert m["explained_variance"] == 1.0, f"explained variance {m['explained_variance']}"
-    assert m["top1_agreement"] == 1.0, f"top-1 agreement {m['top1_agreement']}"
-    assert abs(m["kl_score"] - 1) <= 1e-6, f"KL score {m['kl_score']}"
-    assert abs(m["ce_loss_score"] - 1) <= 1e-6, f"CE loss score {m['ce_loss_score']}"
+    for k, want in {"kl": 0, "ce_loss_increase": 0, "kl_score": 1, "ce_loss_score": 1}.items():
+        assert abs(m[k] - want) <= 1e-6, f"{k} {m[k]}"
+    exact = {"mse": 0.0, "explained_variance": 1.0, "top1_agreement": 1.0, "n_eval_tokens": 3 * 16}
+    for k, want in exact.items():
+        assert m[k] == want, f"{k} {m[k]}"
     assert m["kl_zero"] > 0.1, f"KL of the zero-ablated model {m['kl_zero']}"
-    assert m["n_eval_tokens"] == 3 * 16, f"{m['n_eval_tokens']} tokens"
     assert set(m["downstream_mse"]) == set(range(layer + 1, 12)), f"blocks {m['downstream_mse']}"
     assert max(m["downstream_mse"].values(), default=0.0) <= 1e-10, f"{m['downstream_mse']}"
 
-def test_the_sae_reads_transformerlens_centred_stream_where_a_hat_needs_no_mean(tiny):
-    """The paper's basis: the SAE reads hidden_states[L] minus its mean over D, and the local loss
-    is measured there (with φ = λ / D); â + k·1 gives the same logits, as every reader of the stream
-    is a LayerNorm (RMSNorm models keep the raw one: see test_models_load_frozen_with_...)."""
+@pytest.mark.parametrize("layer", [0, 5, 11])
+def test_splice_hook_sees_hf_hidden_states_in_either_basis_and_cleans_up(tiny, layer):
+    """The hook sees HF's hidden_states[L] (less its mean over D by default), puts â in its place,
+    can end the pass, goes; â + k·1 gives the same logits, as LayerNorms read the stream."""
     model, blocks = tiny
     torch.manual_seed(0)
-    tokens, sae = tokens_for(model), E.SAE(64, 128)
-    with torch.no_grad():
-        h = model(tokens, output_hidden_states=True).hidden_states[5]
-        a_c = h - h.mean(-1, keepdim=True)
-        with E.splice_sae(blocks[5], sae) as seen:  # an SAE reads the centred stream by default
-            logits = model(tokens).logits
-        assert torch.allclose(seen.a, a_c, atol=1e-6), f"|a − a_c| {(seen.a - a_c).abs().max()}"
-        assert torch.equal(seen.a_hat, sae(seen.a)[0]), "â is not the SAE's output on a"
-        for k in (-3.0, 0.5, 40.0):
-            moved = copy.deepcopy(sae)
-            moved.decoder.bias += k  # â + k·1
-            with E.splice_sae(blocks[5], moved):
-                shifted = model(tokens).logits
-            assert torch.allclose(shifted, logits, atol=1e-4), f"k = {k}"
-    cfg = cfg_for("local", 5, sparsity_coeff=6.4)  # λ = 6.4 at width D = 64 is φ = λ / D = 0.1
-    _, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens)
-    mse_c, l1_c = mse_by_hand(sae(a_c)[0], a_c), 0.1 * l1_by_hand(sae(a_c)[1].detach())
-    assert terms["mse"].item() == pytest.approx(mse_c, rel=1e-5), f"MSE {terms['mse']}, {mse_c}"
-    sparsity = terms["sparsity"].item()
-    assert sparsity == pytest.approx(l1_c, rel=1e-5), f"φ‖c‖₁ {sparsity}, not 0.1 · {l1_c / 0.1}"
-    raw_cfg = cfg_for("local", 5, center=False)
-    sae.center = False
-    raw = E.compute_loss(raw_cfg, model, blocks, sae, tokens)[1]["mse"].item()
-    assert raw == pytest.approx(mse_by_hand(sae(h)[0], h), rel=1e-5), f"raw MSE {raw}"
-    assert raw != pytest.approx(terms["mse"].item(), rel=1e-3), f"raw MSE {raw} = centred MSE"
-
-@pytest.mark.parametrize("layer", [0, 5, 11])
-def test_splice_hook_sees_hf_hidden_states_and_cleans_up(layer):
-    """The hook sees HF's hidden_states[L] exactly, puts â in its place, can end the pass, goes."""
-    model = E.tiny_gpt2().eval().requires_grad_(False)
-    blocks, sae = E.decoder_blocks(model), E.SAE(64, 128, center=False)  # the raw stream
-    tokens = torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
+    sae, tokens = E.SAE(64, 128, center=False), tokens_for(model)  # the raw stream first
     with torch.no_grad():
         clean = model(tokens, output_hidden_states=True)
         a = clean.hidden_states[layer]  # (B, T, D): the input of block L
@@ -173,6 +134,17 @@ def test_splice_hook_sees_hf_hidden_states_and_cleans_up(layer):
         assert seen.c.shape == (2, 16, 128), f"c of shape {seen.c.shape}"
         with pytest.raises(E.StopForward), E.splice_sae(blocks[layer], sae, stop=True):
             model(tokens)
+        sae.center, a_c = True, a - a.mean(-1, keepdim=True)  # TransformerLens's basis
+        with E.splice_sae(blocks[layer], sae) as seen:
+            spliced = model(tokens).logits
+        assert torch.allclose(seen.a, a_c, atol=1e-6), f"|a − a_c| {(seen.a - a_c).abs().max()}"
+        assert torch.equal(seen.a_hat, sae(seen.a)[0]), "â is not the SAE's output on a"
+        for k in (-3.0, 0.5, 20.0):
+            moved = copy.deepcopy(sae)
+            moved.decoder.bias += k  # â + k·1
+            with E.splice_sae(blocks[layer], moved):
+                shifted = model(tokens).logits
+            assert torch.allclose(shifted, spliced, atol=1e-4), f"k = {k}"
         after = model(tokens).logits
     assert torch.equal(after, clean.logits), f"off by {(after - clean.logits).abs().max()}"
     for k, block in enumerate(blocks):
@@ -192,10 +164,7 @@ def test_kl_direction_is_orig_to_sae():
     assert kl == pytest.approx(forward, rel=1e-5), f"unembed_kl {kl}, KL(orig ‖ sae) {forward}"
 
 def test_losses_equal_hand_computations():
-    """Each loss of the paper against the same formula in plain Python, on random tensors:
-    local  MSE(â, a) + φ · mean ‖c‖₁
-    e2e    KL(P_orig ‖ P_sae) + φ · mean ‖c‖₁
-    e2e_ds ½ KL + φ · mean ‖c‖₁ + β · mean over the later blocks k of MSE(a_k^sae, a_k^orig)"""
+    """Each loss of the paper against its formula in plain Python, on random tensors."""
     g, phi, beta = torch.Generator().manual_seed(0), 0.5, 2.5
     randn = lambda *shape: torch.randn(*shape, generator=g)
     a, a_hat, c = randn(2, 3, 4), randn(2, 3, 4), randn(2, 3, 6).relu()  # (B, T, D), (B, T, F)
@@ -217,18 +186,18 @@ def test_losses_equal_hand_computations():
     assert ds == pytest.approx(downstream, rel=1e-5), f"downstream {ds}, not {downstream}"
 
 @pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
-def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
-    """On a fixed batch the total falls by 30% in 20 steps, and so does the loss's own term; the
-    decoder starts orthogonal, and its columns D_n keep unit norm, whatever the raw weight does."""
+def test_a_few_dozen_steps_reduce_the_loss_and_mse_coeff_adds_alpha_mse(tiny, loss):
+    """20 steps on a fixed batch cut the total by 30%, and the loss's own term; then φ = λ / D, and
+    --mse-coeff α adds α·MSE(â, a) in the SAE's basis (by default 1 for local, else no MSE term)."""
     model, blocks = tiny
     torch.manual_seed(0)
-    cfg, tokens, history = cfg_for(loss, 5, sparsity_coeff=0.5), tokens_for(model), []
-    sae = E.SAE(64, 256)
+    sae, tokens, history = E.SAE(64, 256), tokens_for(model), []
+    cfg = partial(cfg_for, loss, 5, sparsity_coeff=6.4)  # λ = 6.4 at width D = 64: φ = 0.1
     rows = sae.decoder.weight @ sae.decoder.weight.T  # (D, D)
     assert torch.allclose(rows, torch.eye(64), atol=1e-5), "the decoder's rows are not orthonormal"
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     for _ in range(20):
-        total, terms, _ = E.compute_loss(cfg, model, blocks, sae, tokens)
+        total, terms, _ = E.compute_loss(cfg(sparsity_coeff=0.5), model, blocks, sae, tokens)
         total.backward()
         opt.step()
         opt.zero_grad()
@@ -241,44 +210,33 @@ def test_a_few_dozen_steps_reduce_the_loss(tiny, loss):
     assert not torch.allclose(norms, torch.full_like(norms, 0.5)), f"column norms {norms}"
     unit = sae.dictionary.norm(dim=0)  # ... and D_n's are unit vectors all the same
     assert torch.allclose(unit, torch.ones(256)), f"D_n's column norms {unit}"
-
-@pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
-def test_mse_coeff_adds_alpha_mse_and_its_default_changes_no_loss(tiny, loss):
-    """--mse-coeff α weighs MSE(â, a), by default 1 for local, 0 for the others, which then are
-    bitwise what they were (no MSE term); α = 0.7 adds 0.7·MSE(â, a_c), by hand."""
-    model, blocks = tiny
-    torch.manual_seed(0)
-    sae, tokens, default = E.SAE(64, 128), tokens_for(model), float(loss == "local")
-    base, base_terms, _ = E.compute_loss(cfg_for(loss, 5), model, blocks, sae, tokens)
-    same, same_terms, _ = E.compute_loss(cfg_for(loss, 5, mse_coeff=default), model, blocks, sae,
-                                         tokens)
+    default = float(loss == "local")
+    base, base_terms, _ = E.compute_loss(cfg(), model, blocks, sae, tokens)
+    same, same_terms, _ = E.compute_loss(cfg(mse_coeff=default), model, blocks, sae, tokens)
     assert torch.equal(base, same), f"{base} with no --mse-coeff, {same} with {default}"
     assert base_terms.keys() == same_terms.keys(), f"terms {list(base_terms)}, {list(same_terms)}"
     assert ("mse" in base_terms) == (loss == "local"), f"terms {list(base_terms)}"
-    loss_a, terms, _ = E.compute_loss(cfg_for(loss, 5, mse_coeff=0.7), model, blocks, sae, tokens)
+    loss_a, terms, _ = E.compute_loss(cfg(mse_coeff=0.7), model, blocks, sae, tokens)
     with torch.no_grad():
         h = model(tokens, output_hidden_states=True).hidden_states[5]
-        a_c = h - h.mean(-1, keepdim=True)
-        mse = mse_by_hand(sae(a_c)[0], a_c)
-        by_hand = 0.7 * mse + base.item() - default * base_terms.get("mse", 0.0)
+        a_c = h - h.mean(-1, keepdim=True)  # centred: the SAE's basis by default
+        mse, l1 = mse_by_hand(sae(a_c)[0], a_c), 0.1 * l1_by_hand(sae(a_c)[1])
+        by_hand = 0.7 * mse + base.item() - default * mse  # base: α = default, its MSE by hand
+    sparsity = base_terms["sparsity"].item()
+    assert sparsity == pytest.approx(l1, rel=1e-5), f"φ‖c‖₁ {sparsity}, not 0.1 · {l1 / 0.1}"
     assert terms["mse"].item() == pytest.approx(mse, rel=1e-5), f"MSE {terms['mse']}, not {mse}"
     assert loss_a.item() == pytest.approx(float(by_hand), rel=1e-5), f"{loss_a}, not {by_hand}"
-
-def zero_input(module, args, kwargs):
-    """A forward pre-hook: the block's input replaced by zeros."""
-    if args:
-        return (torch.zeros_like(args[0]), *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": torch.zeros_like(kwargs["hidden_states"])}
+    sae.center = False
+    raw = E.compute_loss(cfg(mse_coeff=0.7, center=False), model, blocks, sae, tokens)[1]["mse"]
+    assert raw.item() == pytest.approx(mse_by_hand(sae(h)[0], h), rel=1e-5), f"raw MSE {raw}"
+    assert raw.item() != pytest.approx(mse, rel=1e-3), f"raw MSE {raw} = centred MSE"
 
 @pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
 def test_evaluate_matches_independent_computations(tiny, center):
-    """Every metric against HF's own loss, hidden_states and plain sums, in the SAE's basis (centred
-    a − mean_D(a), the spliced streams keeping mean_D(â)); the spliced logits against blocks run
-    by hand; the scores against a zero ablation by a hook of the test's own."""
+    """Every metric against HF's loss and hidden_states, blocks run by hand, and a zero ablation."""
     model, blocks = tiny
-    L, tokens = 3, tokens_for(model, B=5, T=12, seed=3)
     torch.manual_seed(0)
-    sae = identity_sae(64, center)
+    sae, L, tokens = identity_sae(64, center), 3, tokens_for(model, B=5, T=12, seed=3)
     basis = (lambda h: h - h.mean(-1, keepdim=True)) if center else (lambda h: h)
     with torch.no_grad():
         sae.decoder.weight.add_(0.03 * torch.randn(64, 128))  # changed, not beyond recognition
@@ -291,7 +249,8 @@ def test_evaluate_matches_independent_computations(tiny, center):
             x = x[0] if isinstance(x, tuple) else x
         with E.splice_sae(blocks[L], sae):
             spliced = model(tokens, labels=tokens, output_hidden_states=True)
-        handle = blocks[L].register_forward_pre_hook(zero_input, with_kwargs=True)  # the zero model
+        zero_input = lambda block, args: (torch.zeros_like(args[0]), *args[1:])  # the zero model
+        handle = blocks[L].register_forward_pre_hook(zero_input)
         zero = model(tokens, labels=tokens)
         handle.remove()
     by_hand = model.lm_head(model.transformer.ln_f(x))
@@ -361,8 +320,7 @@ def block_inputs(blocks, ks):
             h.remove()
 
 def reference_loss(cfg, model, blocks, sae, tokens):
-    """The e2e losses the plain way: whole passes, full (B, T, V) logits, kl_div, downstream streams
-    from hooks, centred by hand (the spliced ones keep â's mean)."""
+    """The e2e losses the plain way: full (B, T, V) logits, kl_div, streams read by hooks."""
     L, phi = cfg.layer, cfg.sparsity_coeff / sae.encoder.in_features
     ds = range(L + 1, len(blocks)) if cfg.loss == "e2e_ds" else []
     with torch.no_grad(), block_inputs(blocks, ds) as orig:
@@ -396,8 +354,7 @@ def other_models():
     ("gpt2", "e2e", 5), ("gpt2", "e2e_ds", 0), ("gpt2", "e2e_ds", 10), ("llama", "e2e_ds", 1),
     ("neox", "e2e", 2), ("qwen", "e2e_ds", 1), ("gemma", "e2e", 0)])
 def test_fast_path_matches_the_plain_computation(tiny, other_models, arch, loss, layer):
-    """compute_loss (unembed_kl in ragged chunks, bf16) against reference_loss in fp32: terms and
-    gradients within 1e-5; in bf16, terms within 1%, ‖g − g_ref‖ / ‖g_ref‖ < 5% (seen: 0.1, 1.6%)"""
+    """compute_loss (unembed_kl in ragged chunks; fp32, bf16) against reference_loss in fp32."""
     model = tiny[0] if arch == "gpt2" else other_models[arch]
     blocks, D = E.decoder_blocks(model), model.config.hidden_size
     cfg = cfg_for(loss, layer, center=arch in ("gpt2", "neox"))  # as setup() decides: LayerNorm
@@ -423,7 +380,6 @@ def test_fast_path_matches_the_plain_computation(tiny, other_models, arch, loss,
 class Probe(TorchDispatchMode):
     """The largest tensor made, and FLOPs by torch's formulas (FlopCounterMode misses unembed_kl)"""
     largest = flops = 0
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -433,8 +389,7 @@ class Probe(TorchDispatchMode):
         return out
 
 def test_each_loss_runs_what_it_counts_and_no_batch_by_vocabulary_tensor():
-    """local runs blocks 0 … L−1; e2e the clean model, then the spliced one, unembedding a chunk of
-    rows at a time: no (B, T, V) tensor; flops_per_token equals torch's count of one step."""
+    """local runs blocks 0 … L−1, e2e the model twice, no (B, T, V) tensor; FLOPs as torch's."""
     model = E.tiny_gpt2().eval().requires_grad_(False)  # a model of its own, for the hooks
     model.config._attn_implementation = "eager"  # whose matmuls the count sees on the CPU
     blocks, calls, sae, (B, T, V) = E.decoder_blocks(model), [], E.SAE(64, 128), (2, 64, 512)
@@ -478,9 +433,7 @@ def test_bf16_autocast_keeps_logits_and_the_residual_stream_fp32(tiny):
 # --- Models and data
 def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, monkeypatch, capsys,
                                                                      other_models):
-    """Models load frozen, in eval mode, with SDPA; the hook sees Llama's hidden_states[L]; a Llama
-    run trains in the raw stream (RMSNorm); GPT-2 and NeoX read the centred one; fp32 is no TF32.
-    A GPT-2 saved with gelu_new (as the hub's is) runs torch's fused tanh GELU, the same formula."""
+    """Models load frozen, with SDPA and GPT-2's fused GELU; RMSNorm models keep the raw stream."""
     assert E.load_model("tiny", torch.device("cpu"))[0].config._attn_implementation == "sdpa"
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512,
@@ -551,15 +504,12 @@ def write_sources(folder, rows):
 @pytest.mark.parametrize("streamed", [False, True])
 def test_eval_and_training_sequences_never_overlap_and_the_seed_sets_the_order(
         tmp_path, monkeypatch, streamed):
-    """The first sequences are held out, of local sources (held, shuffled whole) and streamed ones
-    (a buffer, re-opened at their end); each epoch reads every other sequence once, reshuffled, in
-    an order that the seed sets."""
+    """Each epoch reads every sequence but the first (held out) once, in an order the seed sets."""
     monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)
     rows = [list(range(i, i + 8 + i % 3)) for i in range(40)]  # row i: [i, i+1, ...], 8 to 10 long
     rows.insert(5, [1, 2, 3])  # too short: skipped
     sequences = [tuple(row[:8]) for row in rows if len(row) >= 8]  # 40 of n_ctx = 8 tokens
     held_out, others = sequences[:10], sequences[10:]
-
     def three_epochs(cfg, seed=0):  # of the 30 sequences not held out
         train = E.load_data(dataclasses.replace(cfg, seed=seed), None, 512)[1]
         return [tuple(next(train).tolist()) for _ in range(3 * 30)]
@@ -591,15 +541,14 @@ def test_random_tokens_hold_out_the_same_sequences_whatever_the_seed():
 
 def make_tokenizer(folder: Path, texts):
     """A small word-level tokenizer built offline, saved as a HF tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from tokenizers.processors import TemplateProcessing
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["<unk>", "<eos>", "<bos>"]
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
     # Like Llama's tokenizer, it puts <bos> before every text it encodes (unless told not to).
     bos = ("<bos>", tok.token_to_id("<bos>"))
-    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[bos])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[bos])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
                                    bos_token="<bos>")
     fast.save_pretrained(folder)
@@ -661,10 +610,8 @@ def write(folder: Path, name: str, data) -> str:
     (folder / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     return str(folder / name)
 def sae_dir(folder: Path, d_model=64, dict_size=8, config=None, sae=None, dictionary=None) -> str:
-    """folder holding sae.safetensors, of `sae` or of a new SAE (of decoder columns `dictionary`,
-    (D, F), unit-norm, if given), and config.json holding `config`, if given."""
-    if sae is None:
-        sae = E.SAE(*(dictionary.shape if dictionary is not None else (d_model, dict_size)))
+    """folder holding sae.safetensors (of `sae`, or with `dictionary`'s columns), config.json."""
+    sae = sae or E.SAE(*(dictionary.shape if dictionary is not None else (d_model, dict_size)))
     if dictionary is not None:
         sae.decoder.weight.data.copy_(dictionary)
     E.save_sae(sae, Path(write(folder, "sae.safetensors", b"")))
@@ -821,8 +768,7 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
 ])
 def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, monkeypatch, capfd, make_args,
                                                       message):
-    """main() says each mistake in a line on stderr, exits 2, leaves the output folder as it was;
-    never torch's advice to load with weights_only=False, nor a library's progress bar."""
+    """main() says each mistake in a line on stderr, exits 2, leaves the output folder as it was."""
     for handler in logging.getLogger("datasets").handlers:  # made at import: to this test's stderr
         monkeypatch.setattr(handler, "stream", sys.stderr)
     args, out = make_args(tmp_path) if callable(make_args) else make_args, tmp_path / "out"
@@ -883,10 +829,7 @@ def check_output_folder(out: Path, loss: str, n_layers: int, layer: int, dict_ra
     return metrics, config
 
 def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys):
-    """Text (.txt files, or jsonl rows) is tokenised and packed, EOS between documents, no BOS; a
-    saved model trains on it, saying first how many passes over the data it makes; --eval-only of
-    the run (its config.json) writes eval.json beside the SAE (or in --out-dir), never the run's
-    metrics.json; --sae may name the sae.safetensors file; --eval-only of a bare SAE file."""
+    """Text is packed, EOS between documents, for a saved model; --eval-only writes eval.json."""
     docs = [" ".join(f"w{(i * j) % 37}" for j in range(7 + i % 5)) for i in range(30)]
     model_dir, out = tmp_path / "model", tmp_path / "run"
     tok = make_tokenizer(model_dir, docs)
@@ -915,8 +858,7 @@ def test_cli_local_model_folder_and_text_dataset_then_eval_only(tmp_path, capsys
     assert "final:" in printed, printed
     saved = (out / "metrics.json").read_bytes()
     E.main(["--eval-only", "--sae", str(out)])
-    printed = capsys.readouterr().out
-    beside = read_json(out / "eval.json")
+    printed, beside = capsys.readouterr().out, read_json(out / "eval.json")
     E.main(["--eval-only", "--sae", str(out / "sae.safetensors"), "--out-dir", str(tmp_path / "e")])
     elsewhere = read_json(tmp_path / "e" / "eval.json")
     assert f"wrote {tmp_path / 'e'}/eval.json" in capsys.readouterr().out
