@@ -4,7 +4,7 @@ engineering. One thread per process: results here and in subprocesses stay bitwi
 
 import bdb, copy, dataclasses, http.server, io, itertools, json, logging, math, os, pdb, re, shlex
 import signal, subprocess, sys, textwrap, threading, time, weakref
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,11 +39,9 @@ def tiny():
 def identity_sae(d_model: int, center=True) -> E.SAE:
     """F = 2D, encoder [I; −I], decoder [I, −I], zero biases: c = (a⁺, a⁻), â = a⁺ − a⁻ = a."""
     sae, eye = E.SAE(d_model, 2 * d_model, center=center), torch.eye(d_model)
-    with torch.no_grad():
-        sae.encoder.weight.copy_(torch.cat([eye, -eye], 0))  # (2D, D)
-        sae.decoder.weight.copy_(torch.cat([eye, -eye], 1))  # (D, 2D), columns already unit norm
-        sae.encoder.bias.zero_()
-        sae.decoder.bias.zero_()
+    enc = torch.cat([eye, -eye])  # (2D, D); the decoder's weight is enc.T, its columns unit norm
+    sae.load_state_dict({"encoder.weight": enc, "encoder.bias": torch.zeros(2 * d_model),
+                         "decoder.weight": enc.T, "decoder.bias": torch.zeros(d_model)})
     return sae
 
 def tokens_for(model, B=2, T=16, seed=0):
@@ -63,17 +61,14 @@ def kl_by_hand(logits_p, logits_q):
 
 def mse_by_hand(x, y):
     """The mean over all elements of (x − y)²."""
-    pairs = zip(x.flatten().tolist(), y.flatten().tolist())
-    return sum((u - v) ** 2 for u, v in pairs) / x.numel()
+    return sum((u - v) ** 2 for u, v in zip(x.flatten().tolist(), y.flatten().tolist())) / x.numel()
 def l1_by_hand(c):
     """The mean over positions of ‖c‖₁."""
     rows = c.flatten(0, -2).tolist()
     return sum(sum(abs(v) for v in row) for row in rows) / len(rows)
 
 
-# =================================================================================================
-# The method: the SAE spliced into the residual stream, the three losses, evaluation
-# =================================================================================================
+# === The method: the SAE spliced into the residual stream, the three losses, evaluation ==========
 @pytest.mark.parametrize("layer", [0, 6, 11])
 @pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
 def test_identity_dictionary_gives_zero_kl(layer, center):
@@ -81,15 +76,12 @@ def test_identity_dictionary_gives_zero_kl(layer, center):
     model = E.tiny_gpt2().eval().requires_grad_(False)  # 12 blocks, width D = 64, vocabulary 512
     blocks, D = E.decoder_blocks(model), 64
     sae, eye = E.SAE(D, 2 * D, center=center), torch.eye(D)  # center: the basis it reads
-    with torch.no_grad():
-        sae.encoder.weight.copy_(torch.cat([eye, -eye], 0))  # (2D, D)
-        sae.decoder.weight.copy_(torch.cat([eye, -eye], 1))  # (D, 2D), columns already unit norm
-        sae.encoder.bias.zero_()
-        sae.decoder.bias.zero_()
+    enc = torch.cat([eye, -eye])  # (2D, D); the decoder's weight is enc.T, its columns unit norm
+    sae.load_state_dict({"encoder.weight": enc, "encoder.bias": torch.zeros(2 * D),
+                         "decoder.weight": enc.T, "decoder.bias": torch.zeros(D)})
     tokens = torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
-    losses = ["local", "e2e", "e2e_ds"] if layer < 11 else ["local", "e2e"]  # e2e_ds needs L + 1
-    for loss in losses:  # λ = 6.4 is φ = λ / D = 0.1
-        cfg = E.Config(loss=loss, layer=layer, sparsity_coeff=6.4)
+    for loss in ["local", "e2e", "e2e_ds"] if layer < 11 else ["local", "e2e"]:  # e2e_ds needs L+1
+        cfg = E.Config(loss=loss, layer=layer, sparsity_coeff=6.4)  # λ = 6.4 is φ = λ / D = 0.1
         total, terms, c = E.compute_loss(cfg, model, blocks, sae, tokens)
         l1 = 0.1 * c.sum(-1).mean()  # φ · mean ‖c‖₁ = φ · mean ‖a‖₁
         assert torch.allclose(terms["sparsity"], l1), f"{loss}: {terms['sparsity']}, not {l1}"
@@ -114,38 +106,35 @@ def test_splice_hook_sees_hf_hidden_states_in_either_basis_and_cleans_up(tiny, l
     model, blocks = tiny
     torch.manual_seed(0)
     sae, tokens = E.SAE(64, 128, center=False), tokens_for(model)  # the raw stream first
-    with torch.no_grad():
-        clean = model(tokens, output_hidden_states=True)
-        a = clean.hidden_states[layer]  # (B, T, D): the input of block L
-        ours = E.run_model(model, tokens, hidden_states=True)
-        for k, (h, h_hf) in enumerate(zip(ours.hidden_states, clean.hidden_states)):
-            assert torch.equal(h, h_hf), f"hidden_states[{k}] off by {(h - h_hf).abs().max()}"
-        logits = model.lm_head(ours.last_hidden_state)
-        assert torch.equal(logits, clean.logits), f"off by {(logits - clean.logits).abs().max()}"
-        with E.splice_sae(blocks[layer], sae) as seen:
-            spliced = model(tokens).logits
-        a_hat, c = sae(seen.a)
-        for name, got, want in [("a", seen.a, a), ("â", seen.a_hat, a_hat), ("c", seen.c, c)]:
-            assert torch.equal(got, want), f"{name} off by {(got - want).abs().max()}"
-        assert not torch.allclose(spliced, clean.logits), "the splice left the logits unchanged"
-        with E.splice_sae(blocks[layer], sae, stop=True) as seen:
-            assert E.run_model(model, tokens) is None  # ended once the SAE had run
-        assert torch.equal(seen.a, a), f"a off by {(seen.a - a).abs().max()}"
-        assert seen.c.shape == (2, 16, 128), f"c of shape {seen.c.shape}"
-        with pytest.raises(E.StopForward), E.splice_sae(blocks[layer], sae, stop=True):
-            model(tokens)
-        sae.center, a_c = True, a - a.mean(-1, keepdim=True)  # TransformerLens's basis
-        with E.splice_sae(blocks[layer], sae) as seen:
-            spliced = model(tokens).logits
-        assert torch.allclose(seen.a, a_c, atol=1e-6), f"|a − a_c| {(seen.a - a_c).abs().max()}"
-        assert torch.equal(seen.a_hat, sae(seen.a)[0]), "â is not the SAE's output on a"
-        for k in (-3.0, 0.5, 20.0):
-            moved = copy.deepcopy(sae)
-            moved.decoder.bias += k  # â + k·1
-            with E.splice_sae(blocks[layer], moved):
-                shifted = model(tokens).logits
-            assert torch.allclose(shifted, spliced, atol=1e-4), f"k = {k}"
-        after = model(tokens).logits
+    clean = model(tokens, output_hidden_states=True)
+    a = clean.hidden_states[layer]  # (B, T, D): the input of block L
+    ours = E.run_model(model, tokens, hidden_states=True)
+    for k, (h, h_hf) in enumerate(zip(ours.hidden_states, clean.hidden_states)):
+        assert torch.equal(h, h_hf), f"hidden_states[{k}] off by {(h - h_hf).abs().max()}"
+    logits = model.lm_head(ours.last_hidden_state)
+    assert torch.equal(logits, clean.logits), f"off by {(logits - clean.logits).abs().max()}"
+    with E.splice_sae(blocks[layer], sae) as seen:
+        spliced = model(tokens).logits
+    for name, got, want in zip("aâc", (seen.a, seen.a_hat, seen.c), (a, *sae(seen.a))):
+        assert torch.equal(got, want), f"{name} off by {(got - want).abs().max()}"
+    assert not torch.allclose(spliced, clean.logits), "the splice left the logits unchanged"
+    with E.splice_sae(blocks[layer], sae, stop=True) as seen:
+        assert E.run_model(model, tokens) is None  # ended once the SAE had run
+    assert torch.equal(seen.a, a), f"a off by {(seen.a - a).abs().max()}"
+    assert seen.c.shape == (2, 16, 128), f"c of shape {seen.c.shape}"
+    with pytest.raises(E.StopForward), E.splice_sae(blocks[layer], sae, stop=True):
+        model(tokens)
+    sae.center, a_c = True, a - a.mean(-1, keepdim=True)  # TransformerLens's basis
+    with E.splice_sae(blocks[layer], sae) as seen:
+        spliced = model(tokens).logits
+    assert torch.allclose(seen.a, a_c, atol=1e-6), f"|a − a_c| {(seen.a - a_c).abs().max()}"
+    assert torch.equal(seen.a_hat, sae(seen.a)[0]), "â is not the SAE's output on a"
+    for k in (-3.0, 0.5, 20.0):
+        moved = copy.deepcopy(sae).requires_grad_(False)
+        moved.decoder.bias += k  # â + k·1
+        with E.splice_sae(blocks[layer], moved):
+            assert torch.allclose(model(tokens).logits, spliced, atol=1e-4), f"k = {k}"
+    after = model(tokens).logits
     assert torch.equal(after, clean.logits), f"off by {(after - clean.logits).abs().max()}"
     for k, block in enumerate(blocks):
         assert len(block._forward_pre_hooks) == 0, f"block {k} keeps {block._forward_pre_hooks}"
@@ -158,19 +147,16 @@ def test_kl_direction_is_orig_to_sae():
     assert abs(forward - backward) > 0.2, f"KL(orig ‖ sae) {forward}, KL(sae ‖ orig) {backward}"
     kl = E.kl_div(logits_orig, logits_sae).item()
     assert kl == pytest.approx(forward, rel=1e-5), f"kl_div {kl}, KL(orig ‖ sae) {forward}"
-    head = torch.nn.Linear(3, 3, bias=False).requires_grad_(False)
-    head.weight.copy_(torch.eye(3))  # an identity unembedding: the hidden states are the logits
+    head = SimpleNamespace(weight=torch.eye(3), bias=None)  # W_U = I: hidden states are logits
     kl = E.unembed_kl(logits_orig, logits_sae, head, None).item()
     assert kl == pytest.approx(forward, rel=1e-5), f"unembed_kl {kl}, KL(orig ‖ sae) {forward}"
 
 def test_losses_equal_hand_computations():
     """Each loss of the paper against its formula in plain Python, on random tensors."""
-    g, phi, beta = torch.Generator().manual_seed(0), 0.5, 2.5
-    randn = lambda *shape: torch.randn(*shape, generator=g)
+    randn, phi, beta = partial(torch.randn, generator=torch.Generator().manual_seed(0)), 0.5, 2.5
     a, a_hat, c = randn(2, 3, 4), randn(2, 3, 4), randn(2, 3, 6).relu()  # (B, T, D), (B, T, F)
     logits_orig, logits_sae = randn(2, 3, 5) * 2, randn(2, 3, 5) * 2  # (B, T, V)
-    resid_orig = [randn(2, 3, 4) for _ in range(3)]  # three later blocks' inputs, (B, T, D) each
-    resid_sae = [randn(2, 3, 4) for _ in range(3)]
+    resid_orig, resid_sae = ([randn(2, 3, 4) for _ in range(3)] for _ in range(2))  # 3 later blocks
     mse, l1, kl = mse_by_hand(a_hat, a), l1_by_hand(c), kl_by_hand(logits_orig, logits_sae)
     downstream = sum(mse_by_hand(s, o) for s, o in zip(resid_sae, resid_orig)) / 3
     loss, terms = E.local_loss(a, a_hat, c, phi)
@@ -217,11 +203,10 @@ def test_a_few_dozen_steps_reduce_the_loss_and_mse_coeff_adds_alpha_mse(tiny, lo
     assert base_terms.keys() == same_terms.keys(), f"terms {list(base_terms)}, {list(same_terms)}"
     assert ("mse" in base_terms) == (loss == "local"), f"terms {list(base_terms)}"
     loss_a, terms, _ = E.compute_loss(cfg(mse_coeff=0.7), model, blocks, sae, tokens)
-    with torch.no_grad():
-        h = model(tokens, output_hidden_states=True).hidden_states[5]
-        a_c = h - h.mean(-1, keepdim=True)  # centred: the SAE's basis by default
-        mse, l1 = mse_by_hand(sae(a_c)[0], a_c), 0.1 * l1_by_hand(sae(a_c)[1])
-        by_hand = 0.7 * mse + base.item() - default * mse  # base: α = default, its MSE by hand
+    h = model(tokens, output_hidden_states=True).hidden_states[5]
+    a_c = h - h.mean(-1, keepdim=True)  # centred: the SAE's basis by default
+    mse, l1 = mse_by_hand(sae(a_c)[0], a_c), 0.1 * l1_by_hand(sae(a_c)[1])
+    by_hand = 0.7 * mse + base.item() - default * mse  # base: α = default, its MSE by hand
     sparsity = base_terms["sparsity"].item()
     assert sparsity == pytest.approx(l1, rel=1e-5), f"φ‖c‖₁ {sparsity}, not 0.1 · {l1 / 0.1}"
     assert terms["mse"].item() == pytest.approx(mse, rel=1e-5), f"MSE {terms['mse']}, not {mse}"
@@ -249,28 +234,24 @@ def test_evaluate_matches_independent_computations(tiny, center):
             x = x[0] if isinstance(x, tuple) else x
         with E.splice_sae(blocks[L], sae):
             spliced = model(tokens, labels=tokens, output_hidden_states=True)
-        zero_input = lambda block, args: (torch.zeros_like(args[0]), *args[1:])  # the zero model
-        handle = blocks[L].register_forward_pre_hook(zero_input)
-        zero = model(tokens, labels=tokens)
-        handle.remove()
+        with blocks[L].register_forward_pre_hook(lambda b, a: (torch.zeros_like(a[0]), *a[1:])):
+            zero = model(tokens, labels=tokens)  # the zero model: block L reads zeros
     by_hand = model.lm_head(model.transformer.ln_f(x))
     off = (spliced.logits - by_hand).abs().max()
     assert torch.allclose(spliced.logits, by_hand, atol=1e-5), f"spliced logits off by {off}"
     m = E.evaluate(model, blocks, sae, tokens, L, batch_size=2)
     p, q, z = (run.logits.log_softmax(-1) for run in (clean, spliced, zero))
-    a = basis(clean.hidden_states[L]).double().numpy().reshape(-1, 64)  # (B·T, D)
-    a_hat = a_hat.double().numpy().reshape(-1, 64)
+    a, a_hat = (t.double().numpy().reshape(-1, 64) for t in (basis(clean.hidden_states[L]), a_hat))
     kl, kl_zero = ((p.exp() * (p - r)).sum(-1).mean().item() for r in (q, z))  # KL(P_orig ‖ ·)
     ce_orig, ce_sae, ce_zero = clean.loss.item(), spliced.loss.item(), zero.loss.item()  # HF's
     agree = clean.logits.argmax(-1) == spliced.logits.argmax(-1)  # (B, T)
-    expected = {"ce_loss_orig": ce_orig, "ce_loss_sae": ce_sae,  # over B·(T−1) predictions
-                "ce_loss_increase": ce_sae - ce_orig, "ce_loss_zero": ce_zero,
+    expected = {"ce_loss_orig": ce_orig, "ce_loss_sae": ce_sae, "ce_loss_zero": ce_zero,  # B·(T−1)
+                "ce_loss_increase": ce_sae - ce_orig, "n_eval_tokens": 5 * 12,
                 "ce_loss_score": (ce_zero - ce_sae) / (ce_zero - ce_orig),
                 "kl": kl, "kl_zero": kl_zero, "kl_score": (kl_zero - kl) / kl_zero,
-                "l0": (c > 0).float().sum(-1).mean().item(),
+                "l0": (c > 0).float().sum(-1).mean().item(), "mse": ((a - a_hat) ** 2).mean(),
                 "alive_dict_elements": int((c > 0).reshape(-1, 128).any(0).sum()),
                 "explained_variance": 1 - ((a - a_hat) ** 2).sum() / ((a - a.mean(0)) ** 2).sum(),
-                "mse": ((a - a_hat) ** 2).mean(), "n_eval_tokens": 5 * 12,
                 "top1_agreement": agree.float().mean().item()}
     alive, top1 = expected["alive_dict_elements"], expected["top1_agreement"]
     assert 0 < alive <= 118, f"{alive} elements alive: the test would check little"
@@ -287,11 +268,9 @@ def test_evaluate_matches_independent_computations(tiny, center):
 def test_unembed_kl_equals_kl_of_full_logits_and_its_gradient(chunk_rows):
     """The chunked KL from hidden states: kl_div's on the full logits, and autograd's gradient."""
     g, (B, T, D, V) = torch.Generator().manual_seed(1), (2, 5, 4, 7)
-    head = torch.nn.Linear(D, V).requires_grad_(False)
-    head.weight.copy_(torch.randn(V, D, generator=g))
-    head.bias.copy_(torch.randn(V, generator=g))
-    h_orig = torch.randn(B, T, D, generator=g)
-    h_sae = torch.randn(B, T, D, generator=g, requires_grad=True)
+    randn, head = partial(torch.randn, generator=g), torch.nn.Linear(D, V).requires_grad_(False)
+    head.load_state_dict({"weight": randn(V, D), "bias": randn(V)})  # drawn in this order
+    h_orig, h_sae = randn(B, T, D), randn(B, T, D, requires_grad=True)
     h_ref = h_sae.detach().clone().requires_grad_(True)
     kl, ref = E.unembed_kl(h_orig, h_sae, head, chunk_rows), E.kl_div(head(h_orig), head(h_ref))
     (3.0 * kl + 3.0 * ref).backward()  # h_sae's gradient from kl, h_ref's from ref
@@ -300,10 +279,8 @@ def test_unembed_kl_equals_kl_of_full_logits_and_its_gradient(chunk_rows):
     assert torch.allclose(h_sae.grad, h_ref.grad, atol=1e-6)
 
 
-# =================================================================================================
-# The engineering: fast-path guards, data, configuration and command line, the output folder and
-# checkpoints, many processes, speed, looking inside, the tutorial
-# =================================================================================================
+# === The engineering: fast-path guards, data, configuration and command line, the output folder
+# and checkpoints, many processes, speed, looking inside, the tutorial ============================
 
 # --- The training path equals the plain computation
 @contextmanager
@@ -312,12 +289,10 @@ def block_inputs(blocks, ks):
     seen = {}
     hook = lambda k: lambda m, args, kwargs: seen.__setitem__(
         k, args[0] if args else kwargs["hidden_states"])
-    handles = [blocks[k].register_forward_pre_hook(hook(k), with_kwargs=True) for k in ks]
-    try:
+    with ExitStack() as hooks:  # removed on the way out
+        for k in ks:
+            hooks.enter_context(blocks[k].register_forward_pre_hook(hook(k), with_kwargs=True))
         yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 def reference_loss(cfg, model, blocks, sae, tokens):
     """The e2e losses the plain way: full (B, T, V) logits, kl_div, streams read by hooks."""
@@ -340,8 +315,7 @@ def other_models():
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=300)
-    neox = GPTNeoXConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                         intermediate_size=64, vocab_size=100)
+    neox = GPTNeoXConfig(**{**small, "num_attention_heads": 2, "vocab_size": 100})  # its own heads
     # qwen: blocks 2 and 3 attend over a sliding window of 8 positions, 0 and 1 over all
     qwen = Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=2)
     # gemma: alternating sliding-window and global layers, each kind with its own rotary embeddings
@@ -360,11 +334,9 @@ def test_fast_path_matches_the_plain_computation(tiny, other_models, arch, loss,
     cfg = cfg_for(loss, layer, center=arch in ("gpt2", "neox"))  # as setup() decides: LayerNorm
     torch.manual_seed(0)
     sae, tokens = E.SAE(D, 4 * D, center=cfg.center), tokens_for(model, B=2, T=32)
-    with torch.no_grad():
-        sae.encoder.bias.add_(0.3)  # more active elements: a KL well away from 0
+    sae.encoder.bias.data.add_(0.3)  # more active elements: a KL well away from 0
     ref_loss, ref_terms = reference_loss(cfg, model, blocks, sae, tokens)
-    ref_loss.backward()
-    ref_grads = [p.grad.clone() for p in sae.parameters()]
+    ref_grads = torch.autograd.grad(ref_loss, list(sae.parameters()))
     assert ref_terms["kl"] > 1e-3, f"KL {ref_terms['kl']}: the test would check little"
     for bf16, rel in ((False, 1e-5), (True, 1e-2)):
         sae.zero_grad()
@@ -422,17 +394,15 @@ def test_bf16_autocast_keeps_logits_and_the_residual_stream_fp32(tiny):
             E.run_model(model, tokens_for(model))
     bf16 = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
     m = E.evaluate(*tiny, identity_sae(64), tokens_for(model), 6, 2, bf16)
-    for name, dtype, want in [("the blocks' matmuls", qkv.dtype, torch.bfloat16),  # bf16 inside
-                              ("the logits", logits.dtype, torch.float32),
-                              ("â", seen.a_hat.dtype, torch.bfloat16),
-                              ("â as the next block reads it", enter[6].dtype, torch.float32)]:
-        assert dtype == want, f"{name} in {dtype}"
+    assert qkv.dtype == torch.bfloat16, f"the blocks' matmuls in {qkv.dtype}"  # bf16 inside
+    assert logits.dtype == torch.float32, f"the logits in {logits.dtype}"
+    assert seen.a_hat.dtype == torch.bfloat16, f"â in {seen.a_hat.dtype}"
+    assert enter[6].dtype == torch.float32, f"â as the next block reads it in {enter[6].dtype}"
     assert 0 <= m["kl"] < 0.05, f"KL {m['kl']}"
     assert m["explained_variance"] > 0.99, f"explained variance {m['explained_variance']}"
 
 # --- Models and data
-def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, monkeypatch, capsys,
-                                                                     other_models):
+def test_models_load_frozen_fused_with_findable_blocks(tmp_path, monkeypatch, capsys, other_models):
     """Models load frozen, with SDPA and GPT-2's fused GELU; RMSNorm models keep the raw stream."""
     assert E.load_model("tiny", torch.device("cpu"))[0].config._attn_implementation == "sdpa"
     torch.manual_seed(0)
@@ -451,16 +421,13 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
             act, tokens = model.transformer.h[0].mlp.act, tokens_for(model, T=64)
             assert isinstance(act, torch.nn.GELU), act
             assert act.approximate == "tanh", act.approximate
-            with torch.no_grad():
-                difference = (model(tokens).logits - gpt2(tokens).logits).abs().max().item()
+            difference = (model(tokens).logits - gpt2(tokens).logits).abs().max().item()
             assert difference < 1e-4, f"largest logit difference {difference}"
-    # the raw stream, as setup() decides for an RMSNorm model
     blocks, tokens, sae = E.decoder_blocks(model), tokens_for(model), identity_sae(32, False)
-    with torch.no_grad():
-        hidden = model(tokens, output_hidden_states=True).hidden_states
-        with E.splice_sae(blocks[2], sae) as seen:
-            spliced = model(tokens).logits
-        logits = model(tokens).logits
+    hidden = model(tokens, output_hidden_states=True).hidden_states
+    with E.splice_sae(blocks[2], sae) as seen:
+        spliced = model(tokens).logits
+    logits = model(tokens).logits
     assert torch.equal(seen.a, hidden[2]), f"a off by {(seen.a - hidden[2]).abs().max()}"
     assert torch.allclose(spliced, logits, atol=1e-5), f"off by {(spliced - logits).abs().max()}"
     for loss in ("local", "e2e_ds"):
@@ -473,13 +440,11 @@ def test_models_load_frozen_with_fused_attention_and_findable_blocks(tmp_path, m
         assert config["center"] is False, "RMSNorm: TransformerLens does not centre it, nor do we"
     said = f"e2e_ds SAE at layer 2 of {tmp_path}/llama (uncentred stream): D=32 F=64 λ=10 β=2.5 |"
     assert said in capsys.readouterr().out
-    for name, centred in (("neox", True), ("llama", False), ("gpt2", True)):
-        E.setup(cfg := cfg_for(layer=1, model=str(tmp_path / name)))
-        assert cfg.center is centred, name
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    for dtype in ("fp32", "bf16"):
-        E.setup(cfg_for(dtype=dtype))  # TF32 only for a bf16 run's fp32 matmuls
-        assert torch.backends.cuda.matmul.allow_tf32 is (dtype == "bf16"), dtype
+    for name, dtype in (("neox", "bf16"), ("llama", "fp32"), ("gpt2", "bf16")):
+        E.setup(cfg := cfg_for(layer=1, model=str(tmp_path / name), dtype=dtype))
+        assert cfg.center is (name != "llama"), f"{name}: only LayerNorm models are centred"
+        assert torch.backends.cuda.matmul.allow_tf32 is (dtype == "bf16"), dtype  # for bf16 runs
         assert torch.backends.cudnn.allow_tf32 is (dtype == "bf16"), dtype
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     neox = other_models["neox"]
@@ -502,8 +467,7 @@ def write_sources(folder, rows):
     return [str(folder / name) for name in names]
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_eval_and_training_sequences_never_overlap_and_the_seed_sets_the_order(
-        tmp_path, monkeypatch, streamed):
+def test_eval_and_training_sequences_never_overlap_seed_sets_order(tmp_path, monkeypatch, streamed):
     """Each epoch reads every sequence but the first (held out) once, in an order the seed sets."""
     monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)
     rows = [list(range(i, i + 8 + i % 3)) for i in range(40)]  # row i: [i, i+1, ...], 8 to 10 long
@@ -540,13 +504,12 @@ def test_random_tokens_hold_out_the_same_sequences_whatever_the_seed():
     assert not held_out & trained, f"{len(held_out & trained)} held-out sequences trained on"
 
 def make_tokenizer(folder: Path, texts):
-    """A small word-level tokenizer built offline, saved as a HF tokenizer."""
+    """A word-level HF tokenizer built offline, saved in folder; like Llama's, it prepends <bos>."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["<unk>", "<eos>", "<bos>"]
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
-    # Like Llama's tokenizer, it puts <bos> before every text it encodes (unless told not to).
     bos = ("<bos>", tok.token_to_id("<bos>"))
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[bos])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
