@@ -69,16 +69,14 @@ def l1_by_hand(c):
 
 
 # === The method: the SAE spliced into the residual stream, the three losses, evaluation ==========
-@pytest.mark.parametrize("layer", [0, 6, 11])
-@pytest.mark.parametrize("center", [True, False], ids=["centred", "raw"])
+@pytest.mark.parametrize("layer, center", itertools.product([0, 6, 11], [True, False]))
 def test_identity_dictionary_gives_zero_kl(layer, center):
     """â = a exactly (tutorial exercise 1): every loss is its sparsity term; KL 0, scores 1."""
     model = E.tiny_gpt2().eval().requires_grad_(False)  # 12 blocks, width D = 64, vocabulary 512
-    blocks, D = E.decoder_blocks(model), 64
-    sae, eye = E.SAE(D, 2 * D, center=center), torch.eye(D)  # center: the basis it reads
-    enc = torch.cat([eye, -eye])  # (2D, D); the decoder's weight is enc.T, its columns unit norm
-    sae.load_state_dict({"encoder.weight": enc, "encoder.bias": torch.zeros(2 * D),
-                         "decoder.weight": enc.T, "decoder.bias": torch.zeros(D)})
+    blocks, D, eye = E.decoder_blocks(model), 64, torch.eye(64)
+    sae, enc = E.SAE(D, 2 * D, center=center), torch.cat([eye, -eye])  # center: the basis it reads
+    sae.load_state_dict({"encoder.weight": enc, "encoder.bias": torch.zeros(2 * D),  # enc: (2D, D)
+                         "decoder.weight": enc.T, "decoder.bias": torch.zeros(D)})  # unit columns
     tokens = torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(0))  # (B, T)
     for loss in ["local", "e2e", "e2e_ds"] if layer < 11 else ["local", "e2e"]:  # e2e_ds needs L+1
         cfg = E.Config(loss=loss, layer=layer, sparsity_coeff=6.4)  # λ = 6.4 is φ = λ / D = 0.1
@@ -171,8 +169,8 @@ def test_losses_equal_hand_computations():
     ds = terms["downstream"].item()
     assert ds == pytest.approx(downstream, rel=1e-5), f"downstream {ds}, not {downstream}"
 
-@pytest.mark.parametrize("loss", ["local", "e2e", "e2e_ds"])
-def test_a_few_dozen_steps_reduce_the_loss_and_mse_coeff_adds_alpha_mse(tiny, loss):
+@pytest.mark.parametrize("loss, own", [("local", "mse"), ("e2e", "kl"), ("e2e_ds", "downstream")])
+def test_a_few_dozen_steps_reduce_the_loss_and_mse_coeff_adds_alpha_mse(tiny, loss, own):
     """20 steps on a fixed batch cut the total by 30%, and the loss's own term; then φ = λ / D, and
     --mse-coeff α adds α·MSE(â, a) in the SAE's basis (by default 1 for local, else no MSE term)."""
     model, blocks = tiny
@@ -188,10 +186,8 @@ def test_a_few_dozen_steps_reduce_the_loss_and_mse_coeff_adds_alpha_mse(tiny, lo
         opt.step()
         opt.zero_grad()
         history.append({k: v.item() for k, v in {"total": total, **terms}.items()})
-    own = {"local": "mse", "e2e": "kl", "e2e_ds": "downstream"}[loss]  # the loss's own term
-    first, last = history[0], history[-1]
-    assert last["total"] < 0.7 * first["total"], (first, last)
-    assert last[own] < first[own], (first, last)
+    assert history[-1]["total"] < 0.7 * history[0]["total"], (history[0], history[-1])
+    assert history[-1][own] < history[0][own], (history[0], history[-1])
     norms = sae.decoder.weight.norm(dim=0)  # (F,): the raw columns moved from √(D/F) = 0.5 ...
     assert not torch.allclose(norms, torch.full_like(norms, 0.5)), f"column norms {norms}"
     unit = sae.dictionary.norm(dim=0)  # ... and D_n's are unit vectors all the same
@@ -246,13 +242,12 @@ def test_evaluate_matches_independent_computations(tiny, center):
     ce_orig, ce_sae, ce_zero = clean.loss.item(), spliced.loss.item(), zero.loss.item()  # HF's
     agree = clean.logits.argmax(-1) == spliced.logits.argmax(-1)  # (B, T)
     expected = {"ce_loss_orig": ce_orig, "ce_loss_sae": ce_sae, "ce_loss_zero": ce_zero,  # B·(T−1)
-                "ce_loss_increase": ce_sae - ce_orig, "n_eval_tokens": 5 * 12,
-                "ce_loss_score": (ce_zero - ce_sae) / (ce_zero - ce_orig),
-                "kl": kl, "kl_zero": kl_zero, "kl_score": (kl_zero - kl) / kl_zero,
-                "l0": (c > 0).float().sum(-1).mean().item(), "mse": ((a - a_hat) ** 2).mean(),
+                "ce_loss_increase": ce_sae - ce_orig, "kl": kl, "kl_zero": kl_zero,
+                "ce_loss_score": (ce_zero - ce_sae) / (ce_zero - ce_orig), "n_eval_tokens": 5 * 12,
+                "kl_score": (kl_zero - kl) / kl_zero, "l0": (c > 0).float().sum(-1).mean().item(),
+                "mse": ((a - a_hat) ** 2).mean(), "top1_agreement": agree.float().mean().item(),
                 "alive_dict_elements": int((c > 0).reshape(-1, 128).any(0).sum()),
-                "explained_variance": 1 - ((a - a_hat) ** 2).sum() / ((a - a.mean(0)) ** 2).sum(),
-                "top1_agreement": agree.float().mean().item()}
+                "explained_variance": 1 - ((a - a_hat) ** 2).sum() / ((a - a.mean(0)) ** 2).sum()}
     alive, top1 = expected["alive_dict_elements"], expected["top1_agreement"]
     assert 0 < alive <= 118, f"{alive} elements alive: the test would check little"
     assert 0 < top1 < 1, f"top-1 agreement {top1}: the test would check little"
@@ -279,16 +274,14 @@ def test_unembed_kl_equals_kl_of_full_logits_and_its_gradient(chunk_rows):
     assert torch.allclose(h_sae.grad, h_ref.grad, atol=1e-6)
 
 
-# === The engineering: fast-path guards, data, configuration and command line, the output folder
-# and checkpoints, many processes, speed, looking inside, the tutorial ============================
+# === The engineering: fast paths, data, the CLI, checkpoints, processes, speed, --inspect, tutorial
 
 # --- The training path equals the plain computation
 @contextmanager
 def block_inputs(blocks, ks):
     """The inputs of blocks ks in the next forward pass, read by hooks of the test's own."""
     seen = {}
-    hook = lambda k: lambda m, args, kwargs: seen.__setitem__(
-        k, args[0] if args else kwargs["hidden_states"])
+    hook = lambda k: lambda m, args, kw: seen.update({k: args[0] if args else kw["hidden_states"]})
     with ExitStack() as hooks:  # removed on the way out
         for k in ks:
             hooks.enter_context(blocks[k].register_forward_pre_hook(hook(k), with_kwargs=True))
@@ -315,7 +308,7 @@ def other_models():
     torch.manual_seed(0)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=300)
-    neox = GPTNeoXConfig(**{**small, "num_attention_heads": 2, "vocab_size": 100})  # its own heads
+    neox = GPTNeoXConfig(**{**small, "num_attention_heads": 2, "vocab_size": 100})
     # qwen: blocks 2 and 3 attend over a sliding window of 8 positions, 0 and 1 over all
     qwen = Qwen2Config(**small, use_sliding_window=True, sliding_window=8, max_window_layers=2)
     # gemma: alternating sliding-window and global layers, each kind with its own rotary embeddings
@@ -360,8 +353,9 @@ class Probe(TorchDispatchMode):
             self.flops += flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
         return out
 
-def test_each_loss_runs_what_it_counts_and_no_batch_by_vocabulary_tensor():
-    """local runs blocks 0 … L−1, e2e the model twice, no (B, T, V) tensor; FLOPs as torch's."""
+def test_each_loss_runs_what_it_counts_no_batch_by_vocabulary_tensor_and_fp32_logits():
+    """local runs blocks 0 … L−1, e2e the model twice, no (B, T, V) tensor; FLOPs as torch's. In
+    bf16 autocast the blocks' matmuls and â are bf16; the logits and â as block L reads it, fp32."""
     model = E.tiny_gpt2().eval().requires_grad_(False)  # a model of its own, for the hooks
     model.config._attn_implementation = "eager"  # whose matmuls the count sees on the CPU
     blocks, calls, sae, (B, T, V) = E.decoder_blocks(model), [], E.SAE(64, 128), (2, 64, 512)
@@ -384,16 +378,13 @@ def test_each_loss_runs_what_it_counts_and_no_batch_by_vocabulary_tensor():
             with Probe() as probe:
                 reference_loss(cfg, model, blocks, sae, tokens)[0].backward()
             assert probe.largest >= B * T * V, f"the largest tensor of {probe.largest} elements"
-
-def test_bf16_autocast_keeps_logits_and_the_residual_stream_fp32(tiny):
-    model, blocks = tiny
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         qkv = blocks[0].attn.c_attn(torch.randn(2, 64))
         logits = E.unembed(model.lm_head, E.run_model(model, tokens_for(model)).last_hidden_state)
         with E.splice_sae(blocks[6], identity_sae(64)) as seen, block_inputs(blocks, [6]) as enter:
             E.run_model(model, tokens_for(model))
     bf16 = partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    m = E.evaluate(*tiny, identity_sae(64), tokens_for(model), 6, 2, bf16)
+    m = E.evaluate(model, blocks, identity_sae(64), tokens_for(model), 6, 2, bf16)
     assert qkv.dtype == torch.bfloat16, f"the blocks' matmuls in {qkv.dtype}"  # bf16 inside
     assert logits.dtype == torch.float32, f"the logits in {logits.dtype}"
     assert seen.a_hat.dtype == torch.bfloat16, f"â in {seen.a_hat.dtype}"
@@ -402,14 +393,13 @@ def test_bf16_autocast_keeps_logits_and_the_residual_stream_fp32(tiny):
     assert m["explained_variance"] > 0.99, f"explained variance {m['explained_variance']}"
 
 # --- Models and data
-def test_models_load_frozen_fused_with_findable_blocks(tmp_path, monkeypatch, capsys, other_models):
+def test_models_load_frozen_fused_with_findable_blocks(tmp_path, capsys, other_models):
     """Models load frozen, with SDPA and GPT-2's fused GELU; RMSNorm models keep the raw stream."""
     assert E.load_model("tiny", torch.device("cpu"))[0].config._attn_implementation == "sdpa"
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512,
                                       initializer_range=0.2, activation_function="gelu_new"))
-    saved = {"gpt2": gpt2.eval(), "llama": other_models["llama"], "neox": other_models["neox"]}
-    for name, m in saved.items():
+    for name, m in dict(gpt2=gpt2, llama=other_models["llama"], neox=other_models["neox"]).items():
         m.save_pretrained(tmp_path / name)
     for name in ("gpt2", "llama"):
         model, tokenizer = E.load_model(str(tmp_path / name), torch.device("cpu"))
@@ -421,7 +411,7 @@ def test_models_load_frozen_fused_with_findable_blocks(tmp_path, monkeypatch, ca
             act, tokens = model.transformer.h[0].mlp.act, tokens_for(model, T=64)
             assert isinstance(act, torch.nn.GELU), act
             assert act.approximate == "tanh", act.approximate
-            difference = (model(tokens).logits - gpt2(tokens).logits).abs().max().item()
+            difference = (model(tokens).logits - gpt2.eval()(tokens).logits).abs().max().item()
             assert difference < 1e-4, f"largest logit difference {difference}"
     blocks, tokens, sae = E.decoder_blocks(model), tokens_for(model), identity_sae(32, False)
     hidden = model(tokens, output_hidden_states=True).hidden_states
@@ -447,16 +437,14 @@ def test_models_load_frozen_fused_with_findable_blocks(tmp_path, monkeypatch, ca
         assert torch.backends.cuda.matmul.allow_tf32 is (dtype == "bf16"), dtype  # for bf16 runs
         assert torch.backends.cudnn.allow_tf32 is (dtype == "bf16"), dtype
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    neox = other_models["neox"]
-    assert E.decoder_blocks(neox) is neox.gpt_neox.layers
-    assert len(neox.gpt_neox.layers) == 4, len(neox.gpt_neox.layers)
+    assert E.decoder_blocks(other_models["neox"]) is other_models["neox"].gpt_neox.layers
+    assert len(other_models["neox"].gpt_neox.layers) == 4, len(other_models["neox"].gpt_neox.layers)
     with pytest.raises(E.UserError, match="cannot find the decoder blocks"):
         E.decoder_blocks(torch.nn.Linear(2, 2))
-    capped = E.tiny_gpt2()
-    capped.config.final_logit_softcapping = 30.0  # as Gemma 2 has
-    monkeypatch.setitem(E.RANDOM_MODELS, "tiny", lambda: capped)
+    gpt2.config.final_logit_softcapping = 30.0  # as Gemma 2 has
+    gpt2.save_pretrained(tmp_path / "capped")
     with pytest.raises(E.UserError, match="soft-caps its logits"):
-        E.setup(cfg_for("e2e", 6))
+        E.setup(cfg_for("e2e", 1, model=str(tmp_path / "capped")))
 
 def write_sources(folder, rows):
     """The same pre-tokenised rows as a save_to_disk folder, a .jsonl and a .parquet file."""
@@ -468,8 +456,17 @@ def write_sources(folder, rows):
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_eval_and_training_sequences_never_overlap_seed_sets_order(tmp_path, monkeypatch, streamed):
-    """Each epoch reads every sequence but the first (held out) once, in an order the seed sets."""
-    monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)
+    """Each epoch reads every sequence but the first (held out) once, in an order the seed sets.
+    `random` is endless: streamed, never held; its first sequences are held out all the same."""
+    cfg = E.Config(dataset="random", n_ctx=16, eval_samples=5, shuffle_buffer=4)  # unpatched
+    eval_tokens, train = E.load_data(cfg, None, 512)
+    held_out = {tuple(row) for row in eval_tokens.tolist()}
+    trained = {tuple(next(train).tolist()) for _ in range(200)}
+    seed_7 = E.load_data(dataclasses.replace(cfg, seed=7), None, 512)[0]
+    assert torch.equal(eval_tokens, seed_7), "--seed 7 changed the evaluation set"
+    assert eval_tokens.max() < 512, f"token id {eval_tokens.max()} in a vocabulary of 512"
+    assert not held_out & trained, f"{len(held_out & trained)} held-out sequences trained on"
+    monkeypatch.setattr(E, "is_streamed", lambda dataset: streamed)  # then files, held or streamed
     rows = [list(range(i, i + 8 + i % 3)) for i in range(40)]  # row i: [i, i+1, ...], 8 to 10 long
     rows.insert(5, [1, 2, 3])  # too short: skipped
     sequences = [tuple(row[:8]) for row in rows if len(row) >= 8]  # 40 of n_ctx = 8 tokens
@@ -491,17 +488,6 @@ def test_eval_and_training_sequences_never_overlap_seed_sets_order(tmp_path, mon
             assert any(row[0] >= 30 for row in trained[:5]), f"{source}: epoch 1 begins {first[:5]}"
         assert three_epochs(cfg) == trained, f"{source}: seed 0 gave {trained}, then another order"
         assert three_epochs(cfg, 1) != trained, f"{source}: seeds 0 and 1 both gave {trained}"
-
-def test_random_tokens_hold_out_the_same_sequences_whatever_the_seed():
-    """`random` is endless: streamed, never held; its first sequences are held out all the same."""
-    cfg = E.Config(dataset="random", n_ctx=16, eval_samples=5, shuffle_buffer=4)
-    eval_tokens, train = E.load_data(cfg, None, 512)
-    held_out = {tuple(row) for row in eval_tokens.tolist()}
-    trained = {tuple(next(train).tolist()) for _ in range(200)}
-    seed_7 = E.load_data(dataclasses.replace(cfg, seed=7), None, 512)[0]
-    assert torch.equal(eval_tokens, seed_7), "--seed 7 changed the evaluation set"
-    assert eval_tokens.max() < 512, f"token id {eval_tokens.max()} in a vocabulary of 512"
-    assert not held_out & trained, f"{len(held_out & trained)} held-out sequences trained on"
 
 def make_tokenizer(folder: Path, texts):
     """A word-level HF tokenizer built offline, saved in folder; like Llama's, it prepends <bos>."""
