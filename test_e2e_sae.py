@@ -935,7 +935,7 @@ def alone(tmp_path_factory):
     E.train(E.parse_config(run_args(out)))
     return out
 
-def stopped(monkeypatch, argv, name, n, how=signal.SIGINT):
+def stopped(argv, name, n, how=signal.SIGINT):
     """The exception E.train(argv) ends with, given `how` (signal, error, function) at call n."""
     calls, real = [], getattr(E, name)
     def wrapper(*args, **kwargs):
@@ -946,8 +946,7 @@ def stopped(monkeypatch, argv, name, n, how=signal.SIGINT):
             os.kill(os.getpid(), how)
         result = real(*args, **kwargs)
         return how(result) if len(calls) == n and callable(how) else result
-    with monkeypatch.context() as m, pytest.raises(BaseException) as e:
-        m.setattr(E, name, wrapper)
+    with patch.object(E, name, wrapper), pytest.raises(BaseException) as e:
         E.train(E.parse_config(argv))
     return e.value
 
@@ -1024,7 +1023,7 @@ def plant_nan(out):  # NaN into the KL term and the loss of compute_loss's resul
     loss, terms, c = out
     return loss + terms["kl"] * float("nan"), {**terms, "kl": terms["kl"] * float("nan")}, c
 
-@pytest.mark.parametrize("data, stops, at", [
+@pytest.mark.parametrize("data, stops, step", [
     # SIGINT in step 9: the step finishes, its reduction carries the flag, the run stops after it
     # with a checkpoint (a jsonl source is held in memory, reshuffled every epoch: 1.28 of them)
     ("random", [("train_step", 9, signal.SIGINT, "Interrupted.*SIGINT after step 9 of 16")], 9),
@@ -1045,7 +1044,7 @@ def plant_nan(out):  # NaN into the KL term and the loss of compute_loss's resul
                  "intact, but resuming would repeat the same steps: start again with a lower "
                  "--lr \\(and --overwrite\\)")], 8),
 ], ids=["signal", "signal-jsonl", "before-an-evaluation", "during-evaluations", "hard-kill", "nan"])
-def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alone, data, stops, at):
+def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, alone, data, stops, step):
     """Each checkpoint left is re-saved as a GPU run writes it (its tensors on cuda:0; the CPU build
     writes such a file when told that location) and resumed with --device cpu."""
     if data == "jsonl":
@@ -1054,17 +1053,16 @@ def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alon
         E.train(E.parse_config(run_args(alone := tmp_path / "alone", data)))
     out = tmp_path / "stopped"
     for i, (name, n, how, said) in enumerate(stops):
-        e = stopped(monkeypatch, ["--resume", str(out)] if i else run_args(out, data), name, n, how)
+        e = stopped(["--resume", str(out)] if i else run_args(out, data), name, n, how)
         assert re.search(said, f"{type(e).__name__} {e}"), repr(e)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     log = E.read_log(out / "log.jsonl")
-    assert checkpoint(out)["step"] == at, checkpoint(out)["step"]
-    assert checkpoint(out)["eval_due"] == (at == 6), checkpoint(out)["eval_due"]
+    assert checkpoint(out)["step"] == step, checkpoint(out)["step"]
+    assert checkpoint(out)["eval_due"] == (step == 6), checkpoint(out)["eval_due"]
     assert not (out / "sae.safetensors").exists()
-    assert at != 6 or not any("eval/kl" in r for r in log)  # the evaluation is still due
-    assert at != 12 or max(r["step"] for r in log) == 14  # lines past the checkpoint, to go
-    with monkeypatch.context() as m:
-        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    assert step != 6 or not any("eval/kl" in r for r in log)  # the evaluation is still due
+    assert step != 12 or max(r["step"] for r in log) == 14  # lines past the checkpoint, to go
+    with patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
         torch.save(checkpoint(out), out / "checkpoint.pt")
     with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location meets
         checkpoint(out)
@@ -1078,7 +1076,7 @@ def test_resume_keeps_the_run_and_only_overwrite_replaces_it(tmp_path, monkeypat
     resumes, counts from there with an ETA, ends at step 24 on the schedule of 24 steps. Finished,
     only --overwrite replaces it; log lines carry tokens/s, and MFU where the peak is known."""
     out = tmp_path / "run"
-    e = stopped(monkeypatch, run_args(out, "random", "--dtype", "bf16"), "train_step", 5)
+    e = stopped(run_args(out, "random", "--dtype", "bf16"), "train_step", 5)
     assert isinstance(e, E.Interrupted), repr(e)
     saved, _ = (out / "checkpoint.pt").read_bytes(), capsys.readouterr()
     ways = f"--overwrite to replace it, --resume {out} to continue it, or another --out-dir"
