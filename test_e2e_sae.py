@@ -1151,8 +1151,9 @@ def test_resume_keeps_the_run_and_only_overwrite_replaces_it(tmp_path, monkeypat
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes == dict.fromkeys(OUTPUT_FILES, 0o666 & ~umask), modes
 
-def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
-    """SIGKILL a fork writing checkpoints in a loop: the file left loads, as a completed step's."""
+def test_a_killed_or_failed_checkpoint_write_keeps_the_last_one(tmp_path, monkeypatch):
+    """SIGKILL a fork writing checkpoints in a loop: the file left loads, as a completed step's. A
+    kill mid-write, or an error: the old checkpoint stays (with the RNG), no temporary file."""
     run = new_run(64, 8192)
     run.sae(torch.randn(2, 64))[0].sum().backward()
     run.optimizer.step()
@@ -1174,21 +1175,19 @@ def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     step = E.load_checkpoint(tmp_path, fresh := new_run(64, 8192))["step"]
     assert step >= done[-1], f"step {step}, after {done}"
     assert torch.all(fresh.sae.encoder.bias == step), "the SAE is not that step's"
-
-def test_a_failed_checkpoint_write_changes_nothing(tmp_path, monkeypatch):
-    """A kill mid-write, or an error: the old checkpoint stays (with the RNG), no temporary file."""
+    (folder := tmp_path / "failed").mkdir()
     run, _ = new_run(8, 16), torch.manual_seed(5)
-    E.save_checkpoint(tmp_path, run, 1, 0.0)
-    before, drawn = (tmp_path / "checkpoint.pt").read_bytes(), torch.rand(3)  # the RNG is saved
+    E.save_checkpoint(folder, run, 1, 0.0)
+    before, drawn = (folder / "checkpoint.pt").read_bytes(), torch.rand(3)  # the RNG is saved
     half_written = lambda fd: (os.ftruncate(fd, os.fstat(fd).st_size // 2)
                                or (_ for _ in ()).throw(KeyboardInterrupt))
     for where, name, fake in [(E.os, "fsync", half_written), (E.torch, "save", lambda *a: 1 / 0)]:
         with monkeypatch.context() as m, pytest.raises((KeyboardInterrupt, ZeroDivisionError)):
             m.setattr(where, name, fake)  # where a kill would strike, or an error in serialising
-            E.save_checkpoint(tmp_path, run, 2, 0.0)
-        assert (tmp_path / "checkpoint.pt").read_bytes() == before, name
-        assert os.listdir(tmp_path) == ["checkpoint.pt"], os.listdir(tmp_path)
-    assert E.load_checkpoint(tmp_path, run)["step"] == 1
+            E.save_checkpoint(folder, run, 2, 0.0)
+        assert (folder / "checkpoint.pt").read_bytes() == before, name
+        assert os.listdir(folder) == ["checkpoint.pt"], os.listdir(folder)
+    assert E.load_checkpoint(folder, run)["step"] == 1
     assert torch.equal(torch.rand(3), drawn), "the RNG is not the checkpoint's"
 
 # --- Other tools' SAEs: read exactly, evaluated, fine-tuned
