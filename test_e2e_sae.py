@@ -1113,9 +1113,8 @@ def test_resume_keeps_the_run_and_only_overwrite_replaces_it(tmp_path, monkeypat
     E.main(["--resume", str(out), "--n-samples", "192"])
     printed, log = capsys.readouterr(), E.read_log(out / "log.jsonl")
     lr_at_16 = next(r["train/lr"] for r in log if r["step"] == 16 and "train/lr" in r)
-    first = printed.out.splitlines()[0]
-    assert first == (f"resuming the run in {out} at step 5 of 24, on the learning-rate schedule "
-                     "of --n-samples 192"), first
+    assert printed.out.splitlines()[0] == (f"resuming the run in {out} at step 5 of 24, on the "
+                                           "learning-rate schedule of --n-samples 192"), printed.out
     assert "| 5/24 [" in printed.err, printed.err[-500:]
     assert re.search(r"\| (6|7|8|9|1\d|2[0-3])/24 \[\d\d:\d\d<\d\d:\d\d", printed.err), printed.err
     assert "passes" not in printed.out, printed.out  # random tokens: no passes over a dataset
@@ -1123,10 +1122,10 @@ def test_resume_keeps_the_run_and_only_overwrite_replaces_it(tmp_path, monkeypat
     assert read_json(out / "config.json")["n_samples"] == 192
     assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16  # warm-up 2
     args = run_args(out, "random", "--n-samples", "32", "--log-every", "2")
-    first = (out / "sae.safetensors").read_bytes()
+    old_sae = (out / "sae.safetensors").read_bytes()
     with pytest.raises(E.UserError, match="already holds a finished run .*: pass --overwrite to"):
         E.train(E.parse_config(args))
-    assert (out / "sae.safetensors").read_bytes() == first
+    assert (out / "sae.safetensors").read_bytes() == old_sae
     monkeypatch.chdir(out)  # the working folder: a fine --out-dir, no --init-from
     assert E.check_out_dir(E.parse_config(["--out-dir", ".", "--overwrite"])) is None
     monkeypatch.chdir(HERE)
@@ -1142,7 +1141,7 @@ def test_resume_keeps_the_run_and_only_overwrite_replaces_it(tmp_path, monkeypat
     for r in train_lines:
         assert r["tokens_per_s"] > 0, r
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e12), r
-    assert (out / "sae.safetensors").read_bytes() != first
+    assert (out / "sae.safetensors").read_bytes() != old_sae
     assert not (out / "compare.json").exists()
     # SAELens's weights are the new SAE's (a fresh hard link); files are readable as open() makes
     assert (out / "sae_weights.safetensors").samefile(out / "sae.safetensors")
