@@ -600,7 +600,9 @@ def exits(argv, capture):
 
 NOT_READABLE = "config.json is not a readable run configuration"
 NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
-@pytest.mark.parametrize("make_args, message", [
+HELD = ("out already holds %s run \\(%s\\): pass --overwrite to replace it, or another --out-dir "
+        "\\(with no checkpoint.pt, there is nothing to --resume\\)$")
+@pytest.mark.parametrize("args, message", [
     (["--layer", "12"], "--layer 12 is outside the model's blocks 0 … 11"),
     (["--loss", "e2e_ds", "--layer", "11"],
      "--loss e2e_ds needs a block after --layer; 11 is the model's last"),
@@ -625,12 +627,8 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
     (lambda p: ["--model", str(p / "nothing_here")], "nothing_here: no such folder"),
     (lambda p: ["--out-dir", write(p, "afile", "") + "/run"], "cannot write .*/run/config.json"),
     # a run already in --out-dir: both ways on, --overwrite and --resume (or why there is none)
-    (lambda p: write(p, "out/metrics.json", "{}") and [], "out already holds a finished run "
-     "\\(metrics.json\\): pass --overwrite to replace it, or another --out-dir \\(with no "
-     "checkpoint.pt, there is nothing to --resume\\)$"),
-    (lambda p: write(p, "out/log.jsonl", "{}") and [], "out already holds an unfinished run "
-     "\\(log.jsonl\\): pass --overwrite to replace it, or another --out-dir \\(with no "
-     "checkpoint.pt, there is nothing to --resume\\)$"),
+    (lambda p: write(p, "out/metrics.json", "{}") and [], HELD % ("a finished", "metrics.json")),
+    (lambda p: write(p, "out/log.jsonl", "{}") and [], HELD % ("an unfinished", "log.jsonl")),
     # datasets: one line each, none of what the libraries print (C-level writes, log handlers)
     (lambda p: ["--dataset", str(p / "nope.jsonl")], "nope.jsonl: no such file or folder"),
     (lambda p: ["--dataset", write(p, "empty.jsonl", "")], "empty.jsonl is an empty file"),
@@ -651,8 +649,7 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
     (lambda p: write(p, "out/config.json", "{}") and [  # an earlier run stays as it was
         "--dataset", write_sources(p, [[1] * 4] * 2)[0], "--n-ctx", "4", "--eval-samples", "2",
         "--overwrite"], "has no sequences left for training after the 2 evaluation sequences"),
-    # saved SAEs and runs
-    (["--eval-only"], "--eval-only and --inspect need --sae DIR"),
+    (["--eval-only"], "--eval-only and --inspect need --sae DIR"),  # saved SAEs and runs
     (lambda p: ev(str(p), "--layer", "3"), "holds no sae.safetensors"),
     (lambda p: ev(str(Path(write(p, "sae.safetensors", "garbage")).parent), "--layer", "3"),
      "sae.safetensors is not a valid SAE file"),
@@ -678,8 +675,7 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
      "holds a SAELens standard SAE \\(topk\\)"),
     (lambda p: init(p, normalize_activations="layer_norm"),
      "normalises its input by 'layer_norm' without its factor in activation_scaler.json"),
-    (lambda p: ["--init-from", without(saelens_dir(p / "s")[0], "sae_weights.safetensors")],
-     "s has no sae_weights.safetensors"),
+    (lambda p: init(p, weights=False), "s has no sae_weights.safetensors"),
     (lambda p: init(p, flat=True, hook_name="blocks.3.hook_mlp_out"),
      "holds an SAE of blocks.3.hook_mlp_out, not of blocks.L.hook_resid_pre"),
     (lambda p: init(p, "--layer", "4"),
@@ -715,12 +711,11 @@ NOT_VALID = "checkpoint.pt is not a valid checkpoint for this run"
     (lambda p: ["--model", weightless(p), "--layer", "1"],
      "m' \\(Error no file named model.safetensors, or pytorch_model.bin, found in directory"),
 ])
-def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, monkeypatch, capfd, make_args,
-                                                      message):
+def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, monkeypatch, capfd, args, message):
     """main() says each mistake in a line on stderr, exits 2, leaves the output folder as it was."""
     for handler in logging.getLogger("datasets").handlers:  # made at import: to this test's stderr
         monkeypatch.setattr(handler, "stream", sys.stderr)
-    args, out = make_args(tmp_path) if callable(make_args) else make_args, tmp_path / "out"
+    args, out = args(tmp_path) if callable(args) else args, tmp_path / "out"
     before = sorted(os.listdir(out)) if out.exists() else None
     prefix = ["--model", "tiny", "--device", "cpu", "--out-dir", str(out)]
     code, err = exits(args if "--resume" in args else [*prefix, *args], capfd)
@@ -889,10 +884,9 @@ def alone(tmp_path_factory):
     E.train(E.parse_config(run_args(out)))
     return out
 
-def stopped(monkeypatch, argv, name, n, how=signal.SIGINT):
+def stopped(argv, name, n, how=signal.SIGINT):
     """The exception E.train(argv) ends with, given `how` (signal, error, function) at call n."""
     calls, real = [], getattr(E, name)
-
     def wrapper(*args, **kwargs):
         calls.append(1)
         if len(calls) == n and isinstance(how, Exception):
@@ -901,8 +895,7 @@ def stopped(monkeypatch, argv, name, n, how=signal.SIGINT):
             os.kill(os.getpid(), how)
         result = real(*args, **kwargs)
         return how(result) if len(calls) == n and callable(how) else result
-    with monkeypatch.context() as m, pytest.raises(BaseException) as e:
-        m.setattr(E, name, wrapper)
+    with patch.object(E, name, wrapper), pytest.raises(BaseException) as e:
         E.train(E.parse_config(argv))
     return e.value
 
@@ -1000,8 +993,7 @@ def plant_nan(out):  # NaN into the KL term and the loss of compute_loss's resul
                  "intact, but resuming would repeat the same steps: start again with a lower "
                  "--lr \\(and --overwrite\\)")], 8),
 ], ids=["signal", "signal-jsonl", "before-an-evaluation", "during-evaluations", "hard-kill", "nan"])
-def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alone, data, stops,
-                                                     step):
+def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, alone, data, stops, step):
     """Each checkpoint left is re-saved as a GPU run writes it (its tensors on cuda:0; the CPU build
     writes such a file when told that location) and resumed with --device cpu."""
     if data == "jsonl":
@@ -1010,7 +1002,7 @@ def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alon
         E.train(E.parse_config(run_args(alone := tmp_path / "alone", data)))
     out = tmp_path / "stopped"
     for i, (name, n, how, said) in enumerate(stops):
-        e = stopped(monkeypatch, ["--resume", str(out)] if i else run_args(out, data), name, n, how)
+        e = stopped(["--resume", str(out)] if i else run_args(out, data), name, n, how)
         assert re.search(said, f"{type(e).__name__} {e}"), repr(e)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     log = E.read_log(out / "log.jsonl")
@@ -1019,8 +1011,7 @@ def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alon
     assert not (out / "sae.safetensors").exists()
     assert step != 6 or not any("eval/kl" in r for r in log)  # the evaluation is still due
     assert step != 12 or max(r["step"] for r in log) == 14  # lines past the checkpoint, to go
-    with monkeypatch.context() as m:
-        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    with patch.object(torch.serialization, "location_tag", lambda storage: "cuda:0"):
         torch.save(checkpoint(out), out / "checkpoint.pt")
     with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location meets
         checkpoint(out)
@@ -1028,12 +1019,13 @@ def test_a_stopped_run_resumes_to_the_run_left_alone(tmp_path, monkeypatch, alon
     assert_same_run(alone, out)
     assert not (out / "checkpoint.pt").exists()  # a finished run keeps only its SAE
 
-def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monkeypatch, capsys):
+def test_resume_keeps_the_run_and_only_overwrite_replaces_it(tmp_path, monkeypatch, capsys):
     """Stopped after step 5 of 16 (bf16): contradicting flags, a shorter --n-samples than done, a
     checkpoint that does not fit are refused and lose nothing; --n-samples 192 says first where it
-    resumes, counts from there with an ETA, ends at step 24 on the schedule of 24 steps."""
+    resumes, counts from there with an ETA, ends at step 24 on the schedule of 24 steps. Finished,
+    only --overwrite replaces it; log lines carry tokens/s, and MFU where the peak is known."""
     out = tmp_path / "run"
-    e = stopped(monkeypatch, run_args(out, "random", "--dtype", "bf16"), "train_step", 5)
+    e = stopped(run_args(out, "random", "--dtype", "bf16"), "train_step", 5)
     assert isinstance(e, E.Interrupted), repr(e)
     saved, _ = (out / "checkpoint.pt").read_bytes(), capsys.readouterr()
     ways = f"--overwrite to replace it, --resume {out} to continue it, or another --out-dir"
@@ -1041,20 +1033,17 @@ def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monke
         E.train(E.parse_config(run_args(out)))
     only = ("; only --n-samples, --eval-every, --log-every, --save-every, --device, --dtype and "
             "--compile may change when resuming")
-    layer_5 = re.escape(f"--layer 5 contradicts the run in {out} (--layer 6){only}")
     for flags, message in [
-            (["--layer", "5"], layer_5),
-            (["--model", "gpt2"], "--model gpt2 contradicts the run in .* \\(--model tiny\\)"),
-            (["--dict-ratio", "8"],
-             "--dict-ratio 8.0 contradicts the run in .* \\(--dict-ratio 4.0\\)"),
-            (["--loss", "local"], "--loss local contradicts"),
-            (["--out-dir", str(tmp_path / "elsewhere")], "--out-dir .*elsewhere contradicts"),
-            (["--overwrite"], "--overwrite True contradicts")]:
+            ("--layer 5", re.escape(f"--layer 5 contradicts the run in {out} (--layer 6){only}")),
+            ("--model gpt2", "--model gpt2 contradicts the run in .* \\(--model tiny\\)"),
+            ("--dict-ratio 8", "--dict-ratio 8.0 contradicts the run in .* \\(--dict-ratio 4.0\\)"),
+            ("--loss local", "--loss local contradicts"),
+            (f"--out-dir {tmp_path / 'elsewhere'}", "--out-dir .*elsewhere contradicts"),
+            ("--overwrite", "--overwrite True contradicts")]:
         with pytest.raises(E.UserError, match=message):
-            E.parse_config(["--resume", str(out), *flags])
-    # its own folder, layer and model may be repeated; its device and dtype are kept
-    cfg = E.parse_config(["--resume", f"{out}/", *"--layer 6 --model tiny".split(), "--out-dir",
-                          f"{out}/"])
+            E.parse_config(["--resume", str(out), *flags.split()])
+    own = f"{out}/"  # its own folder, layer, model may be repeated; its device and dtype are kept
+    cfg = E.parse_config(["--resume", own, "--layer", "6", "--model", "tiny", "--out-dir", own])
     assert (cfg.device, cfg.dtype, cfg.out_dir, cfg.layer) == ("cpu", "bf16", str(out), 6)
     cfg = E.parse_config(["--resume", str(out), "--eval-every", "32", "--log-every", "1",
                           "--dtype", "fp32"])
@@ -1071,23 +1060,48 @@ def test_resume_keeps_the_run_and_refuses_a_contradicting_config(tmp_path, monke
         E.train(E.parse_config(["--resume", str(out)]))
     write(out, "checkpoint.pt", saved)
     E.main(["--resume", str(out), "--n-samples", "192"])
-    printed = capsys.readouterr()
-    first = printed.out.splitlines()[0]
-    log = E.read_log(out / "log.jsonl")
+    printed, log = capsys.readouterr(), E.read_log(out / "log.jsonl")
     lr_at_16 = next(r["train/lr"] for r in log if r["step"] == 16 and "train/lr" in r)
-    # the first line, the bar from step 5 with an ETA, no word of passes over random tokens
-    assert first == (f"resuming the run in {out} at step 5 of 24, on the learning-rate schedule "
-                     "of --n-samples 192"), first
+    assert printed.out.splitlines()[0] == (f"resuming the run in {out} at step 5 of 24, on the "
+                                           "learning-rate schedule of --n-samples 192"), printed.out
     assert "| 5/24 [" in printed.err, printed.err[-500:]
     assert re.search(r"\| (6|7|8|9|1\d|2[0-3])/24 \[\d\d:\d\d<\d\d:\d\d", printed.err), printed.err
-    assert "passes" not in printed.out, printed.out
-    # the run's new length, and the schedule of 24 steps (warm-up 2) at step index 15
-    assert max(r["step"] for r in log) == 24, [r["step"] for r in log]
+    assert "passes" not in printed.out, printed.out  # random tokens: no passes over a dataset
+    assert max(r["step"] for r in log) == 24, [r["step"] for r in log]  # the run's new length
     assert read_json(out / "config.json")["n_samples"] == 192
-    assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16
+    assert lr_at_16 == pytest.approx(5e-4 * E.lr_factor(15, 2, 24, 0.1)), lr_at_16  # warm-up 2
+    args = run_args(out, "random", "--n-samples", "32", "--log-every", "2")
+    old_sae = (out / "sae.safetensors").read_bytes()
+    with pytest.raises(E.UserError, match="already holds a finished run .*: pass --overwrite to"):
+        E.train(E.parse_config(args))
+    assert (out / "sae.safetensors").read_bytes() == old_sae
+    monkeypatch.chdir(out)  # the working folder: a fine --out-dir, no --init-from
+    assert E.check_out_dir(E.parse_config(["--out-dir", ".", "--overwrite"])) is None
+    monkeypatch.chdir(HERE)
+    E.train(E.parse_config(["--resume", str(out)]))  # nothing to resume
+    assert "holds a finished run: nothing to resume" in capsys.readouterr().out
+    E.main(["--compare", str(out), str(out), "--device", "cpu"])  # of the SAE about to be replaced
+    monkeypatch.setattr(E, "peak_flops", lambda device, dtype: 1e12)  # a peak, pretended
+    E.train(E.parse_config([*args, "--overwrite", "--seed", "1"]))
+    train_lines = [r for r in E.read_log(out / "log.jsonl") if "tokens_per_s" in r]
+    model = E.tiny_gpt2()
+    flops = E.flops_per_token(model, E.decoder_blocks(model), E.SAE(64, 256), "e2e", 6, 16)
+    assert [r["step"] for r in train_lines] == [2, 4]  # 4 steps, a line every 2
+    for r in train_lines:
+        assert r["tokens_per_s"] > 0, r
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e12), r
+    assert (out / "sae.safetensors").read_bytes() != old_sae
+    assert not (out / "compare.json").exists()
+    # SAELens's weights are the new SAE's (a fresh hard link); files are readable as open() makes
+    assert (out / "sae_weights.safetensors").samefile(out / "sae.safetensors")
+    umask = os.umask(0o22)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes == dict.fromkeys(OUTPUT_FILES, 0o666 & ~umask), modes
 
-def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
-    """SIGKILL a fork writing checkpoints in a loop: the file left loads, as a completed step's."""
+def test_a_killed_or_failed_checkpoint_write_keeps_the_last_one(tmp_path, monkeypatch):
+    """SIGKILL a fork writing checkpoints in a loop: the file left loads, as a completed step's. A
+    kill mid-write, or an error: the old checkpoint stays (with the RNG), no temporary file."""
     run = new_run(64, 8192)
     run.sae(torch.randn(2, 64))[0].sum().backward()
     run.optimizer.step()
@@ -1109,59 +1123,23 @@ def test_a_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
     step = E.load_checkpoint(tmp_path, fresh := new_run(64, 8192))["step"]
     assert step >= done[-1], f"step {step}, after {done}"
     assert torch.all(fresh.sae.encoder.bias == step), "the SAE is not that step's"
-
-def test_a_failed_checkpoint_write_changes_nothing(tmp_path, monkeypatch):
-    """A kill mid-write, or an error: the old checkpoint stays (with the RNG), no temporary file."""
+    (folder := tmp_path / "failed").mkdir()
     run, _ = new_run(8, 16), torch.manual_seed(5)
-    E.save_checkpoint(tmp_path, run, 1, 0.0)
-    before, drawn = (tmp_path / "checkpoint.pt").read_bytes(), torch.rand(3)  # the RNG is saved
+    E.save_checkpoint(folder, run, 1, 0.0)
+    before, drawn = (folder / "checkpoint.pt").read_bytes(), torch.rand(3)  # the RNG is saved
     half_written = lambda fd: (os.ftruncate(fd, os.fstat(fd).st_size // 2)
                                or (_ for _ in ()).throw(KeyboardInterrupt))
     for where, name, fake in [(E.os, "fsync", half_written), (E.torch, "save", lambda *a: 1 / 0)]:
         with monkeypatch.context() as m, pytest.raises((KeyboardInterrupt, ZeroDivisionError)):
             m.setattr(where, name, fake)  # where a kill would strike, or an error in serialising
-            E.save_checkpoint(tmp_path, run, 2, 0.0)
-        assert (tmp_path / "checkpoint.pt").read_bytes() == before, name
-        assert os.listdir(tmp_path) == ["checkpoint.pt"], os.listdir(tmp_path)
-    assert E.load_checkpoint(tmp_path, run)["step"] == 1
+            E.save_checkpoint(folder, run, 2, 0.0)
+        assert (folder / "checkpoint.pt").read_bytes() == before, name
+        assert os.listdir(folder) == ["checkpoint.pt"], os.listdir(folder)
+    assert E.load_checkpoint(folder, run)["step"] == 1
     assert torch.equal(torch.rand(3), drawn), "the RNG is not the checkpoint's"
 
-def test_an_output_folder_with_a_run_is_not_overwritten(tmp_path, monkeypatch, capsys):
-    """Also: training log lines carry tokens/s, and MFU where the peak is known (pretended here)."""
-    out = tmp_path / "run"
-    args = run_args(out, "random", "--n-samples", "32", "--log-every", "2")
-    with monkeypatch.context() as m:
-        m.setattr(E, "peak_flops", lambda device, dtype: 1e12)
-        E.train(E.parse_config(args))
-    train_lines = [r for r in E.read_log(out / "log.jsonl") if "tokens_per_s" in r]
-    model = E.tiny_gpt2()
-    flops = E.flops_per_token(model, E.decoder_blocks(model), E.SAE(64, 256), "e2e", 6, 16)
-    assert [r["step"] for r in train_lines] == [2, 4]  # 4 steps, a line every 2
-    for r in train_lines:
-        assert r["tokens_per_s"] > 0, r
-        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e12), r
-    first = (out / "sae.safetensors").read_bytes()
-    with pytest.raises(E.UserError, match="already holds a finished run .*: pass --overwrite to"):
-        E.train(E.parse_config(args))
-    assert (out / "sae.safetensors").read_bytes() == first
-    monkeypatch.chdir(tmp_path / "run")  # the working folder: a fine --out-dir, no --init-from
-    assert E.check_out_dir(E.parse_config(["--out-dir", ".", "--overwrite"])) is None
-    monkeypatch.chdir(HERE)
-    E.train(E.parse_config(["--resume", str(out)]))  # nothing to resume
-    assert "holds a finished run: nothing to resume" in capsys.readouterr().out
-    E.main(["--compare", str(out), str(out), "--device", "cpu"])  # of the SAE about to be replaced
-    E.train(E.parse_config([*args, "--overwrite", "--seed", "1"]))
-    assert (out / "sae.safetensors").read_bytes() != first
-    assert not (out / "compare.json").exists()
-    # SAELens's weights are the new SAE's (a fresh hard link); files are readable as open() makes
-    assert (out / "sae_weights.safetensors").samefile(out / "sae.safetensors")
-    umask = os.umask(0o22)
-    os.umask(umask)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
-    assert modes == dict.fromkeys(OUTPUT_FILES, 0o666 & ~umask), modes
-
 # --- Other tools' SAEs: read exactly, evaluated, fine-tuned
-def saelens_dir(folder: Path, d_in=64, layer=3, flat=False, scale=None, kwargs=None, **cfg):
+def saelens_dir(folder, d_in=64, layer=3, flat=False, scale=None, kwargs=None, weights=True, **cfg):
     """A SAELens standard SAE (32 elements, decoder rows of norms 0.5–3, b_dec applied to the input,
     a scale in activation_scaler.json), in SAELens 6's layout or the older flat one; cfg: edits"""
     g = torch.Generator().manual_seed(layer)
@@ -1173,7 +1151,7 @@ def saelens_dir(folder: Path, d_in=64, layer=3, flat=False, scale=None, kwargs=N
             "model_from_pretrained_kwargs": kwargs}
     run = {"d_in": d_in, "d_sae": 32, "dtype": "float32", "apply_b_dec_to_input": True,
            "normalize_activations": "expected_average_only_in" if scale else "none"}
-    save_file(t, write(folder, "sae_weights.safetensors", b""))
+    weights and save_file(t, write(folder, "sae_weights.safetensors", b""))  # or none at all
     v6 = {**run, "architecture": "standard", "metadata": {**meta, "sae_lens_version": "6.5.0"}}
     write(folder, "cfg.json", json.dumps({**run, **meta, **cfg} if flat else {**v6, **cfg}))
     scale and write(folder, "activation_scaler.json", json.dumps({"scaling_factor": scale}))
@@ -1181,10 +1159,6 @@ def saelens_dir(folder: Path, d_in=64, layer=3, flat=False, scale=None, kwargs=N
         f = torch.relu((s * a - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
         return (f @ t["W_dec"] + t["b_dec"]) / s, f
     return str(folder), by_hand
-
-def without(folder: str, name: str) -> str:
-    (Path(folder) / name).unlink()
-    return folder
 
 def paper_checkpoint(path: Path, keys=("encoder.0.weight", "encoder.0.bias", "decoder.weight",
                                        "decoder.bias")):
@@ -1223,8 +1197,7 @@ def test_saes_of_other_tools_are_read_exactly_and_evaluated_where_they_say(tmp_p
     metrics = read_json(here / "eval.json")
     assert read_json(here / "compare.json")["cross"]["min"] == pytest.approx(1.0)
     cfg = E.parse_config(args)
-    eval_tokens = E.load_data(cfg, None, 512)[0]
-    m = E.evaluate(*tiny, E.load_sae(path)[0], eval_tokens, 3, cfg.batch_size)
+    m = E.evaluate(*tiny, E.load_sae(path)[0], E.load_data(cfg, None, 512)[0], 3, cfg.batch_size)
     expected = json.loads(json.dumps(m))
     assert metrics.pop("downstream_mse") == pytest.approx(expected.pop("downstream_mse"), rel=1e-6)
     assert metrics == pytest.approx(expected, rel=1e-6)
