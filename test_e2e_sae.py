@@ -1242,8 +1242,7 @@ def test_init_from_starts_from_the_saved_sae_and_says_so(tmp_path, monkeypatch):
 def two_processes(request, tmp_path_factory):
     """torchrun's run of 2 processes, started at once (imports take seconds), if its test runs."""
     folder = tmp_path_factory.mktemp("two")
-    name = "test_two_processes_train_the_sae_of_one_and_pool_its_evaluation"
-    selected = name in {i.originalname for i in request.session.items}
+    selected = any(i.originalname.startswith("test_two_processes") for i in request.session.items)
     proc = selected and launch(folder, *run_args(folder / "run"), torchrun=2)
     yield proc, folder
     if proc and proc.poll() is None:
@@ -1252,8 +1251,7 @@ def two_processes(request, tmp_path_factory):
 def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processes, alone, tiny):
     """Under torchrun, 2 processes of micro-batch 2 train the SAE of one of 4, up to rounding; rank
     0 alone prints and writes; the pooled evaluation is one process's (a mean of means: 1e-3 off)"""
-    rc, stdout, stderr = finished(*two_processes)
-    out = two_processes[1] / "run"
+    (rc, stdout, stderr), out = finished(*two_processes), two_processes[1] / "run"
     assert rc == 0, stderr[-3000:]
     assert stdout.count("e2e SAE at layer 6") == 1, stdout
     assert "2 processes of 2 sequences per micro-batch" in stdout, stdout
@@ -1261,16 +1259,14 @@ def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processe
     assert set(os.listdir(out)) == OUTPUT_FILES, os.listdir(out)
     assert read_json(out / "config.json")["n_processes"] == 2
     assert_same_run(alone, out, tol=1e-5, windows=True)
-    cfg = E.parse_config(run_args(out))
+    cfg, pooled = E.parse_config(run_args(out)), read_json(out / "metrics.json")
     one = E.evaluate(*tiny, E.load_sae(out)[0], E.load_data(cfg, None, 512)[0], cfg.layer, 9)
-    pooled = read_json(out / "metrics.json")
     assert one["n_eval_tokens"] == 9 * 16, one["n_eval_tokens"]
     assert pooled["n_eval_tokens"] == 9 * 16, pooled["n_eval_tokens"]
     assert pooled["alive_dict_elements"] == one["alive_dict_elements"]  # counts, pooled exactly
     assert pooled["l0"] == pytest.approx(one["l0"], abs=1e-12)
     for k in METRIC_KEYS - {"downstream_mse", "n_eval_tokens", "alive_dict_elements", "l0"}:
-        # fp32 per-batch sums, pooled in float64
-        assert pooled[k] == pytest.approx(one[k], rel=1e-6, abs=2e-6), k
+        assert pooled[k] == pytest.approx(one[k], rel=1e-6, abs=2e-6), k  # fp32 sums, in fp64
     one_ds = {str(k): v for k, v in one["downstream_mse"].items()}
     assert pooled["downstream_mse"] == pytest.approx(one_ds, rel=1e-6)
 
@@ -1278,14 +1274,15 @@ def test_two_processes_train_the_sae_of_one_and_pool_its_evaluation(two_processe
 def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny, monkeypatch, n):
     """n simulated processes (with 7, some of the 5 sequences' shares are empty) each evaluate a
     share; the sums all_reduce adds up give one process's metrics. evaluate() reads no process
-    state: torchrun's RANK=0, WORLD_SIZE=n without a process group give the plain result."""
+    state: torchrun's RANK=0, WORLD_SIZE=n without a process group give the plain result. Logits
+    read in chunks of 7 positions (ragged: 7 does not divide 2 · 12) give what one chunk gives, and
+    no (B·T, V) tensor is made."""
     torch.manual_seed(0)
-    sae, tokens, sums = E.SAE(64, 128), tokens_for(tiny[0], B=5, T=12), []
-    one = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
-    with monkeypatch.context() as m:
-        for name, value in dict(TORCHRUN=True, RANK=0, WORLD_SIZE=n).items():
-            m.setattr(E, name, value)
-        under_torchrun = E.evaluate(*tiny, sae, tokens, layer=4, batch_size=2)
+    sae, tokens, sums, sizes = E.SAE(64, 128), tokens_for(tiny[0], B=5, T=12), [], []
+    evaluate = partial(E.evaluate, *tiny, sae, layer=4, batch_size=2)
+    one = evaluate(tokens)
+    with patch.multiple(E, TORCHRUN=True, RANK=0, WORLD_SIZE=n):
+        under_torchrun = evaluate(tokens)
     assert under_torchrun == one, (under_torchrun, one)
     class Collected(Exception):
         pass
@@ -1297,28 +1294,35 @@ def test_sharded_evaluation_equals_one_process_for_any_number_of_processes(tiny,
             t.copy_(sum(s[i] for s in sums))
     for share in tokens.tensor_split(n):
         with pytest.raises(Collected):
-            E.evaluate(*tiny, sae, share, layer=4, batch_size=2, all_reduce=collect)
-    pooled = E.evaluate(*tiny, sae, tokens.tensor_split(n)[-1], 4, 2, all_reduce=add_up)
+            evaluate(share, all_reduce=collect)
+    pooled = evaluate(tokens.tensor_split(n)[-1], all_reduce=add_up)
     assert pooled["n_eval_tokens"] == 5 * 12, pooled["n_eval_tokens"]
     for k in METRIC_KEYS - {"downstream_mse"}:  # fp32 sums per batch, pooled in float64
         assert pooled[k] == pytest.approx(one[k], rel=1e-6, abs=2e-6), k
     assert pooled["downstream_mse"] == pytest.approx(one["downstream_mse"], rel=1e-6)
+    def seven_rows(head, hs, chunk_rows=None, chunks=E.log_softmax_chunks):
+        for rows, log_ps in chunks(head, hs, 7):
+            sizes.append(log_ps[0].shape)
+            yield rows, log_ps
+    monkeypatch.setattr(E, "log_softmax_chunks", seven_rows)
+    chunked = evaluate(tokens)
+    assert max(rows for rows, _ in sizes) == 7, sizes
+    assert chunked.pop("downstream_mse") == one.pop("downstream_mse")
+    assert chunked == pytest.approx(one, rel=1e-6, abs=2e-6)  # fp32 sums per chunk
 
-def test_under_torchrun_flag_errors_are_said_once_and_others_by_each_process(tmp_path, monkeypatch,
-                                                                             capsys):
+def test_under_torchrun_rank_0_says_flag_errors_each_rank_later_ones(tmp_path, monkeypatch, capsys):
     """As rank 1 of 2: flag mistakes are rank 0's to say, later errors each rank's; batches split"""
     monkeypatch.chdir(tmp_path)
     for name, value in dict(TORCHRUN=True, RANK=1, WORLD_SIZE=2, MAIN_PROCESS=False).items():
         monkeypatch.setattr(E, name, value)
     monkeypatch.setattr(E.dist, "init_process_group", lambda *args, **kwargs: None)
-    for argv, said in [(["--loss", "l2"], ""),
-                       (["--layer", "12"], "--layer 12 is outside the model's blocks 0 … 11"),
-                       (["--batch-size", "7"], "--batch-size 7 does not split evenly over 2 "
-                                               "processes"),
-                       (["--compare", "a", "b"], "--inspect and --compare run in one process: "
-                                                 "start them with python, not torchrun")]:
+    cases = {"--loss l2": "", "--layer 12": "--layer 12 is outside the model's blocks 0 … 11",
+             "--batch-size 7": "--batch-size 7 does not split evenly over 2 processes",
+             "--compare a b": "--inspect and --compare run in one process: start them with "
+                              "python, not torchrun"}
+    for argv, said in cases.items():
         expected = (2, said and f"error (rank 1): {said}\n")
-        assert exits(["--model", "tiny", "--device", "cpu", *argv], capsys) == expected
+        assert exits(["--model", "tiny", "--device", "cpu", *argv.split()], capsys) == expected
     monkeypatch.setattr(E, "WORLD_SIZE", 3)
     assert E.setup(cfg_for("e2e", 6, batch_size=6)).batch_size == 2
 
@@ -1360,50 +1364,45 @@ def test_compiled_step_matches_eager(monkeypatch, loss):
     assert compiled == pytest.approx(eager, rel=1e-5), f"loss {compiled}, eager {eager}"
     assert torch.allclose(compiled_grad, eager_grad, rtol=1e-4, atol=1e-5), "the gradient"
     assert all(len(b._forward_pre_hooks) == 0 for b in run.blocks), "a hook was left behind"
-    evaluate = lambda n: E.evaluate(run.model, run.blocks, run.sae, torch.randint(512, (n, 16)), 0,
-                                    batch_size=4)
-    evaluate(4)  # compiles what the evaluation runs without gradients
+    evaluate = partial(E.evaluate, run.model, run.blocks, run.sae, layer=0, batch_size=4)
+    evaluate(torch.randint(512, (4, 16)))  # compiles what the evaluation runs without gradients
     n_graphs = len(graphs)
-    evaluate(7)  # batches of 4 and 3
+    evaluate(torch.randint(512, (7, 16)))  # batches of 4 and 3
     assert not breaks, f"graph breaks: {dict(breaks)}"
     assert len(graphs) == n_graphs, f"{len(graphs) - n_graphs} graphs compiled for the last batch"
 
-def test_peak_flops_of_each_gpu_is_its_own_not_that_of_a_name_inside_it(monkeypatch):
+def test_benchmark_on_cpu_writes_nothing_and_knows_each_gpus_peak(tmp_path, monkeypatch, capsys):
     """MFU's peak, dense bf16 TFLOP/s from the vendors' data sheets, for each GPU as torch names it:
-    the GB200 is no B200, the H100 NVL no H100, the H800 PCIe no H800."""
-    sheets = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835,
-              "NVIDIA H800": 989, "NVIDIA H800 PCIe": 756, "NVIDIA GH200 480GB": 989,
-              "NVIDIA H200": 989, "NVIDIA H200 NVL": 835, "NVIDIA B200": 2250,
-              "NVIDIA GB200": 2500, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A800 80GB PCIe": 312,
-              "NVIDIA L40S": 362, "NVIDIA L40": 181, "NVIDIA L4": 121, "NVIDIA RTX 6000": None}
+    the GB200 is no B200, the H100 NVL no H100, the H800 PCIe no H800. --benchmark runs on the CPU
+    (GPT-2 small's blocks, with a dictionary of 4 × 768, not 60 × 768: seconds, not ten)."""
+    sheets = {"H100 80GB HBM3": 989, "H100 PCIe": 756, "H100 NVL": 835, "H800": 989,
+              "H800 PCIe": 756, "GH200 480GB": 989, "H200": 989, "H200 NVL": 835, "B200": 2250,
+              "GB200": 2500, "A100-SXM4-80GB": 312, "A800 80GB PCIe": 312, "L40S": 362,
+              "L40": 181, "L4": 121, "RTX 6000": None}  # as torch names them, after "NVIDIA "
     for name, tflops in sheets.items():
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"NVIDIA {name}")
         peak = E.peak_flops(torch.device("cuda"), "bf16")
         assert peak == (tflops and tflops * 1e12), f"{name}: {peak}"
     assert E.peak_flops(torch.device("cuda"), "fp32") is None, "fp32 has no bf16 peak"
     assert E.peak_flops(torch.device("cpu"), "bf16") is None, "a CPU has none"
-
-def test_benchmark_runs_on_cpu_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    # GPT-2 small's blocks, with a dictionary of 4 × 768, not 60 × 768: seconds, not ten
     E.main(["--benchmark", "--device", "cpu", "--bench-warmup", "0", "--bench-steps", "1",
             "--dict-ratio", "4", "--n-ctx", "32"])
     out = capsys.readouterr().out
     for said in ("gpt2-random (D=768, F=3072)", "MFU: n/a", "peak GPU memory: n/a"):
         assert said in out, f"{said!r} not in {out}"
     for loss in ("local", "e2e_ds"):
-        cfg = E.parse_config(["--benchmark", "--device", "cpu", "--model", "tiny", "--loss", loss])
-        result = E.benchmark(cfg)
-        assert set(result) == {"tokens_per_s", "step_s", "flops_per_token", "tflops_per_s",
-                               "peak_memory_gib", "peak_reserved_gib", "mfu"}
-        assert result["tokens_per_s"] > 0, result
-        assert result["mfu"] is None, result
-        assert result["peak_memory_gib"] is None, result
-        tflops = result["tokens_per_s"] * result["flops_per_token"] / 1e12
-        assert result["tflops_per_s"] == pytest.approx(tflops), result
-        step_s = 128 / result["tokens_per_s"]  # 1 × 128 tokens a step
-        assert result["step_s"] == pytest.approx(step_s), result
-    assert f"tokens/s {result['tokens_per_s']:,.0f}" in capsys.readouterr().out
+        r = E.benchmark(E.parse_config(["--benchmark", "--device", "cpu", "--model", "tiny",
+                                        "--loss", loss]))
+        assert set(r) == {"tokens_per_s", "step_s", "flops_per_token", "tflops_per_s",
+                          "peak_memory_gib", "peak_reserved_gib", "mfu"}
+        assert r["tokens_per_s"] > 0, r
+        assert r["mfu"] is None, r
+        assert r["peak_memory_gib"] is None, r
+        tflops = r["tokens_per_s"] * r["flops_per_token"] / 1e12
+        assert r["tflops_per_s"] == pytest.approx(tflops), r
+        assert r["step_s"] == pytest.approx(128 / r["tokens_per_s"]), r  # 1 × 128 tokens a step
+    assert f"tokens/s {r['tokens_per_s']:,.0f}" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
 # --- Looking inside: --inspect, --compare
 def test_inspect_finds_a_planted_feature(tmp_path, capsys):
@@ -1414,12 +1413,11 @@ def test_inspect_finds_a_planted_feature(tmp_path, capsys):
     wte[token], sae.encoder.weight.data[:], sae.encoder.bias.data[:] = 0.0, 0.0, -1.0
     wte[token, 0], sae.encoder.weight.data[0, 0], sae.encoder.bias.data[0] = 10.0, 1.0, -5.0
     assert wte[:, 0].abs().topk(2).values[1] + wpe[:, 0].abs().max() < 1.5
-    model.save_pretrained(model_dir := tmp_path / "model")
-    sae_dir(folder := tmp_path / "sae", sae=sae)
-    argv = ["--inspect", "--sae", str(folder), "--model", str(model_dir), "--layer", "0",
-            "--n-ctx", "32", "--inspect-samples", "64", "--device", "cpu"]
+    model.save_pretrained(tmp_path / "model")
+    argv = ["--inspect", "--sae", sae_dir(tmp_path / "sae", sae=sae), *f"--model {tmp_path}/model "
+            "--layer 0 --n-ctx 32 --inspect-samples 64 --device cpu".split()]
     E.main([*argv, "--dataset", "random", "--batch-size", "5", "--features", "0,1"])
-    printed, result = capsys.readouterr().out, read_json(folder / "inspect.json")
+    printed, result = capsys.readouterr().out, read_json(tmp_path / "sae" / "inspect.json")
     tokens = E.load_data(cfg_for(n_ctx=32, eval_samples=64), None, 512)[0]
     n_hits, seqs_with_token = int((tokens == token).sum()), int((tokens == token).any(1).sum())
     assert n_hits >= 2, n_hits
@@ -1428,11 +1426,10 @@ def test_inspect_finds_a_planted_feature(tmp_path, capsys):
     planted, silent = result["features"]
     assert planted["frequency"] == n_hits / (64 * 32)  # exact
     assert len(planted["contexts"]) == min(E.TOP_CONTEXTS, seqs_with_token)
-    for ctx in planted["contexts"]:
+    for ctx in planted["contexts"]:  # CONTEXT_TOKENS (8) a side, fewer at edges; ids: no tokenizer
         s, t = ctx["sequence"], ctx["position"]
         assert tokens[s, t] == token, ctx
         assert ctx["activation"] == pytest.approx(5.0, abs=1.5), ctx
-        # CONTEXT_TOKENS on each side, fewer at the sequence's edges; without a tokenizer, ids
         assert ctx["tokens"] == tokens[s, max(0, t - 8):t + 9].tolist(), ctx
         assert ctx["marked"] == min(t, 8), ctx
         marked = (f" «{i}»" if j == ctx["marked"] else f" {i}" for j, i in enumerate(ctx["tokens"]))
@@ -1449,21 +1446,20 @@ def test_inspect_finds_a_planted_feature(tmp_path, capsys):
     assert d["counts"][bin_] == 1, d
     # More sequences asked for than a dataset holds: what there is, and a note.
     E.main([*argv, "--dataset", write_sources(tmp_path, tokens[:5].tolist())[0], "--features", "0"])
-    assert read_json(folder / "inspect.json")["n_sequences"] == 5
+    assert read_json(tmp_path / "sae" / "inspect.json")["n_sequences"] == 5
     said = "over the first 5 sequences (160 tokens); the dataset has no more than 5"
     assert said in capsys.readouterr().out
 
 def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
     """Each element's top contexts, batch by batch, against sorting all maxima at once."""
     torch.manual_seed(1)
-    sae, _ = E.load_sae(sae_dir(tmp_path / "sae", 64, 16))
+    sae = E.load_sae(sae_dir(tmp_path / "sae", 64, 16))[0].requires_grad_(False)
     E.main(["--inspect", "--sae", str(tmp_path / "sae"), *"--model tiny --layer 3 --n-ctx 24 "
             "--inspect-samples 10 --batch-size 3 --top-features 16 --device cpu".split()])
     result = read_json(tmp_path / "sae" / "inspect.json")
     tokens = E.load_data(cfg_for(n_ctx=24, eval_samples=10), None, 512)[0]
-    with torch.no_grad():
-        h = tiny[0](tokens, output_hidden_states=True).hidden_states[3]
-        c = sae(h - h.mean(-1, keepdim=True))[1]  # (10, T, F): all at once, in the centred basis
+    h = tiny[0](tokens, output_hidden_states=True).hidden_states[3]
+    c = sae(h - h.mean(-1, keepdim=True))[1]  # (10, T, F): all at once, in the centred basis
     best, where = c.max(1)  # (10, F)
     assert len(result["features"]) == 16
     for r in result["features"]:
@@ -1475,8 +1471,7 @@ def test_the_running_top_k_equals_a_brute_force_top_k(tmp_path, tiny):
         values = [ctx["activation"] for ctx in r["contexts"]]
         assert values == pytest.approx([float(best[s, f]) for s in order], rel=1e-5), f
         assert r["frequency"] == (c[..., f] > 0).sum().item() / c[..., 0].numel()
-        active = c[..., f][c[..., f] > 0]
-        mean = active.mean().item() if len(active) else 0.0
+        mean = c[..., f][c[..., f] > 0].mean().nan_to_num().item()  # 0 if it never fired
         assert r["mean_activation"] == pytest.approx(mean, rel=1e-5), f
 
 def test_compare_dictionaries(tmp_path, capsys):
@@ -1510,10 +1505,9 @@ def test_compare_dictionaries(tmp_path, capsys):
     result = read_json(tmp_path / "one" / "compare.json")
     assert result["cross"]["values"] == pytest.approx([1.0]), result
     assert "within" not in result, result
-    # max_cosine a chunk of rows at a time equals the full matrix's maxima
     A, B = F.normalize(torch.randn(37, 8), dim=1), F.normalize(torch.randn(23, 8), dim=1)
     assert torch.allclose(E.max_cosine(A, B, chunk_elements=50), (A @ B.T).max(1).values)
-    within = (A @ A.T).fill_diagonal_(-2).max(1).values
+    within = (A @ A.T).fill_diagonal_(-2).max(1).values  # max_cosine a chunk of rows at a time
     assert torch.allclose(E.max_cosine(A, A, exclude_self=True, chunk_elements=50), within)
 
 # --- tutorial.md is true of the file: its names exist, its quoted lines are in it, its debugger
@@ -1540,8 +1534,9 @@ def same_output(printed: str, expected: str, rel=1e-2, abs=1e-3):
         else:
             assert g == w, (g, w)
 
-def test_the_tutorials_names_quoted_lines_and_breakpoints_are_in_the_file():
-    """Names and exercises' tests exist, section 6's quotes are in the source, breakpoints hold."""
+def test_the_tutorials_names_quoted_lines_breakpoints_and_flops_are_the_files():
+    """Names and exercises' tests exist, section 6's quotes are in the source, breakpoints hold;
+    section 7's FLOPs per token of GPT-2 small, and of the whole paper run, come from the code."""
     names = set(re.findall(r"`([A-Za-z_][\w.]*)\(\)`", TUTORIAL))  # functions: `compute_loss()`
     names |= set(re.findall(r"`([A-Z]\w*\.[a-z_]\w*)`", TUTORIAL))  # attributes: `SAE.dictionary`
     names |= set(re.findall(r"`([A-Z][A-Z0-9_]*[A-Z0-9])`", TUTORIAL))  # constants: `TINY_RUN`
@@ -1557,9 +1552,6 @@ def test_the_tutorials_names_quoted_lines_and_breakpoints_are_in_the_file():
     assert [q for q in quoted if q not in "\n".join(SOURCE_LINES)] == []
     assert (HERE / "figures" / "kl_vs_l0.png").is_file()
     assert "](figures/kl_vs_l0.png)" in TUTORIAL
-
-def test_the_tutorials_flops_come_from_the_code():
-    """Section 7's FLOPs per token of GPT-2 small, and of the whole paper run."""
     with torch.device("meta"):  # shapes only: GPT-2 small without memory
         gpt2 = GPT2LMHeadModel(GPT2Config())
     sae = SimpleNamespace(encoder=SimpleNamespace(weight=torch.empty(46080, 768, device="meta")))
@@ -1569,28 +1561,21 @@ def test_the_tutorials_flops_come_from_the_code():
         assert f"{flops * 409.6e6 / 1e18:.2f}" in section(7), f"{flops * 409.6e6 / 1e18:.2f} EFLOP"
 
 
-def debugger_sessions():
-    """Section 4's sessions: (the -c program of a `python -c` command, the lines a reader pastes at
-    the first (Pdb) prompt, the transcript that follows)."""
-    commands = [shlex.split(b)[2] for b in re.findall(r"```bash\n(python -c .*?)\n```", section(4))]
-    pasted = [block.splitlines() for block in re.findall(r"```pdb\n(.*?)\n```", section(4), re.S)]
-    transcripts = re.findall(r"^```\n(> e2e_sae\.py\(.*?)\n```", section(4), flags=re.M | re.S)
-    return list(zip(commands, pasted, transcripts, strict=True))
-
-
 def test_the_tutorials_debugger_sessions_replay_as_printed(tmp_path, monkeypatch, capsys):
     """Section 4 as a reader meets it: each command runs with real pdb reading, on its standard
     input, what the transcript shows typed after each (Pdb) prompt (first the pasted block). Every
     stop (line number, function, the line shown) and every printed line is the transcript's, with
     decimals within 0.1% (another CPU may round differently), but for the run's timing line."""
-    sessions = debugger_sessions()
+    programs = [shlex.split(b)[2] for b in re.findall(r"```bash\n(python -c .*?)\n```", section(4))]
+    pastes = [block.splitlines() for block in re.findall(r"```pdb\n(.*?)\n```", section(4), re.S)]
+    transcripts = re.findall(r"^```\n(> e2e_sae\.py\(.*?)\n```", section(4), flags=re.M | re.S)
+    sessions = list(zip(programs, pastes, transcripts, strict=True))
     assert len(sessions) == 3, "an e2e, a local and an e2e_ds session"
     monkeypatch.chdir(tmp_path)
     for program, pasted, transcript in sessions:
         typed = re.findall(r"^\(Pdb\) (.*)$", transcript, flags=re.M)
         assert typed[:len(pasted)] == pasted, (typed, pasted)
-        for line in pasted:
-            assert "#" not in line, f"pdb rejects a pasted line with a comment: {line!r}"
+        assert [line for line in pasted if "#" in line] == [], "pdb rejects a line with a comment"
         monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(typed) + "\n"))
         bdb.Breakpoint.next, bdb.Breakpoint.bplist, bdb.Breakpoint.bpbynumber = 1, {}, [None]
         capsys.readouterr()
@@ -1598,8 +1583,7 @@ def test_the_tutorials_debugger_sessions_replay_as_printed(tmp_path, monkeypatch
             exec(program, {})
         finally:
             sys.settrace(None)
-        printed = capsys.readouterr().out.replace(str(HERE) + "/", "")
-        live = printed.split("(Pdb) ")
+        live = capsys.readouterr().out.replace(str(HERE) + "/", "").split("(Pdb) ")
         recorded = re.split(r"^\(Pdb\) .*\n?", transcript, flags=re.M)
         assert len(live) == len(recorded), f"{len(live) - 1} prompts, not {len(recorded) - 1}"
         for got, want in zip(live, recorded):
@@ -1657,8 +1641,7 @@ def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path,
     if not center:
         E.main(["--model", "tiny", "--n-samples", "16", "--eval-samples", "8", "--eval-every", "0",
                 "--out-dir", str(out), "--no-center"])
-    saved = read_json(out / "metrics.json")
-    sae, cfg = E.load_sae(out)
+    saved, (sae, cfg) = read_json(out / "metrics.json"), E.load_sae(out)
     assert sae.center == center, f"sae.center {sae.center}"
     model = E.tiny_gpt2()
     eval_tokens = E.load_data(cfg, None, model.config.vocab_size)[0]
@@ -1667,45 +1650,20 @@ def test_load_sae_and_evaluate_with_defaults_give_the_runs_own_metrics(tmp_path,
         # to rounding: the saved dictionary, already unit-norm, is normalised again when loaded
         assert m[k] == pytest.approx(saved[k], rel=1e-6), f"{k}: {m[k]} against {saved[k]}"
 
-def test_evaluation_reads_logits_in_chunks_with_the_same_metrics(tiny, monkeypatch):
-    """Chunks of 7 positions (ragged: 7 does not divide 2 · 16) give what one chunk gives, and no
-    (B·T, V) tensor is made."""
-    sae, tokens = E.SAE(64, 128), tokens_for(tiny[0])
-    one_chunk = E.evaluate(*tiny, sae, tokens, layer=4)
-    sizes, chunks = [], E.log_softmax_chunks
-    def seven_rows(head, hs, chunk_rows=None):
-        for rows, log_ps in chunks(head, hs, 7):
-            sizes.append(log_ps[0].shape)
-            yield rows, log_ps
-    monkeypatch.setattr(E, "log_softmax_chunks", seven_rows)
-    chunked = E.evaluate(*tiny, sae, tokens, layer=4)
-    assert max(rows for rows, _ in sizes) == 7, sizes
-    assert chunked.pop("downstream_mse") == one_chunk.pop("downstream_mse")
-    assert chunked == pytest.approx(one_chunk, rel=1e-6, abs=2e-6)  # fp32 sums per chunk
-
 # --- A GPU's peak memory, estimated on the CPU: fake tensors allocate nothing -------------------
 class PeakMemory(TorchDispatchMode):
     """The most bytes of storages made meanwhile alive at once, in CUDA's 512-byte blocks (.peak),
     and the op that reached it (.at). A storage counts from its making to its last view's end."""
-
     def __init__(self):
         super().__init__()
-        self.storages, self.live, self.peak, self.at = set(), 0, 0, ""
-
-    def freed(self, key, size):
-        self.live -= size
-        self.storages.discard(key)
-
+        self.sizes, self.peak, self.at = weakref.WeakKeyDictionary(), 0, ""  # of live storages
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for x in tree_leaves(out):
-            if isinstance(x, torch.Tensor) and id(s := x.untyped_storage()) not in self.storages:
-                size = -(-s.nbytes() // 512) * 512
-                self.storages.add(id(s))
-                weakref.finalize(s, self.freed, id(s), size)
-                self.live += size
-                if self.live > self.peak:
-                    self.peak, self.at = self.live, f"{func} → {tuple(x.shape)} {x.dtype}"
+            if isinstance(x, torch.Tensor) and (s := x.untyped_storage()) not in self.sizes:
+                self.sizes[s] = -(-s.nbytes() // 512) * 512
+                if (live := sum(self.sizes.values())) > self.peak:
+                    self.peak, self.at = live, f"{func} → {tuple(x.shape)} {x.dtype}"
         return out
 
 def memory_estimate(loss="e2e", B=8, T=1024, model="gpt2-random", fake=True, **config):
@@ -1713,15 +1671,13 @@ def memory_estimate(loss="e2e", B=8, T=1024, model="gpt2-random", fake=True, **c
     Adam's moments, in bf16 autocast, on fake tensors (or real ones, fake=False). CPU autocast
     stands in for CUDA's: for this file's ops both give the same peaks. A fake tensor has no value
     to read: the training step runs through, as it waits for no GPU."""
-    cfg = E.Config(model=model, dataset="random", loss=loss, batch_size=B, n_ctx=T, device="cpu",
-                   dtype="bf16", **config)
+    cfg = cfg_for(loss, model=model, batch_size=B, n_ctx=T, dtype="bf16", **config)
     no_move = patch.object(torch.nn.Module, "to", lambda module, *args, **kwargs: module)
     # Transformers takes fake tensors for a trace and makes attention masks; on a GPU it makes none
     # for sequences that are not packed, which it checks by reading a value fakes do not hold.
-    untraced = patch.object(transformers.masking_utils, "is_tracing", lambda *args: False)
-    unpacked = patch.object(transformers.masking_utils, "find_packed_sequence_indices",
-                            lambda position_ids: None)
-    with FakeTensorMode() if fake else nullcontext(), no_move, untraced, unpacked:
+    no_masks = patch.multiple(transformers.masking_utils, is_tracing=lambda *args: False,
+                              find_packed_sequence_indices=lambda position_ids: None)
+    with FakeTensorMode() if fake else nullcontext(), no_move, no_masks:
         run = E.setup(cfg)
         tokens = list(torch.randint(run.model.config.vocab_size, (cfg.grad_accum, B, T)))
         E.train_step(cfg, run, tokens)  # Adam's moments are made in the first step
@@ -1769,12 +1725,9 @@ def test_help_and_flag_errors_come_before_the_heavy_libraries_are_imported(tmp_p
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True, text=True)
     said = done.stdout.splitlines()
-    # nothing heavy was imported
     assert said[-1] == "imported []", f"imported: {said[-1]}"
-    # the help, then two one-sentence errors with exit code 2
-    assert "--n-samples INT" in done.stdout, done.stdout[-300:]
-    exits_said = [line for line in said if line.startswith("exit")]
-    assert exits_said == ["exit 0", "exit 2", "exit 2"], said
+    assert "--n-samples INT" in done.stdout, done.stdout[-300:]  # the help, then two errors
+    assert [s for s in said if s.startswith("exit")] == ["exit 0", "exit 2", "exit 2"], said
     assert "invalid float value: 'fast'" in done.stderr, done.stderr
     assert "--layer 99 is outside the model's blocks 0 … 2" in done.stderr, done.stderr
 
