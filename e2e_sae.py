@@ -596,7 +596,8 @@ def load_model(name, device):
                 name, dtype=torch.float32, local_files_only=offline, attn_implementation="sdpa")
         with suppress(OSError, ValueError, TypeError):  # no tokenizer: fine for pre-tokenised data
             tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=offline)
-    tokenizer = tokenizer if tokenizer and len(tokenizer) > 1 else None  # (or an empty one)
+    # transformers makes a tokenizer of special tokens alone from a bare config.json: none
+    tokenizer = tokenizer if tokenizer and tokenizer("a", add_special_tokens=False).input_ids else None
     for module in model.modules():  # GPT-2's gelu_new: the tanh GELU in 8 kernels, and in
         for name, child in module.named_children():  # fp32 under CUDA autocast. The same formula,
             if isinstance(child, transformers.activations.NewGELUActivation):  # fused, in bf16:

@@ -401,7 +401,7 @@ def test_models_load_frozen_fused_with_findable_blocks(tmp_path, capsys, other_m
                                       initializer_range=0.2, activation_function="gelu_new"))
     for name, m in dict(gpt2=gpt2, llama=other_models["llama"], neox=other_models["neox"]).items():
         m.save_pretrained(tmp_path / name)
-    for name in ("gpt2", "llama"):
+    for name in ("gpt2", "neox", "llama"):  # no tokenizer files: no tokenizer
         model, tokenizer = E.load_model(str(tmp_path / name), torch.device("cpu"))
         assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
         assert tokenizer is None, tokenizer
@@ -1383,7 +1383,7 @@ def test_benchmark_on_cpu_writes_nothing_and_knows_each_gpus_peak(tmp_path, monk
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: f"NVIDIA {name}")
         peak = E.peak_flops(torch.device("cuda"), "bf16")
         assert peak == (tflops and tflops * 1e12), f"{name}: {peak}"
-    assert E.peak_flops(torch.device("cuda"), "fp32") is None, "fp32 has no bf16 peak"
+        assert E.peak_flops(torch.device("cuda"), "fp32") is None, f"{name}: fp32 has no bf16 peak"
     assert E.peak_flops(torch.device("cpu"), "bf16") is None, "a CPU has none"
     monkeypatch.chdir(tmp_path)
     E.main(["--benchmark", "--device", "cpu", "--bench-warmup", "0", "--bench-steps", "1",
